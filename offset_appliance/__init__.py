@@ -1,0 +1,3 @@
+"""offset-relay: a relay server for the Offset payment network."""
+
+__version__ = "0.1.0"
