@@ -1,0 +1,132 @@
+"""``stmgr probe``: prove a relay's identity and carry a message through a real tunnel.
+
+Exit codes: 0 healthy, 1 the relay misbehaved or proved the wrong key, 2 unreachable.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from nacl.signing import SigningKey
+
+from .client import ClientError, RelayClient, Unreachable
+from .files import load_ticket, split_host_port
+
+HEALTHY = 0
+MISBEHAVED = 1
+UNREACHABLE = 2
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """What one probe found."""
+
+    code: int
+    address: str
+    message: str
+    handshake_seconds: float | None = None
+    round_trip_seconds: float | None = None
+
+
+def probe(address: str, public_key: bytes, timeout: float) -> ProbeResult:
+    """Listen, connect, accept and echo a message both ways through the relay at ``address``."""
+    host, port = split_host_port(address)
+    deadline = time.monotonic() + timeout
+
+    def remaining() -> float:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise ClientError("probe timed out")
+        return left
+
+    listener_id, connector_id = SigningKey.generate(), SigningKey.generate()
+    clients: list[RelayClient] = []
+    try:
+        listener = RelayClient.open(
+            (host, port), listener_id, expected_key=public_key, timeout=remaining()
+        )
+        clients.append(listener)
+        handshake = listener.handshake_seconds
+        listener.listen()
+        connector = RelayClient.open(
+            (host, port), connector_id, expected_key=public_key, timeout=remaining()
+        )
+        clients.append(connector)
+        connector.connect(listener.public_key)
+        incoming = listener.next_incoming(remaining())
+        if incoming != connector.public_key:
+            return ProbeResult(MISBEHAVED, address, "relay announced the wrong connecting key")
+        acceptor = RelayClient.open(
+            (host, port), listener_id, expected_key=public_key, timeout=remaining()
+        )
+        clients.append(acceptor)
+        acceptor.accept(connector.public_key)
+        ping = os.urandom(32)
+        started = time.monotonic()
+        connector.send(ping)
+        if acceptor.receive(remaining()) != ping:
+            return ProbeResult(MISBEHAVED, address, "tunnel delivered different bytes")
+        acceptor.send(ping[::-1])
+        if connector.receive(remaining()) != ping[::-1]:
+            return ProbeResult(MISBEHAVED, address, "tunnel delivered different bytes")
+        round_trip = time.monotonic() - started
+    except Unreachable as exc:
+        return ProbeResult(UNREACHABLE, address, str(exc))
+    except (ClientError, socket.gaierror) as exc:
+        return ProbeResult(MISBEHAVED, address, str(exc))
+    finally:
+        for client in clients:
+            client.close()
+    return ProbeResult(HEALTHY, address, "ok", handshake, round_trip)
+
+
+def format_text(result: ProbeResult) -> str:
+    """One line for a person or a log."""
+    if result.code != HEALTHY:
+        state = "UNREACHABLE" if result.code == UNREACHABLE else "FAILED"
+        return f"{state} relay {result.address}: {result.message}"
+    assert result.handshake_seconds is not None and result.round_trip_seconds is not None
+    return (
+        f"OK relay {result.address}: handshake {result.handshake_seconds * 1000:.1f} ms, "
+        f"tunnel round trip {result.round_trip_seconds * 1000:.1f} ms"
+    )
+
+
+def format_prometheus(result: ProbeResult) -> str:
+    """The Prometheus text format, for node_exporter's textfile collector."""
+    label = '{address="' + result.address.replace("\\", "\\\\").replace('"', '\\"') + '"}'
+    lines = [
+        "# HELP offset_relay_probe_success Whether the relay proved its key and relayed a message.",
+        "# TYPE offset_relay_probe_success gauge",
+        f"offset_relay_probe_success{label} {1 if result.code == HEALTHY else 0}",
+        "# HELP offset_relay_probe_exit_code The probe's exit code (0 ok, 1 failed, 2 unreachable).",
+        "# TYPE offset_relay_probe_exit_code gauge",
+        f"offset_relay_probe_exit_code{label} {result.code}",
+    ]
+    if result.code == HEALTHY:
+        lines += [
+            "# HELP offset_relay_probe_handshake_seconds Time to connect and finish the handshake.",
+            "# TYPE offset_relay_probe_handshake_seconds gauge",
+            f"offset_relay_probe_handshake_seconds{label} {result.handshake_seconds:.6f}",
+            "# HELP offset_relay_probe_round_trip_seconds Round trip of a message via a tunnel.",
+            "# TYPE offset_relay_probe_round_trip_seconds gauge",
+            f"offset_relay_probe_round_trip_seconds{label} {result.round_trip_seconds:.6f}",
+        ]
+    return "\n".join(lines)
+
+
+def run_probe(ticket_path: Path, timeout: float, fmt: str) -> int:
+    """Probe the relay a ticket names; prints the result; returns the exit code."""
+    ticket = load_ticket(ticket_path)
+    result = probe(ticket.address, ticket.public_key, timeout)
+    if fmt == "prometheus":
+        print(format_prometheus(result))
+    else:
+        stream = sys.stdout if result.code == HEALTHY else sys.stderr
+        print(format_text(result), file=stream)
+    return result.code

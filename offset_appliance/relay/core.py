@@ -1,0 +1,314 @@
+"""The relay's rules (PROTOCOL.md section 6): listeners, half-tunnels and tunnels, sans-IO.
+
+Connections are named by integer ids chosen by the IO shell. Events come in as method calls
+(``opened``, ``message``, ``closed``, ``handle_timer``); what the shell must do comes out in
+``actions``, a list of tuples it drains after each call:
+
+- ``(SEND, conn_id, payload)``: send one relay message on that connection;
+- ``(CLOSE, conn_id, reason, flush)``: close it, after flushing its output if ``flush``;
+- ``(PAUSE, conn_id)`` / ``(RESUME, conn_id)``: stop / resume reading it (a half-tunnel's
+  buffer is full / the half-tunnel was accepted).
+
+A connection the core closes is forgotten at once; a later ``closed`` for it is ignored.
+"""
+
+from __future__ import annotations
+
+import enum
+import heapq
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ..errors import ProtocolError
+from ..wire.messages import (
+    Accept,
+    Connect,
+    IncomingConnection,
+    Listen,
+    RejectConnection,
+    decode_init_connection,
+)
+
+SEND = 0
+CLOSE = 1
+PAUSE = 2
+RESUME = 3
+
+
+@dataclass(frozen=True, slots=True)
+class CoreLimits:
+    """The relay-layer limits and timeouts (seconds and bytes)."""
+
+    relay_conn_timeout: float = 4.0
+    half_tunnel_timeout: float = 32.0
+    max_half_tunnels_per_listener: int = 128
+    half_tunnel_buffer: int = 1 << 20
+
+
+class Role(enum.Enum):
+    """What a connection is for, once open."""
+
+    PENDING = enum.auto()  # open, waiting for its InitConnection
+    LISTENER = enum.auto()  # sent listen
+    HALF_TUNNEL = enum.auto()  # sent connect, not yet accepted
+    TUNNEL = enum.auto()  # one end of a spliced tunnel
+
+
+class _Conn:
+    __slots__ = ("id", "key", "role", "peer", "half")
+
+    def __init__(self, conn_id: int, key: bytes) -> None:
+        self.id = conn_id
+        self.key = key
+        self.role = Role.PENDING
+        self.peer: int | None = None  # the other end, for TUNNEL
+        self.half: _HalfTunnel | None = None  # for HALF_TUNNEL
+
+
+class _HalfTunnel:
+    """A connect from ``src`` to listener ``dst`` waiting for ``accept(src)``."""
+
+    __slots__ = ("src", "dst", "conn_id", "data", "size", "expires", "paused")
+
+    def __init__(self, src: bytes, dst: bytes, conn_id: int, expires: float) -> None:
+        self.src = src
+        self.dst = dst
+        self.conn_id: int | None = conn_id  # None once the connecting side has closed
+        self.data: list[bytes] = []
+        self.size = 0
+        self.expires = expires
+        self.paused = False
+
+
+class RelayCore:
+    """Listeners, half-tunnels and tunnels for every open connection of one relay."""
+
+    def __init__(
+        self,
+        limits: CoreLimits = CoreLimits(),
+        can_queue: Callable[[int], bool] = lambda conn_id: True,
+    ) -> None:
+        self.limits = limits
+        # Asks the IO shell whether a connection's output has room (for IncomingConnection).
+        self._can_queue = can_queue
+        self.actions: list[tuple] = []
+        self._conns: dict[int, _Conn] = {}
+        self._listeners: dict[bytes, int] = {}
+        self._half_tunnels: dict[tuple[bytes, bytes], _HalfTunnel] = {}
+        self._half_by_listener: dict[bytes, set[bytes]] = {}
+        self._timers: list[tuple[float, int, object]] = []
+        self._seq = itertools.count()
+        self.tunnels = 0  # established tunnels (pairs)
+
+    # ---- queries -----------------------------------------------------------------------
+
+    @property
+    def listener_count(self) -> int:
+        """Keys currently listening."""
+        return len(self._listeners)
+
+    @property
+    def half_tunnel_count(self) -> int:
+        """Connects waiting for an accept."""
+        return len(self._half_tunnels)
+
+    def role(self, conn_id: int) -> Role | None:
+        """The role of an open connection, or None if the core does not know it."""
+        conn = self._conns.get(conn_id)
+        return conn.role if conn is not None else None
+
+    def peer_of(self, conn_id: int) -> int | None:
+        """The other end of a tunnel (the connection that feeds this one)."""
+        conn = self._conns.get(conn_id)
+        return conn.peer if conn is not None else None
+
+    def listener_of(self, key: bytes) -> int | None:
+        """The listen connection of a key, if it is listening."""
+        return self._listeners.get(key)
+
+    # ---- events ------------------------------------------------------------------------
+
+    def opened(self, conn_id: int, key: bytes, now: float) -> None:
+        """A connection finished its handshake as ``key``; its first message is now due."""
+        self._conns[conn_id] = _Conn(conn_id, key)
+        self._push(now + self.limits.relay_conn_timeout, ("first", conn_id))
+
+    def message(self, conn_id: int, data: bytes, now: float) -> None:
+        """A relay message arrived on a connection."""
+        conn = self._conns.get(conn_id)
+        if conn is None:
+            return
+        role = conn.role
+        if role is Role.TUNNEL:
+            self.actions.append((SEND, conn.peer, data))
+        elif role is Role.HALF_TUNNEL:
+            self._buffer(conn, data)
+        elif role is Role.PENDING:
+            self._first_message(conn, data, now)
+        else:
+            self._listener_message(conn, data)
+
+    def closed(self, conn_id: int) -> None:
+        """The IO shell lost or closed a connection."""
+        conn = self._conns.pop(conn_id, None)
+        if conn is not None:
+            self._forget(conn)
+
+    def next_deadline(self) -> float:
+        """When ``handle_timer`` next has work (first-message and half-tunnel deadlines)."""
+        return self._timers[0][0] if self._timers else float("inf")
+
+    def handle_timer(self, now: float) -> None:
+        """Expire overdue first messages and half-tunnels."""
+        timers = self._timers
+        while timers and timers[0][0] <= now:
+            _, _, (kind, ref) = heapq.heappop(timers)
+            if kind == "first":
+                conn = self._conns.get(ref)
+                if conn is not None and conn.role is Role.PENDING:
+                    self._close(conn, "no relay message within the time limit")
+            else:
+                half = ref
+                if self._half_tunnels.get((half.src, half.dst)) is half:
+                    self._drop_half_tunnel(half, "half-tunnel not accepted in time")
+
+    # ---- internals ---------------------------------------------------------------------
+
+    def _push(self, when: float, item: object) -> None:
+        heapq.heappush(self._timers, (when, next(self._seq), item))
+
+    def _close(self, conn: _Conn, reason: str, flush: bool = False) -> None:
+        del self._conns[conn.id]
+        self.actions.append((CLOSE, conn.id, reason, flush))
+        self._forget(conn)
+
+    def _forget(self, conn: _Conn) -> None:
+        """Undo everything a connection took part in, once it is gone."""
+        role = conn.role
+        if role is Role.TUNNEL:
+            self.tunnels -= 1
+            peer = self._conns.get(conn.peer)  # type: ignore[arg-type]
+            if peer is not None:
+                # The peer gets what was already relayed to it, then closes.
+                peer.role = Role.PENDING
+                peer.peer = None
+                del self._conns[peer.id]
+                self.actions.append((CLOSE, peer.id, "the other end of the tunnel closed", True))
+        elif role is Role.LISTENER:
+            if self._listeners.get(conn.key) == conn.id:
+                del self._listeners[conn.key]
+                for src in list(self._half_by_listener.get(conn.key, ())):
+                    self._drop_half_tunnel(
+                        self._half_tunnels[(src, conn.key)], "the listener went away"
+                    )
+        elif role is Role.HALF_TUNNEL:
+            # The half-tunnel outlives its connecting side: an accept still gets its data.
+            half = conn.half
+            if half is not None:
+                half.conn_id = None
+
+    def _drop_half_tunnel(self, half: _HalfTunnel, reason: str) -> None:
+        del self._half_tunnels[(half.src, half.dst)]
+        sources = self._half_by_listener[half.dst]
+        sources.discard(half.src)
+        if not sources:
+            del self._half_by_listener[half.dst]
+        if half.conn_id is not None:
+            conn = self._conns.get(half.conn_id)
+            if conn is not None:
+                conn.half = None
+                self._close(conn, reason)
+
+    def _first_message(self, conn: _Conn, data: bytes, now: float) -> None:
+        try:
+            init = decode_init_connection(data)
+        except ProtocolError as exc:
+            self._close(conn, f"undecodable first message: {exc}")
+            return
+        if isinstance(init, Listen):
+            self._listen(conn)
+        elif isinstance(init, Connect):
+            self._connect(conn, init.public_key, now)
+        elif isinstance(init, Accept):
+            self._accept(conn, init.public_key)
+
+    def _listen(self, conn: _Conn) -> None:
+        old_id = self._listeners.get(conn.key)
+        if old_id is not None:
+            # Newest listen wins (ours): a node that reconnects need not wait for the old
+            # connection's keepalive to expire.
+            self._close(self._conns[old_id], "replaced by a newer listen from the same key")
+        conn.role = Role.LISTENER
+        self._listeners[conn.key] = conn.id
+
+    def _connect(self, conn: _Conn, dst: bytes, now: float) -> None:
+        listener_id = self._listeners.get(dst)
+        if listener_id is None:
+            self._close(conn, "connect to a key that is not listening")
+            return
+        src = conn.key
+        if (src, dst) in self._half_tunnels:
+            self._close(conn, "a connect from this key to that listener is already pending")
+            return
+        sources = self._half_by_listener.setdefault(dst, set())
+        if len(sources) >= self.limits.max_half_tunnels_per_listener:
+            self._close(conn, "too many pending connects to that listener")
+            return
+        if not self._can_queue(listener_id):
+            self._close(conn, "the listener is not reading its notifications")
+            return
+        half = _HalfTunnel(src, dst, conn.id, now + self.limits.half_tunnel_timeout)
+        self._half_tunnels[(src, dst)] = half
+        sources.add(src)
+        conn.role = Role.HALF_TUNNEL
+        conn.half = half
+        self._push(half.expires, ("half", half))
+        self.actions.append((SEND, listener_id, IncomingConnection(src).encode()))
+
+    def _accept(self, conn: _Conn, src: bytes) -> None:
+        dst = conn.key
+        half = self._half_tunnels.get((src, dst))
+        if dst not in self._listeners or half is None:
+            self._close(conn, "accept without a pending connect")
+            return
+        del self._half_tunnels[(src, dst)]
+        sources = self._half_by_listener[dst]
+        sources.discard(src)
+        if not sources:
+            del self._half_by_listener[dst]
+        actions = self.actions
+        for data in half.data:
+            actions.append((SEND, conn.id, data))
+        other = self._conns.get(half.conn_id) if half.conn_id is not None else None
+        if other is None:
+            # The connecting side left before the accept: deliver what it sent, then close.
+            del self._conns[conn.id]
+            actions.append((CLOSE, conn.id, "the connecting side had already closed", True))
+            return
+        other.role = conn.role = Role.TUNNEL
+        other.half = None
+        other.peer = conn.id
+        conn.peer = other.id
+        self.tunnels += 1
+        if half.paused:
+            actions.append((RESUME, other.id))
+
+    def _buffer(self, conn: _Conn, data: bytes) -> None:
+        half = conn.half
+        assert half is not None
+        half.data.append(data)
+        half.size += len(data)
+        if not half.paused and half.size >= self.limits.half_tunnel_buffer:
+            half.paused = True
+            self.actions.append((PAUSE, conn.id))
+
+    def _listener_message(self, conn: _Conn, data: bytes) -> None:
+        try:
+            reject = RejectConnection.decode(data)
+        except ProtocolError as exc:
+            self._close(conn, f"undecodable message on a listen connection: {exc}")
+            return
+        half = self._half_tunnels.get((reject.public_key, conn.key))
+        if half is not None:
+            self._drop_half_tunnel(half, "rejected by the listener")

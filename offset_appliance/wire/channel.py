@@ -1,0 +1,268 @@
+"""The secure channel (PROTOCOL.md section 3): handshake, encrypted frames and rekeying."""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import hmac
+import os
+from collections.abc import Callable
+
+import nacl.exceptions
+from nacl.bindings import (
+    crypto_aead_chacha20poly1305_ietf_decrypt,
+    crypto_aead_chacha20poly1305_ietf_encrypt,
+    crypto_scalarmult,
+    crypto_scalarmult_base,
+)
+from nacl.signing import SigningKey, VerifyKey
+
+from ..errors import ProtocolError
+from .messages import (
+    ExchangeDh,
+    ExchangeRandNonce,
+    Rekey,
+    decode_channel_message,
+    encode_channel_rekey,
+    encode_channel_user,
+)
+
+NONCE_LEN = 12
+TAG_LEN = 16
+RAND_NONCE_LEN = 16
+SALT_LEN = 32
+
+Random = Callable[[int], bytes]
+
+
+def _sha512_256() -> hashlib._Hash:
+    return hashlib.new("sha512_256")
+
+
+def hkdf_sha512_256(salt: bytes, ikm: bytes) -> bytes:
+    """RFC 5869 HKDF with SHA-512/256, empty info, 32 bytes out (one block of output)."""
+    prk = hmac.new(salt, ikm, _sha512_256).digest()
+    return hmac.new(prk, b"\x01", _sha512_256).digest()
+
+
+def derive_keys(dh_private: bytes, peer_dh_public: bytes, own_salt: bytes, peer_salt: bytes):
+    """(send_key, recv_key) from an X25519 exchange; refuses low-order peer points."""
+    try:
+        shared = crypto_scalarmult(dh_private, peer_dh_public)
+    except (nacl.exceptions.CryptoError, ValueError, TypeError) as exc:
+        raise ProtocolError("invalid Diffie-Hellman public key") from exc
+    if shared == bytes(32):
+        raise ProtocolError("low-order Diffie-Hellman public key")
+    return hkdf_sha512_256(own_salt, shared), hkdf_sha512_256(peer_salt, shared)
+
+
+def _new_dh(random: Random) -> tuple[bytes, bytes, bytes]:
+    """A fresh X25519 key pair and salt: (private, public, salt)."""
+    private = random(32)
+    return private, crypto_scalarmult_base(private), random(SALT_LEN)
+
+
+class PaddingSource:
+    """Random padding for channel messages: a length 0..255 and that many random bytes.
+
+    The original draws 0..65535 bytes (PROTOCOL.md 3.2); ours keeps the intended 0..255.
+    Randomness is read from the OS CSPRNG in bulk, so padding costs no syscall per message.
+    """
+
+    __slots__ = ("_pool", "_pos", "_random")
+
+    POOL = 1 << 16
+
+    def __init__(self, random: Random = os.urandom) -> None:
+        self._random = random
+        self._pool = b""
+        self._pos = 0
+
+    def __call__(self) -> bytes:
+        pos = self._pos
+        pool = self._pool
+        if pos + 256 > len(pool):
+            pool = self._pool = self._random(self.POOL)
+            pos = 0
+        length = pool[pos]
+        self._pos = pos + 1 + length
+        return pool[pos + 1 : pos + 1 + length]
+
+
+class _Direction:
+    """One direction's key and nonce counter (little-endian, as libsodium increments)."""
+
+    __slots__ = ("key", "counter")
+
+    def __init__(self, key: bytes) -> None:
+        self.key = key
+        self.counter = 0
+
+    def nonce(self) -> bytes:
+        return self.counter.to_bytes(NONCE_LEN, "little")
+
+
+class SecureChannel:
+    """Encrypts and decrypts channel frames after the handshake, and runs rekeys."""
+
+    __slots__ = ("_send", "_recv", "_old_recv", "_pending", "_random", "_padding", "outbox")
+
+    def __init__(
+        self, send_key: bytes, recv_key: bytes, random: Random = os.urandom
+    ) -> None:
+        self._send = _Direction(send_key)
+        self._recv = _Direction(recv_key)
+        self._old_recv: _Direction | None = None
+        self._pending: tuple[bytes, bytes] | None = None  # our rekey awaiting an answer
+        self._random = random
+        self._padding = PaddingSource(random)
+        # Frames the channel itself must send (rekey answers), in order, before anything else.
+        self.outbox: list[bytes] = []
+
+    @property
+    def rekey_pending(self) -> bool:
+        """Whether we sent a rekey that the peer has not answered yet."""
+        return self._pending is not None
+
+    def _seal(self, plaintext: bytes) -> bytes:
+        send = self._send
+        nonce = send.counter.to_bytes(NONCE_LEN, "little")
+        send.counter += 1
+        return nonce + crypto_aead_chacha20poly1305_ietf_encrypt(plaintext, None, nonce, send.key)
+
+    def seal(self, user: bytes) -> bytes:
+        """The frame payload carrying ``user`` (a KaMessage) to the peer."""
+        return self._seal(encode_channel_user(self._padding(), user))
+
+    def start_rekey(self) -> bytes | None:
+        """Begin a rekey; returns the frame to send, or None if one is already pending."""
+        if self._pending is not None:
+            return None
+        private, public, salt = _new_dh(self._random)
+        self._pending = (private, salt)
+        return self._seal(encode_channel_rekey(self._padding(), Rekey(public, salt)))
+
+    def _try_open(self, direction: _Direction, nonce: bytes, frame: bytes) -> bytes | None:
+        if nonce != direction.counter.to_bytes(NONCE_LEN, "little"):
+            return None
+        try:
+            plain = crypto_aead_chacha20poly1305_ietf_decrypt(
+                frame[NONCE_LEN:], None, nonce, direction.key
+            )
+        except nacl.exceptions.CryptoError:
+            return None
+        direction.counter += 1
+        return plain
+
+    def open(self, frame: bytes) -> bytes | None:
+        """Decrypt one frame: the user payload, or None when it was a rekey (handled here)."""
+        if len(frame) < NONCE_LEN + TAG_LEN:
+            raise ProtocolError("encrypted frame too short")
+        nonce = frame[:NONCE_LEN]
+        plain = None
+        if self._old_recv is not None:
+            plain = self._try_open(self._old_recv, nonce, frame)
+        if plain is None:
+            plain = self._try_open(self._recv, nonce, frame)
+            if plain is None:
+                raise ProtocolError("frame failed to decrypt (bad nonce or tag)")
+            self._old_recv = None
+        content = decode_channel_message(plain)
+        if isinstance(content, Rekey):
+            self._on_rekey(content)
+            return None
+        return content
+
+    def _on_rekey(self, rekey: Rekey) -> None:
+        if self._pending is None:
+            # We answer: our Rekey goes out under the old send key, then the sender switches.
+            private, public, salt = _new_dh(self._random)
+            send_key, recv_key = derive_keys(private, rekey.dh_public_key, salt, rekey.key_salt)
+            self.outbox.append(
+                self._seal(encode_channel_rekey(self._padding(), Rekey(public, salt)))
+            )
+        else:
+            # Their message answers ours (or crossed it: simultaneous rekeys are legal).
+            private, salt = self._pending
+            self._pending = None
+            send_key, recv_key = derive_keys(private, rekey.dh_public_key, salt, rekey.key_salt)
+        self._send = _Direction(send_key)
+        self._old_recv = self._recv
+        self._recv = _Direction(recv_key)
+
+
+class _HandshakeState(enum.Enum):
+    AWAIT_NONCE = enum.auto()
+    AWAIT_DH = enum.auto()
+    DONE = enum.auto()
+
+
+class Handshake:
+    """The symmetric four-frame handshake of PROTOCOL.md 3.1, for one side."""
+
+    __slots__ = (
+        "_identity",
+        "_public_key",
+        "_expected_peer",
+        "_random",
+        "_state",
+        "_my_nonce",
+        "_dh",
+        "peer_public_key",
+        "channel",
+    )
+
+    def __init__(
+        self,
+        identity: SigningKey,
+        expected_peer: bytes | None = None,
+        random: Random = os.urandom,
+    ) -> None:
+        self._identity = identity
+        self._public_key = bytes(identity.verify_key)
+        self._expected_peer = expected_peer
+        self._random = random
+        self._state = _HandshakeState.AWAIT_NONCE
+        self._my_nonce = random(RAND_NONCE_LEN)
+        self._dh: tuple[bytes, bytes, bytes] | None = None
+        self.peer_public_key: bytes | None = None
+        self.channel: SecureChannel | None = None
+
+    @property
+    def done(self) -> bool:
+        """Whether the channel is established (``channel`` and ``peer_public_key`` are set)."""
+        return self._state is _HandshakeState.DONE
+
+    def start(self) -> bytes:
+        """Our ExchangeRandNonce, sent as soon as the connection is up."""
+        return ExchangeRandNonce(self._my_nonce, self._public_key, self._expected_peer).encode()
+
+    def receive(self, frame: bytes) -> bytes | None:
+        """Take the peer's next handshake frame; returns the frame to send in reply, if any."""
+        if self._state is _HandshakeState.AWAIT_NONCE:
+            peer = ExchangeRandNonce.decode(frame)
+            if self._expected_peer is not None and peer.src_public_key != self._expected_peer:
+                raise ProtocolError("peer proved a different public key than expected")
+            self.peer_public_key = peer.src_public_key
+            private, public, salt = self._dh = _new_dh(self._random)
+            signature = self._identity.sign(public + peer.rand_nonce + salt).signature
+            self._state = _HandshakeState.AWAIT_DH
+            return ExchangeDh(public, peer.rand_nonce, salt, signature).encode()
+        if self._state is _HandshakeState.AWAIT_DH:
+            dh = ExchangeDh.decode(frame)
+            if dh.rand_nonce != self._my_nonce:
+                raise ProtocolError("peer echoed the wrong handshake nonce")
+            assert self.peer_public_key is not None and self._dh is not None
+            try:
+                VerifyKey(self.peer_public_key).verify(
+                    dh.dh_public_key + dh.rand_nonce + dh.key_salt, dh.signature
+                )
+            except (nacl.exceptions.CryptoError, ValueError, TypeError) as exc:
+                raise ProtocolError("bad handshake signature") from exc
+            private, _public, salt = self._dh
+            send_key, recv_key = derive_keys(private, dh.dh_public_key, salt, dh.key_salt)
+            self._dh = None
+            self.channel = SecureChannel(send_key, recv_key, self._random)
+            self._state = _HandshakeState.DONE
+            return None
+        raise ProtocolError("handshake frame after the handshake ended")

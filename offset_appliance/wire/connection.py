@@ -1,0 +1,247 @@
+"""One Offset connection: frames, version prefix, secure channel and keepalive, sans-IO.
+
+Bytes and the current time go in; relay-layer messages, bytes to send and the next deadline
+come out. The relay, the client, the probe and the benchmarks all use this one class.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from collections.abc import Callable
+
+from nacl.signing import SigningKey
+
+from ..errors import ProtocolError
+from .channel import Handshake, SecureChannel
+from .frames import HEADER_LEN, MAX_FRAME_LENGTH, FrameDecoder, frame_header
+from .keepalive import KEEPALIVE, Keepalive
+from .messages import KEEPALIVE as KEEPALIVE_MESSAGE
+from .messages import decode_ka_message, encode_ka_message
+
+PROTOCOL_VERSION = 0
+VERSION_FRAME = frame_header(4) + PROTOCOL_VERSION.to_bytes(4, "big")
+CONN_TIMEOUT = 8.0
+TICKS_TO_REKEY = 3600.0
+
+_INF = float("inf")
+
+
+class State(enum.Enum):
+    """Where a connection stands in the stack of PROTOCOL.md."""
+
+    VERSION = enum.auto()  # waiting for the peer's version frame
+    HANDSHAKE = enum.auto()  # secure channel handshake under way
+    OPEN = enum.auto()  # channel up: relay messages flow
+    CLOSED = enum.auto()  # a protocol error or timeout ended it
+
+
+class Connection:
+    """The protocol stack of one TCP connection, for either side (relay or node).
+
+    ``receive_data`` returns the relay-layer messages (KaMessage.message payloads) in order;
+    ``send_message`` queues one; ``data_to_send`` takes the queued output as a list of
+    byte strings (suited to ``socket.sendmsg``). Timers: ``next_deadline`` and
+    ``handle_timer``. Any violation raises ``ProtocolError`` and the connection is CLOSED.
+    """
+
+    __slots__ = (
+        "state",
+        "peer_public_key",
+        "opened_at",
+        "_decoder",
+        "_handshake",
+        "_channel",
+        "_keepalive",
+        "_out",
+        "_out_size",
+        "_deadline",
+        "_keepalive_interval",
+        "_rekey_interval",
+        "_next_rekey",
+        "rekeys",
+    )
+
+    def __init__(
+        self,
+        identity: SigningKey,
+        now: float,
+        *,
+        expected_peer: bytes | None = None,
+        conn_timeout: float = CONN_TIMEOUT,
+        keepalive: float = KEEPALIVE,
+        rekey_interval: float = TICKS_TO_REKEY,
+        max_frame_length: int = MAX_FRAME_LENGTH,
+        random: Callable[[int], bytes] = os.urandom,
+    ) -> None:
+        self.state = State.VERSION
+        self.peer_public_key: bytes | None = None
+        self.opened_at: float | None = None
+        self._decoder = FrameDecoder(max_frame_length)
+        self._handshake: Handshake | None = Handshake(identity, expected_peer, random)
+        self._channel: SecureChannel | None = None
+        self._keepalive: Keepalive | None = None
+        self._keepalive_interval = keepalive
+        self._rekey_interval = rekey_interval
+        self._next_rekey = _INF
+        self._deadline = now + conn_timeout  # the whole set-up must finish by then
+        self.rekeys = 0
+        # Both sides speak first: version, then our handshake nonce, without waiting.
+        hello = self._handshake.start()
+        self._out: list[bytes] = [VERSION_FRAME, frame_header(len(hello)), hello]
+        self._out_size = len(VERSION_FRAME) + HEADER_LEN + len(hello)
+
+    # ---- input -------------------------------------------------------------------------
+
+    def receive_data(self, data: bytes, now: float) -> list[bytes]:
+        """Feed received bytes; returns the relay messages they complete, in order."""
+        if self.state is State.CLOSED:
+            raise ProtocolError("connection already closed")
+        try:
+            frames = self._decoder.feed(data)
+            if self.state is State.OPEN:
+                return self._receive_open(frames, now)
+            return self._receive_setup(frames, now)
+        except ProtocolError:
+            self.state = State.CLOSED
+            raise
+
+    def _receive_setup(self, frames: list[bytes], now: float) -> list[bytes]:
+        for index, frame in enumerate(frames):
+            if self.state is State.VERSION:
+                if len(frame) != 4:
+                    raise ProtocolError(f"version frame of {len(frame)} bytes, expected 4")
+                version = int.from_bytes(frame, "big")
+                if version != PROTOCOL_VERSION:
+                    raise ProtocolError(f"unsupported protocol version {version}")
+                self.state = State.HANDSHAKE
+                continue
+            handshake = self._handshake
+            assert handshake is not None
+            reply = handshake.receive(frame)
+            if reply is not None:
+                self._queue(reply)
+            if handshake.done:
+                self._open(handshake, now)
+                return self._receive_open(frames[index + 1 :], now)
+        return []
+
+    def _open(self, handshake: Handshake, now: float) -> None:
+        self._channel = handshake.channel
+        self.peer_public_key = handshake.peer_public_key
+        self._handshake = None
+        self.state = State.OPEN
+        self.opened_at = now
+        self._keepalive = Keepalive(now, self._keepalive_interval)
+        self._next_rekey = now + self._rekey_interval
+        self._deadline = _INF
+
+    def _receive_open(self, frames: list[bytes], now: float) -> list[bytes]:
+        if not frames:
+            return []
+        channel = self._channel
+        assert channel is not None and self._keepalive is not None
+        self._keepalive.last_recv = now
+        messages = []
+        for frame in frames:
+            user = channel.open(frame)
+            if channel.outbox:
+                self._flush_outbox(channel, now)
+            if user is None:
+                continue
+            message = decode_ka_message(user)
+            if message is not None:
+                messages.append(message)
+        return messages
+
+    # ---- output ------------------------------------------------------------------------
+
+    def _queue(self, payload: bytes) -> None:
+        self._out.append(frame_header(len(payload)))
+        self._out.append(payload)
+        self._out_size += HEADER_LEN + len(payload)
+
+    def _flush_outbox(self, channel: SecureChannel, now: float) -> None:
+        for frame in channel.outbox:
+            self._queue(frame)
+        channel.outbox.clear()
+        self.rekeys += 1
+        assert self._keepalive is not None
+        self._keepalive.last_send = now
+
+    def send_message(self, message: bytes, now: float) -> None:
+        """Queue one relay-layer message (a KaMessage.message) for the peer."""
+        channel = self._channel
+        if channel is None or self.state is not State.OPEN:
+            raise ProtocolError("cannot send before the secure channel is open")
+        payload = channel.seal(encode_ka_message(message))
+        out = self._out
+        out.append(len(payload).to_bytes(HEADER_LEN, "big"))
+        out.append(payload)
+        self._out_size += HEADER_LEN + len(payload)
+        self._keepalive.last_send = now  # type: ignore[union-attr]
+
+    def start_rekey(self, now: float) -> bool:
+        """Start a rekey now (one is started by ``handle_timer`` every rekey interval)."""
+        channel = self._channel
+        if channel is None or self.state is not State.OPEN:
+            raise ProtocolError("cannot rekey before the secure channel is open")
+        frame = channel.start_rekey()
+        self._next_rekey = now + self._rekey_interval
+        if frame is None:
+            return False
+        self._queue(frame)
+        self._keepalive.last_send = now  # type: ignore[union-attr]
+        return True
+
+    def data_to_send(self) -> list[bytes]:
+        """Take everything queued for the peer (a list of byte strings, in order)."""
+        out = self._out
+        if not out:
+            return out
+        self._out = []
+        self._out_size = 0
+        return out
+
+    @property
+    def pending_output(self) -> int:
+        """Bytes queued and not yet taken with ``data_to_send``."""
+        return self._out_size
+
+    # ---- time --------------------------------------------------------------------------
+
+    def pause_reading(self) -> None:
+        """The IO shell stopped reading (back-pressure): suspend the idle deadline."""
+        if self._keepalive is not None:
+            self._keepalive.pause()
+
+    def resume_reading(self, now: float) -> None:
+        """The IO shell reads again: the peer gets a whole keepalive interval."""
+        if self._keepalive is not None:
+            self._keepalive.resume(now)
+
+    def next_deadline(self) -> float:
+        """The next time ``handle_timer`` has something to do."""
+        keepalive = self._keepalive
+        if keepalive is None:
+            return self._deadline
+        return min(keepalive.next_deadline(), self._next_rekey)
+
+    def handle_timer(self, now: float) -> None:
+        """Fire whatever is due: set-up timeout, idle timeout, keepalive, rekey."""
+        if self.state is State.CLOSED:
+            return
+        keepalive = self._keepalive
+        if keepalive is None:
+            if now >= self._deadline:
+                self.state = State.CLOSED
+                raise ProtocolError("connection set-up timed out")
+            return
+        if keepalive.timed_out(now):
+            self.state = State.CLOSED
+            raise ProtocolError("keepalive timeout: nothing received")
+        if now >= self._next_rekey:
+            self.start_rekey(now)
+        if keepalive.keepalive_due(now):
+            self._queue(self._channel.seal(KEEPALIVE_MESSAGE))  # type: ignore[union-attr]
+            keepalive.last_send = now

@@ -1,0 +1,52 @@
+"""Keepalive deadlines (PROTOCOL.md section 4), kept as plain numbers: time is passed in."""
+
+from __future__ import annotations
+
+KEEPALIVE = 32.0
+
+
+class Keepalive:
+    """Tracks when the peer was last heard from and when we last sent anything.
+
+    Nothing received for ``interval`` seconds means the peer is gone; nothing sent for half of
+    it means we owe the peer a keepalive. While reading is paused for back-pressure the
+    receive deadline is suspended (ours; PROTOCOL.md section 4).
+    """
+
+    __slots__ = ("interval", "half", "last_recv", "last_send", "paused")
+
+    def __init__(self, now: float, interval: float = KEEPALIVE) -> None:
+        self.interval = interval
+        self.half = interval / 2
+        self.last_recv = now
+        self.last_send = now
+        self.paused = False
+
+    def pause(self) -> None:
+        """Reading stopped on purpose: the peer's silence is ours, not theirs."""
+        self.paused = True
+
+    def resume(self, now: float) -> None:
+        """Reading resumed: the peer gets a whole interval again."""
+        self.paused = False
+        self.last_recv = now
+
+    def recv_deadline(self) -> float:
+        """When the connection dies of silence (infinity while paused)."""
+        return float("inf") if self.paused else self.last_recv + self.interval
+
+    def send_deadline(self) -> float:
+        """When a keepalive is due if nothing else is sent first."""
+        return self.last_send + self.half
+
+    def next_deadline(self) -> float:
+        """The earlier of the two deadlines."""
+        return min(self.recv_deadline(), self.send_deadline())
+
+    def timed_out(self, now: float) -> bool:
+        """Whether the peer has been silent too long."""
+        return not self.paused and now >= self.last_recv + self.interval
+
+    def keepalive_due(self, now: float) -> bool:
+        """Whether we must send a keepalive now."""
+        return now >= self.last_send + self.half

@@ -1,0 +1,266 @@
+"""The relay's rules (PROTOCOL.md section 6), driven without sockets or clocks."""
+
+from offset_appliance.relay.core import CLOSE, PAUSE, RESUME, SEND, CoreLimits, RelayCore, Role
+from offset_appliance.wire.messages import (
+    Accept,
+    Connect,
+    IncomingConnection,
+    Listen,
+    RejectConnection,
+    encode_init_connection,
+)
+
+L, X, Y = b"L" * 32, b"X" * 32, b"Y" * 32
+LISTEN = encode_init_connection(Listen())
+
+
+def connect(key):
+    return encode_init_connection(Connect(key))
+
+
+def accept(key):
+    return encode_init_connection(Accept(key))
+
+
+def take(core):
+    actions = list(core.actions)
+    core.actions.clear()
+    return actions
+
+
+def closed_ids(actions):
+    return [a[1] for a in actions if a[0] == CLOSE]
+
+
+def setup_listener(core, conn_id=1, key=L):
+    core.opened(conn_id, key, 0.0)
+    core.message(conn_id, LISTEN, 0.0)
+    assert take(core) == []  # listen has no reply
+    assert core.role(conn_id) is Role.LISTENER
+
+
+def test_connect_notifies_the_listener():
+    core = RelayCore()
+    setup_listener(core)
+    core.opened(2, X, 0.0)
+    core.message(2, connect(L), 0.0)
+    assert take(core) == [(SEND, 1, IncomingConnection(X).encode())]
+    assert core.role(2) is Role.HALF_TUNNEL
+
+
+def test_connect_to_a_key_not_listening_is_closed():
+    core = RelayCore()
+    core.opened(2, X, 0.0)
+    core.message(2, connect(L), 0.0)
+    assert closed_ids(take(core)) == [2]
+
+
+def test_duplicate_pending_connect_is_closed_but_the_first_stays():
+    core = RelayCore()
+    setup_listener(core)
+    core.opened(2, X, 0.0)
+    core.message(2, connect(L), 0.0)
+    core.opened(3, X, 0.0)
+    core.message(3, connect(L), 0.0)
+    assert closed_ids(take(core)) == [3]
+    assert core.role(2) is Role.HALF_TUNNEL
+
+
+def test_accept_splices_and_delivers_early_data_in_order():
+    core = RelayCore()
+    setup_listener(core)
+    core.opened(2, X, 0.0)
+    core.message(2, connect(L), 0.0)
+    core.message(2, b"early-1", 0.0)
+    core.message(2, b"early-2", 0.0)
+    take(core)
+    core.opened(3, L, 0.0)
+    core.message(3, accept(X), 0.0)
+    assert take(core) == [(SEND, 3, b"early-1"), (SEND, 3, b"early-2")]
+    core.message(2, b"x->l", 0.0)
+    core.message(3, b"l->x", 0.0)
+    assert take(core) == [(SEND, 3, b"x->l"), (SEND, 2, b"l->x")]
+    assert core.tunnels == 1
+
+
+def test_accept_without_pending_connect_is_closed():
+    core = RelayCore()
+    setup_listener(core)
+    core.opened(3, L, 0.0)
+    core.message(3, accept(X), 0.0)
+    assert closed_ids(take(core)) == [3]
+
+
+def test_accept_needs_the_key_to_be_listening():
+    core = RelayCore()
+    setup_listener(core)
+    core.opened(2, X, 0.0)
+    core.message(2, connect(L), 0.0)
+    core.closed(1)  # the listener leaves: its half-tunnels go with it
+    assert closed_ids(take(core)) == [2]
+    core.opened(3, L, 0.0)
+    core.message(3, accept(X), 0.0)
+    assert closed_ids(take(core)) == [3]
+
+
+def test_reject_closes_the_half_tunnel_and_unknown_keys_are_ignored():
+    core = RelayCore()
+    setup_listener(core)
+    core.opened(2, X, 0.0)
+    core.message(2, connect(L), 0.0)
+    take(core)
+    core.message(1, RejectConnection(Y).encode(), 0.0)
+    assert take(core) == []
+    core.message(1, RejectConnection(X).encode(), 0.0)
+    assert closed_ids(take(core)) == [2]
+    assert core.role(1) is Role.LISTENER
+
+
+def test_undecodable_reject_closes_the_listener():
+    core = RelayCore()
+    setup_listener(core)
+    core.message(1, b"\x00garbage", 0.0)
+    assert closed_ids(take(core)) == [1]
+    assert core.listener_of(L) is None
+
+
+def test_undecodable_first_message_closes():
+    core = RelayCore()
+    core.opened(1, X, 0.0)
+    core.message(1, b"\x01\x02\x03", 0.0)
+    assert closed_ids(take(core)) == [1]
+
+
+def test_first_message_deadline():
+    core = RelayCore(CoreLimits(relay_conn_timeout=4.0))
+    core.opened(1, X, 0.0)
+    assert core.next_deadline() == 4.0
+    core.handle_timer(3.9)
+    assert take(core) == []
+    core.handle_timer(4.0)
+    assert closed_ids(take(core)) == [1]
+
+
+def test_half_tunnel_expires():
+    core = RelayCore(CoreLimits(half_tunnel_timeout=32.0))
+    setup_listener(core)
+    core.opened(2, X, 10.0)
+    core.message(2, connect(L), 10.0)
+    take(core)
+    core.handle_timer(41.9)
+    assert take(core) == []
+    core.handle_timer(42.0)
+    assert closed_ids(take(core)) == [2]
+    core.opened(3, L, 43.0)
+    core.message(3, accept(X), 43.0)
+    assert closed_ids(take(core)) == [3]
+
+
+def test_newest_listen_wins_and_drops_the_old_half_tunnels_but_not_tunnels():
+    core = RelayCore()
+    setup_listener(core, 1)
+    core.opened(2, X, 0.0)
+    core.message(2, connect(L), 0.0)
+    core.opened(3, L, 0.0)
+    core.message(3, accept(X), 0.0)  # an established tunnel 2<->3
+    core.opened(4, Y, 0.0)
+    core.message(4, connect(L), 0.0)  # a pending half-tunnel Y->L
+    take(core)
+    core.opened(5, L, 0.0)
+    core.message(5, LISTEN, 0.0)
+    assert sorted(closed_ids(take(core))) == [1, 4]
+    assert core.listener_of(L) == 5
+    core.message(2, b"still", 0.0)
+    assert take(core) == [(SEND, 3, b"still")]
+
+
+def test_tunnel_close_flushes_then_closes_the_other_side():
+    core = RelayCore()
+    setup_listener(core)
+    core.opened(2, X, 0.0)
+    core.message(2, connect(L), 0.0)
+    core.opened(3, L, 0.0)
+    core.message(3, accept(X), 0.0)
+    take(core)
+    core.closed(2)
+    assert take(core) == [(CLOSE, 3, "the other end of the tunnel closed", True)]
+    assert core.tunnels == 0
+    core.closed(3)  # already forgotten: nothing more happens
+    assert take(core) == []
+
+
+def test_listener_close_keeps_established_tunnels():
+    core = RelayCore()
+    setup_listener(core)
+    core.opened(2, X, 0.0)
+    core.message(2, connect(L), 0.0)
+    core.opened(3, L, 0.0)
+    core.message(3, accept(X), 0.0)
+    take(core)
+    core.closed(1)
+    assert take(core) == []
+    core.message(3, b"go on", 0.0)
+    assert take(core) == [(SEND, 2, b"go on")]
+
+
+def test_connecting_side_gone_before_accept_delivers_data_then_closes():
+    core = RelayCore()
+    setup_listener(core)
+    core.opened(2, X, 0.0)
+    core.message(2, connect(L), 0.0)
+    core.message(2, b"last words", 0.0)
+    core.closed(2)
+    take(core)
+    assert core.half_tunnel_count == 1
+    core.opened(3, L, 1.0)
+    core.message(3, accept(X), 1.0)
+    assert take(core) == [
+        (SEND, 3, b"last words"),
+        (CLOSE, 3, "the connecting side had already closed", True),
+    ]
+
+
+def test_several_tunnels_between_the_same_pair_are_allowed():
+    core = RelayCore()
+    setup_listener(core)
+    for n in range(3):
+        x_id, l_id = 10 + 2 * n, 11 + 2 * n
+        core.opened(x_id, X, 0.0)
+        core.message(x_id, connect(L), 0.0)
+        core.opened(l_id, L, 0.0)
+        core.message(l_id, accept(X), 0.0)
+    take(core)
+    assert core.tunnels == 3
+
+
+def test_half_tunnel_buffer_pauses_and_accept_resumes():
+    core = RelayCore(CoreLimits(half_tunnel_buffer=100))
+    setup_listener(core)
+    core.opened(2, X, 0.0)
+    core.message(2, connect(L), 0.0)
+    take(core)
+    core.message(2, b"a" * 60, 0.0)
+    assert take(core) == []
+    core.message(2, b"b" * 60, 0.0)
+    assert take(core) == [(PAUSE, 2)]
+    core.opened(3, L, 0.0)
+    core.message(3, accept(X), 0.0)
+    assert take(core) == [(SEND, 3, b"a" * 60), (SEND, 3, b"b" * 60), (RESUME, 2)]
+
+
+def test_half_tunnels_per_listener_are_capped():
+    core = RelayCore(CoreLimits(max_half_tunnels_per_listener=2))
+    setup_listener(core)
+    for n in range(3):
+        core.opened(10 + n, bytes([n]) * 32, 0.0)
+        core.message(10 + n, connect(L), 0.0)
+    assert closed_ids(take(core)) == [12]
+
+
+def test_notification_that_cannot_be_queued_closes_the_connect():
+    core = RelayCore(can_queue=lambda conn_id: conn_id != 1)
+    setup_listener(core)
+    core.opened(2, X, 0.0)
+    core.message(2, connect(L), 0.0)
+    assert closed_ids(take(core)) == [2]
+    assert core.half_tunnel_count == 0

@@ -1,0 +1,49 @@
+"""Frames: an 8-byte big-endian length, a maximum enforced before the body is buffered."""
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from offset_appliance.errors import ProtocolError
+from offset_appliance.wire.frames import FrameDecoder, encode_frame, frame_header
+
+
+@given(
+    st.lists(st.binary(max_size=300), max_size=20),
+    st.lists(st.integers(min_value=1, max_value=50), min_size=1, max_size=40),
+)
+def test_any_split_of_the_stream_gives_the_same_frames(bodies, cuts):
+    stream = b"".join(encode_frame(b) for b in bodies)
+    decoder = FrameDecoder(1000)
+    got, pos, i = [], 0, 0
+    while pos < len(stream):
+        step = cuts[i % len(cuts)]
+        got += decoder.feed(stream[pos : pos + step])
+        pos += step
+        i += 1
+    assert got == bodies
+    assert decoder.buffered == 0
+
+
+def test_zero_length_frame_is_legal():
+    assert FrameDecoder().feed(frame_header(0)) == [b""]
+
+
+def test_oversize_length_is_refused_from_the_header_alone():
+    decoder = FrameDecoder(1024)
+    assert decoder.feed(frame_header(1024) + b"x" * 10) == []
+    with pytest.raises(ProtocolError, match="exceeds"):
+        FrameDecoder(1024).feed(frame_header(1025))
+
+
+def test_huge_length_prefix_does_not_allocate():
+    with pytest.raises(ProtocolError):
+        FrameDecoder().feed(b"\xff" * 8)
+
+
+def test_partial_frame_is_kept_until_complete():
+    decoder = FrameDecoder()
+    frame = encode_frame(b"a" * 100_000)
+    for i in range(0, len(frame) - 1, 4096):
+        assert decoder.feed(frame[i : min(i + 4096, len(frame) - 1)]) == []
+    assert decoder.feed(frame[-1:]) == [b"a" * 100_000]
