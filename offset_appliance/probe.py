@@ -104,7 +104,7 @@ def format_prometheus(result: ProbeResult) -> str:
         "# HELP offset_relay_probe_success Whether the relay proved its key and relayed a message.",
         "# TYPE offset_relay_probe_success gauge",
         f"offset_relay_probe_success{label} {1 if result.code == HEALTHY else 0}",
-        "# HELP offset_relay_probe_exit_code The probe's exit code (0 ok, 1 failed, 2 unreachable).",
+        "# HELP offset_relay_probe_exit_code Probe exit code (0 ok, 1 failed, 2 unreachable).",
         "# TYPE offset_relay_probe_exit_code gauge",
         f"offset_relay_probe_exit_code{label} {result.code}",
     ]

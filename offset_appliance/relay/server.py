@@ -150,9 +150,9 @@ class RelayServer:
                     sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
                 sock.bind((host, port))
                 sock.listen(1024)
-            except OSError:
+            except OSError as exc:
                 sock.close()
-                raise
+                raise BindError(host, port, exc) from None
             sock.setblocking(False)
             self.listen_sockets.append(sock)
             self.selector.register(sock, selectors.EVENT_READ, sock)
@@ -592,14 +592,24 @@ class RelayServer:
         log.info("stopped")
 
 
+class BindError(OSError):
+    """A listening socket could not be opened; names the address."""
+
+    def __init__(self, host: str, port: int, cause: OSError) -> None:
+        shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        super().__init__(cause.errno, f"cannot listen on {shown}: {cause.strerror or cause}")
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
 def run(config: Config, identity: SigningKey, *, reload_config=None) -> int:
     """Serve with ``config`` until SIGTERM or SIGINT; returns the process exit code."""
     server = RelayServer(config, identity, reload_config=reload_config)
     try:
         bound = server.bind()
-    except OSError as exc:
-        host, port = next(iter(config.listen))
-        log.error("cannot listen on %s port %d: %s", host, port, exc.strerror or exc)
+    except BindError as exc:
+        log.error("%s", exc)
         return EX_UNAVAILABLE
     for host, port in bound:
         shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

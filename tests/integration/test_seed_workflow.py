@@ -98,7 +98,10 @@ def test_probe_exit_codes(tmp_path, relay):
 
     def ticket(address: str, key: bytes) -> Path:
         path = tmp_path / f"t{len(list(tmp_path.iterdir()))}.relay"
-        body = {"publicKey": base64.urlsafe_b64encode(key).rstrip(b"=").decode(), "address": address}
+        body = {
+            "publicKey": base64.urlsafe_b64encode(key).rstrip(b"=").decode(),
+            "address": address,
+        }
         path.write_text(json.dumps(body))
         return path
 

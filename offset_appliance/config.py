@@ -1,0 +1,248 @@
+"""The relay's TOML configuration: a file plus its drop-in directory, into frozen dataclasses.
+
+``relay.toml`` is read first, then every ``relay.d/*.toml`` beside it in name order (the way
+``sshd_config.d`` works), so that packages own the main file and local changes or Ansible
+live in drop-ins. Later files override single keys; tables merge key by key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError, UsageError
+from .files import split_host_port
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+DEFAULT_PORT = 4567
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds on what strangers can make the relay hold (PROTOCOL.md sections 6.4 and 7)."""
+
+    max_connections: int = 20000
+    max_connections_per_ip: int = 256
+    max_handshakes: int = 512
+    max_frame_length: int = 1048576
+    max_half_tunnels_per_listener: int = 128
+    half_tunnel_buffer: int = 1048576
+    buffer_high_water: int = 1048576
+    buffer_low_water: int = 262144
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Protocol timers in seconds; the defaults are the original's constants."""
+
+    conn_timeout: float = 8.0
+    relay_conn_timeout: float = 4.0
+    keepalive: float = 32.0
+    half_tunnel: float = 32.0
+    rekey_interval: float = 3600.0
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything ``strelay`` needs to run."""
+
+    identity_file: Path
+    listen: tuple[tuple[str, int], ...]
+    log_level: str = "info"
+    limits: Limits = field(default_factory=Limits)
+    timeouts: Timeouts = field(default_factory=Timeouts)
+
+
+# Lower bounds that keep the relay working at all (a 4-byte version frame, a handshake).
+_LIMIT_MINIMUM = {
+    "max_connections": 1,
+    "max_connections_per_ip": 1,
+    "max_handshakes": 1,
+    "max_frame_length": 4096,
+    "max_half_tunnels_per_listener": 1,
+    "half_tunnel_buffer": 1,
+    "buffer_high_water": 1,
+    "buffer_low_water": 0,
+}
+_TOP_KEYS = ("identity_file", "listen", "log_level", "limits", "timeouts")
+
+
+def parse_listen_address(text: str) -> tuple[str, int]:
+    """``IPV4:PORT`` or ``[IPV6]:PORT`` (port 0 picks a free one) -> (host, port)."""
+    if not isinstance(text, str):
+        raise UsageError("expected an address string like 0.0.0.0:4567 or [::]:4567")
+    probe = text[:-2] + ":1" if text.endswith(":0") else text
+    host, port = split_host_port(probe)
+    if text.endswith(":0"):
+        port = 0
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise UsageError(
+            f"listen address {text!r} must be an IP address (0.0.0.0, [::], ...), not a name"
+        ) from None
+    return host, port
+
+
+def drop_in_files(path: Path) -> list[Path]:
+    """The drop-ins that belong to ``path``: ``<dir>/<stem>.d/*.toml``, in name order."""
+    directory = path.parent / (path.stem + ".d")
+    if not directory.is_dir():
+        return []
+    return sorted(p for p in directory.glob("*.toml") if p.is_file())
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+
+
+def _merge(files: list[Path]) -> tuple[dict[str, Any], dict[str, Path]]:
+    """Merge files in order; remember which file set each key, for error messages."""
+    merged: dict[str, Any] = {}
+    origin: dict[str, Path] = {}
+    for path in files:
+        doc = _read_toml(path)
+        for key, value in doc.items():
+            if key not in _TOP_KEYS:
+                raise ConfigError(f"{path}: unknown key {key!r}")
+            if key in ("limits", "timeouts"):
+                if not isinstance(value, dict):
+                    raise ConfigError(f"{path}: {key}: expected a table")
+                table = merged.setdefault(key, {})
+                for sub, subvalue in value.items():
+                    table[sub] = subvalue
+                    origin[f"{key}.{sub}"] = path
+            else:
+                merged[key] = value
+                origin[key] = path
+    return merged, origin
+
+
+def _number(where: str, value: Any, *, integer: bool) -> float | int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if integer and not isinstance(value, int):
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if not math.isfinite(value):
+        raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+    return value
+
+
+def _limits(table: dict[str, Any], origin: dict[str, Path]) -> Limits:
+    names = {f.name for f in dataclasses.fields(Limits)}
+    values: dict[str, int] = {}
+    for key, value in table.items():
+        where = f"{origin[f'limits.{key}']}: limits.{key}"
+        if key not in names:
+            raise ConfigError(f"{where}: unknown key")
+        number = int(_number(where, value, integer=True))
+        if number < _LIMIT_MINIMUM[key] or number > 2**40:
+            raise ConfigError(f"{where}: must be between {_LIMIT_MINIMUM[key]} and 2^40")
+        values[key] = number
+    limits = Limits(**values)
+    if limits.buffer_low_water >= limits.buffer_high_water:
+        key = "buffer_low_water" if "buffer_low_water" in table else "buffer_high_water"
+        where = origin.get(f"limits.{key}", "defaults")
+        raise ConfigError(
+            f"{where}: limits.{key}: buffer_low_water ({limits.buffer_low_water}) must be "
+            f"below buffer_high_water ({limits.buffer_high_water})"
+        )
+    if limits.max_handshakes > limits.max_connections:
+        where = origin.get("limits.max_handshakes", origin.get("limits.max_connections"))
+        raise ConfigError(f"{where}: limits.max_handshakes must not exceed max_connections")
+    return limits
+
+
+def _timeouts(table: dict[str, Any], origin: dict[str, Path]) -> Timeouts:
+    names = {f.name for f in dataclasses.fields(Timeouts)}
+    values: dict[str, float] = {}
+    for key, value in table.items():
+        where = f"{origin[f'timeouts.{key}']}: timeouts.{key}"
+        if key not in names:
+            raise ConfigError(f"{where}: unknown key")
+        number = float(_number(where, value, integer=False))
+        # Keepalives go out at half the keepalive timeout, on a one-second tick at best.
+        low = 2.0 if key == "keepalive" else 0.1
+        if not low <= number <= 7 * 24 * 3600:
+            raise ConfigError(f"{where}: must be between {low} and 604800 seconds")
+        values[key] = number
+    return Timeouts(**values)
+
+
+def load_config(
+    path: Path | None,
+    *,
+    identity_file: Path | None = None,
+    listen: list[str] | None = None,
+    log_level: str | None = None,
+) -> Config:
+    """Read ``path`` and its drop-ins (if a path is given), then apply command-line overrides."""
+    merged: dict[str, Any] = {}
+    origin: dict[str, Path] = {}
+    if path is not None:
+        path = Path(path)
+        merged, origin = _merge([path, *drop_in_files(path)])
+
+    if identity_file is not None:
+        ident = Path(identity_file)
+    elif "identity_file" in merged:
+        value = merged["identity_file"]
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{origin['identity_file']}: identity_file: expected a path")
+        ident = Path(value)
+        if not ident.is_absolute():
+            # Relative to the file that named it, so a config can sit beside its identity.
+            ident = origin["identity_file"].parent / ident
+    else:
+        raise ConfigError("no identity file: set identity_file in the config or pass --idfile")
+
+    if listen:
+        addresses = []
+        for text in listen:
+            try:
+                addresses.append(parse_listen_address(text))
+            except UsageError as exc:
+                raise UsageError(f"--laddr {text}: {exc}") from None
+    elif "listen" in merged:
+        value = merged["listen"]
+        where = f"{origin['listen']}: listen"
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not value:
+            raise ConfigError(f'{where}: expected a list of addresses like ["0.0.0.0:4567"]')
+        addresses = []
+        for text in value:
+            try:
+                addresses.append(parse_listen_address(text))
+            except UsageError as exc:
+                raise ConfigError(f"{where}: {exc}") from None
+    else:
+        raise ConfigError("no listen address: set listen in the config or pass --laddr")
+    if len(set(addresses)) != len(addresses):
+        raise ConfigError("listen: the same address is given twice")
+
+    level = log_level if log_level is not None else merged.get("log_level", "info")
+    if level not in LOG_LEVELS:
+        where = "--log-level" if log_level is not None else f"{origin['log_level']}: log_level"
+        raise ConfigError(f"{where}: expected one of {', '.join(LOG_LEVELS)}, got {level!r}")
+
+    return Config(
+        identity_file=ident,
+        listen=tuple(addresses),
+        log_level=level,
+        limits=_limits(merged.get("limits", {}), origin),
+        timeouts=_timeouts(merged.get("timeouts", {}), origin),
+    )

@@ -1,0 +1,137 @@
+"""The commands as an operator meets them: exit codes and one-line errors, never tracebacks."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BIN = Path(sys.executable).parent
+
+
+def run(*args, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(a) for a in args], capture_output=True, text=True, cwd=cwd, timeout=30
+    )
+
+
+def one_line_error(result: subprocess.CompletedProcess) -> str:
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines, "expected an error message"
+    return lines[-1]
+
+
+def test_gen_ident_and_ticket_refuse_overwrite(tmp_path):
+    ident, ticket = tmp_path / "r.ident", tmp_path / "r.relay"
+    assert run(BIN / "stmgr", "gen-ident", "--output", ident).returncode == 0
+    again = run(BIN / "stmgr", "gen-ident", "--output", ident)
+    assert again.returncode == os.EX_CANTCREAT
+    assert "already exists" in one_line_error(again)
+    args = ("relay-ticket", "--address", "127.0.0.1:4567", "--idfile", ident, "--output", ticket)
+    assert run(BIN / "stmgr", *args).returncode == 0
+    again = run(BIN / "stmgr", *args)
+    assert again.returncode == os.EX_CANTCREAT
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1", "host:0", "host:70000", "[::1:5", "a b:1"])
+def test_ticket_rejects_bad_address(tmp_path, address):
+    ident = tmp_path / "r.ident"
+    run(BIN / "stmgr", "gen-ident", "--output", ident)
+    result = run(
+        BIN / "stmgr",
+        "relay-ticket",
+        "--address",
+        address,
+        "--idfile",
+        ident,
+        "--output",
+        tmp_path / "t.relay",
+    )
+    assert result.returncode == os.EX_USAGE
+    one_line_error(result)
+    assert not (tmp_path / "t.relay").exists()
+
+
+def test_ticket_from_missing_or_bad_identity(tmp_path):
+    result = run(
+        BIN / "stmgr",
+        "relay-ticket",
+        "--address",
+        "h:1",
+        "--idfile",
+        tmp_path / "none",
+        "--output",
+        tmp_path / "t",
+    )
+    assert result.returncode == os.EX_NOINPUT
+    (tmp_path / "bad").write_text("{}")
+    result = run(
+        BIN / "stmgr",
+        "relay-ticket",
+        "--address",
+        "h:1",
+        "--idfile",
+        tmp_path / "bad",
+        "--output",
+        tmp_path / "t",
+    )
+    assert result.returncode == os.EX_DATAERR
+    assert '"privateKey"' in one_line_error(result)
+
+
+def test_usage_errors_exit_64():
+    assert run(BIN / "stmgr").returncode == os.EX_USAGE
+    assert run(BIN / "stmgr", "frobnicate").returncode == os.EX_USAGE
+    assert run(BIN / "strelay", "--laddr").returncode == os.EX_USAGE
+
+
+@pytest.mark.parametrize(
+    "make, needle",
+    [
+        (lambda p: None, "does not exist"),
+        (lambda p: (p.write_text("junk"), p.chmod(0o600)), "not valid JSON"),
+        (lambda p: (p.write_text('{"privateKey": "AAAA"}'), p.chmod(0o600)), "32 bytes"),
+        (lambda p: (p.write_text("{}"), p.chmod(0o644)), "chmod 600"),
+    ],
+)
+def test_strelay_refuses_unusable_identity(tmp_path, make, needle):
+    ident = tmp_path / "relay.ident"
+    make(ident)
+    result = run(BIN / "strelay", "--idfile", ident, "--laddr", "127.0.0.1:0")
+    assert result.returncode == os.EX_CONFIG
+    assert needle in one_line_error(result)
+
+
+def test_strelay_config_error_names_key(tmp_path):
+    ident = tmp_path / "relay.ident"
+    run(BIN / "stmgr", "gen-ident", "--output", ident)
+    config = tmp_path / "relay.toml"
+    config.write_text(f'identity_file = "{ident}"\nlisten = ["127.0.0.1:0"]\n[limits]\nbogus = 1\n')
+    result = run(BIN / "strelay", "--config", config)
+    assert result.returncode == os.EX_CONFIG
+    assert "limits.bogus" in one_line_error(result)
+
+
+def test_strelay_port_in_use(tmp_path):
+    import socket
+
+    ident = tmp_path / "relay.ident"
+    run(BIN / "stmgr", "gen-ident", "--output", ident)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = run(BIN / "strelay", "--idfile", ident, "--laddr", f"127.0.0.1:{port}")
+    assert result.returncode == os.EX_UNAVAILABLE
+    assert str(port) in one_line_error(result)
+
+
+def test_probe_bad_ticket(tmp_path):
+    (tmp_path / "t.relay").write_text('{"publicKey": "x"}')
+    result = run(BIN / "stmgr", "probe", tmp_path / "t.relay")
+    assert result.returncode == os.EX_DATAERR
+    one_line_error(result)

@@ -1,0 +1,100 @@
+"""The TOML config: defaults, drop-ins, overrides and errors that name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from offset_appliance.config import Limits, Timeouts, load_config
+from offset_appliance.errors import ConfigError, UsageError
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "relay.toml"
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_example_config_is_valid_and_spells_out_the_defaults():
+    config = load_config(EXAMPLE)
+    assert config.identity_file == Path("/var/lib/offset-relay/relay.ident")
+    assert config.listen == (("0.0.0.0", 4567), ("::", 4567))
+    assert config.limits == Limits()
+    assert config.timeouts == Timeouts()
+    assert config.limits.max_handshakes == 512
+    assert config.limits.max_frame_length == 1048576
+
+
+def test_drop_ins_override_in_name_order(tmp_path):
+    main = write(
+        tmp_path / "relay.toml",
+        'identity_file = "id"\nlisten = ["0.0.0.0:4567"]\n[limits]\nmax_connections = 100\n',
+    )
+    write(tmp_path / "relay.d" / "50-a.toml", "[limits]\nmax_handshakes = 7\n")
+    write(tmp_path / "relay.d" / "90-b.toml", 'log_level = "debug"\n[limits]\nmax_handshakes = 9\n')
+    write(tmp_path / "relay.d" / "ignored.conf", "garbage")
+    config = load_config(main)
+    assert config.identity_file == tmp_path / "id"
+    assert config.limits.max_connections == 100
+    assert config.limits.max_handshakes == 9
+    assert config.log_level == "debug"
+
+
+def test_command_line_overrides(tmp_path):
+    main = write(tmp_path / "relay.toml", 'identity_file = "/a"\nlisten = ["0.0.0.0:1"]\n')
+    config = load_config(
+        main, identity_file=Path("/b"), listen=["[::1]:5", "127.0.0.1:6"], log_level="error"
+    )
+    assert config.identity_file == Path("/b")
+    assert config.listen == (("::1", 5), ("127.0.0.1", 6))
+    assert config.log_level == "error"
+
+
+def test_no_config_file_at_all():
+    config = load_config(None, identity_file=Path("x"), listen=["0.0.0.0:4567"])
+    assert config.listen == (("0.0.0.0", 4567),)
+
+
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ("bogus = 1\n", "unknown key 'bogus'"),
+        ("[limits]\nmax_conections = 5\n", "limits.max_conections: unknown key"),
+        ("[timeouts]\nkeepalive = 0\n", "timeouts.keepalive"),
+        ("[limits]\nmax_handshakes = -1\n", "limits.max_handshakes"),
+        ('[limits]\nmax_handshakes = "5"\n', "limits.max_handshakes"),
+        ("[limits]\nmax_handshakes = true\n", "limits.max_handshakes"),
+        ("[limits]\nmax_handshakes = 1.5\n", "limits.max_handshakes"),
+        ("[limits]\nbuffer_low_water = 2000000\n", "buffer_low_water"),
+        ("[timeouts]\nhalf_tunnel = nan\n", "timeouts.half_tunnel"),
+        ('log_level = "loud"\n', "log_level"),
+        ('listen = ["example.org:1"]\n', "listen"),
+        ('listen = ["1.2.3.4"]\n', "listen"),
+        ("listen = []\n", "listen"),
+        ("limits = 3\n", "limits"),
+        ("this is not toml", "not valid TOML"),
+    ],
+)
+def test_bad_values_name_the_file_and_key(tmp_path, text, needle):
+    main = write(tmp_path / "relay.toml", 'identity_file = "id"\nlisten = ["0.0.0.0:1"]\n')
+    write(tmp_path / "relay.d" / "10-x.toml", text)
+    with pytest.raises(ConfigError) as info:
+        load_config(main)
+    message = str(info.value)
+    assert needle in message
+    assert "\n" not in message
+    assert "10-x.toml" in message
+
+
+def test_missing_file_and_missing_settings(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.toml")
+    with pytest.raises(ConfigError, match="identity"):
+        load_config(None, listen=["0.0.0.0:1"])
+    with pytest.raises(ConfigError, match="listen"):
+        load_config(None, identity_file=Path("x"))
+    with pytest.raises(UsageError, match="--laddr"):
+        load_config(None, identity_file=Path("x"), listen=["nothing"])
