@@ -107,9 +107,7 @@ class SecureChannel:
 
     __slots__ = ("_send", "_recv", "_old_recv", "_pending", "_random", "_padding", "outbox")
 
-    def __init__(
-        self, send_key: bytes, recv_key: bytes, random: Random = os.urandom
-    ) -> None:
+    def __init__(self, send_key: bytes, recv_key: bytes, random: Random = os.urandom) -> None:
         self._send = _Direction(send_key)
         self._recv = _Direction(recv_key)
         self._old_recv: _Direction | None = None
