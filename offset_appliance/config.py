@@ -48,6 +48,14 @@ class Timeouts:
 
 
 @dataclass(frozen=True)
+class Metrics:
+    """The Prometheus endpoint: off unless enabled; loopback unless told otherwise."""
+
+    enabled: bool = False
+    listen: tuple[str, int] = ("127.0.0.1", 9477)
+
+
+@dataclass(frozen=True)
 class Config:
     """Everything ``strelay`` needs to run."""
 
@@ -56,6 +64,7 @@ class Config:
     log_level: str = "info"
     limits: Limits = field(default_factory=Limits)
     timeouts: Timeouts = field(default_factory=Timeouts)
+    metrics: Metrics = field(default_factory=Metrics)
 
 
 # Lower bounds that keep the relay working at all (a 4-byte version frame, a handshake).
@@ -69,7 +78,8 @@ _LIMIT_MINIMUM = {
     "buffer_high_water": 1,
     "buffer_low_water": 0,
 }
-_TOP_KEYS = ("identity_file", "listen", "log_level", "limits", "timeouts")
+_TOP_KEYS = ("identity_file", "listen", "log_level", "limits", "timeouts", "metrics")
+_TABLES = ("limits", "timeouts", "metrics")
 
 
 def parse_listen_address(text: str) -> tuple[str, int]:
@@ -118,7 +128,7 @@ def _merge(files: list[Path]) -> tuple[dict[str, Any], dict[str, Path]]:
         for key, value in doc.items():
             if key not in _TOP_KEYS:
                 raise ConfigError(f"{path}: unknown key {key!r}")
-            if key in ("limits", "timeouts"):
+            if key in _TABLES:
                 if not isinstance(value, dict):
                     raise ConfigError(f"{path}: {key}: expected a table")
                 table = merged.setdefault(key, {})
@@ -180,6 +190,24 @@ def _timeouts(table: dict[str, Any], origin: dict[str, Path]) -> Timeouts:
             raise ConfigError(f"{where}: must be between {low} and 604800 seconds")
         values[key] = number
     return Timeouts(**values)
+
+
+def _metrics(table: dict[str, Any], origin: dict[str, Path]) -> Metrics:
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        where = f"{origin[f'metrics.{key}']}: metrics.{key}"
+        if key == "enabled":
+            if not isinstance(value, bool):
+                raise ConfigError(f"{where}: expected true or false, got {value!r}")
+            values[key] = value
+        elif key == "listen":
+            try:
+                values[key] = parse_listen_address(value)
+            except UsageError as exc:
+                raise ConfigError(f"{where}: {exc}") from None
+        else:
+            raise ConfigError(f"{where}: unknown key")
+    return Metrics(**values)
 
 
 def load_config(
@@ -245,4 +273,5 @@ def load_config(
         log_level=level,
         limits=_limits(merged.get("limits", {}), origin),
         timeouts=_timeouts(merged.get("timeouts", {}), origin),
+        metrics=_metrics(merged.get("metrics", {}), origin),
     )

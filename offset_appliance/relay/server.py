@@ -16,14 +16,14 @@ import signal
 import socket
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
 
 from nacl.signing import SigningKey
 
 from ..config import Config
 from ..errors import ProtocolError
 from ..wire.connection import Connection, State
-from .core import CLOSE, PAUSE, RESUME, SEND, CoreLimits, RelayCore
+from .core import CLOSE, PAUSE, RESUME, SEND, CoreLimits, RelayCore, Role
+from .metrics import MetricsEndpoint, Snapshot, Stats, close_reason, handshake_failure, render
 from .notify import Notifier
 
 log = logging.getLogger("strelay")
@@ -38,20 +38,6 @@ STATUS_INTERVAL = 2.0
 PAUSED_BY_PEER = 1  # the connection it feeds has too much queued output
 PAUSED_BY_CORE = 2  # its half-tunnel buffer is full
 PAUSED_BY_CLOSE = 4  # it is closing after a flush
-
-
-@dataclass
-class Stats:
-    """Counters an operator sees in STATUS= and the logs."""
-
-    accepted: int = 0
-    handshakes_completed: int = 0
-    handshakes_failed: int = 0
-    refused_max_connections: int = 0
-    refused_per_ip: int = 0
-    evicted_handshakes: int = 0
-    messages_relayed: int = 0
-    bytes_relayed: int = 0
 
 
 class Client:
@@ -118,6 +104,7 @@ class RelayServer:
         self._wakeup_w: socket.socket | None = None
         self._reserve_fd: int | None = None
         self._accept_paused_until = 0.0
+        self.metrics: MetricsEndpoint | None = None
         self._apply_limits(config)
 
     # ---- set-up ------------------------------------------------------------------------
@@ -157,6 +144,14 @@ class RelayServer:
             self.listen_sockets.append(sock)
             self.selector.register(sock, selectors.EVENT_READ, sock)
             bound.append(sock.getsockname()[:2])
+        if self.config.metrics.enabled:
+            host, port = self.config.metrics.listen
+            try:
+                self.metrics = MetricsEndpoint(
+                    self.selector, (host, port), self.metrics_text, self.stats
+                )
+            except OSError as exc:
+                raise BindError(host, port, exc) from None
         return bound
 
     def _install_signals(self) -> None:
@@ -207,8 +202,10 @@ class RelayServer:
                         self._on_readable(obj)
                 elif obj is self._wakeup_r:
                     self._drain_wakeup()
-                else:
+                elif isinstance(obj, socket.socket):
                     self._on_acceptable(obj)
+                else:
+                    obj.handle(mask)
             now = monotonic()
             self._run_timers(now)
             if self._dirty:
@@ -221,6 +218,8 @@ class RelayServer:
             if now >= next_status:
                 self.notifier.notify("STATUS=" + self.status_line())
                 next_status = now + STATUS_INTERVAL
+                if self.metrics is not None:
+                    self.metrics.expire(now)
         self._shutdown()
 
     def _next_deadline(self) -> float:
@@ -236,12 +235,48 @@ class RelayServer:
             pass
 
     def status_line(self) -> str:
-        """The headline counts, as systemd's STATUS= shows them."""
+        """The headline counts, as systemd's STATUS= shows them (the same as /metrics)."""
+        stats = self.stats
         return (
             f"{len(self.clients)} connections, {len(self.handshaking)} handshaking, "
             f"{self.core.listener_count} listening, {self.core.half_tunnel_count} half-tunnels, "
-            f"{self.core.tunnels} tunnels"
+            f"{self.core.tunnels} tunnels, {stats.bytes_relayed / 1e6:.1f} MB relayed, "
+            f"{stats.handshakes_failed_total} failed handshakes, "
+            f"{sum(stats.refused.values())} refused by limits"
         )
+
+    def snapshot(self) -> Snapshot:
+        """Gauges for a scrape; walks the connections, so only at scrape time."""
+        counts = dict.fromkeys(
+            ("handshaking", "waiting", "listening", "half_tunnel", "tunnel", "closing"), 0
+        )
+        names = {
+            Role.PENDING: "waiting",
+            Role.LISTENER: "listening",
+            Role.HALF_TUNNEL: "half_tunnel",
+            Role.TUNNEL: "tunnel",
+        }
+        role = self.core.role
+        rekeys = 0
+        for cid, client in self.clients.items():
+            rekeys += client.wire.rekeys
+            if client.closing:
+                counts["closing"] += 1
+            elif cid in self.handshaking:
+                counts["handshaking"] += 1
+            else:
+                counts[names.get(role(cid), "waiting")] += 1
+        return Snapshot(
+            connections=counts,
+            listeners=self.core.listener_count,
+            half_tunnels=self.core.half_tunnel_count,
+            tunnels=self.core.tunnels,
+            rekeys_live=rekeys,
+        )
+
+    def metrics_text(self) -> str:
+        """The Prometheus exposition of the relay's counters and gauges."""
+        return render(self.stats, self.snapshot())
 
     # ---- accepting ---------------------------------------------------------------------
 
@@ -276,7 +311,7 @@ class RelayServer:
                 self._reserve_fd = os.open(os.devnull, os.O_RDONLY)
             except OSError:
                 pass
-        self.stats.refused_max_connections += 1
+        self.stats.refused["file_descriptors"] += 1
         # Don't spin on a listening socket we cannot serve; look again shortly.
         self._accept_paused_until = now + 0.1
 
@@ -284,18 +319,18 @@ class RelayServer:
         ip = addr[0]
         limits = self.limits
         if len(self.clients) >= limits.max_connections:
-            self.stats.refused_max_connections += 1
+            self.stats.refused["max_connections"] += 1
             sock.close()
             return
         if self.per_ip.get(ip, 0) >= limits.max_connections_per_ip:
-            self.stats.refused_per_ip += 1
+            self.stats.refused["max_connections_per_ip"] += 1
             sock.close()
             return
         if len(self.handshaking) >= limits.max_handshakes:
             # Evict the oldest unfinished handshake: honest peers finish in milliseconds, so
             # the oldest is the likeliest to be a stalled or hostile one.
-            _, oldest = self.handshaking.popitem(last=False)
-            self.stats.evicted_handshakes += 1
+            oldest = next(iter(self.handshaking.values()))
+            self.stats.refused["max_handshakes"] += 1
             self._close(oldest, "evicted: too many handshakes in progress")
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -337,9 +372,6 @@ class RelayServer:
         try:
             messages = wire.receive_data(data, now)
         except ProtocolError as exc:
-            if not was_open:
-                self.stats.handshakes_failed += 1
-                self.handshaking.pop(client.id, None)
             self._close(client, str(exc))
             return
         core = self.core
@@ -509,14 +541,13 @@ class RelayServer:
                 continue
             client.timer_at = float("inf")
             if now >= client.close_by:
+                self.stats.closed["flush_timeout"] += 1
                 self._close(client, "flush before close timed out")
                 continue
             wire = client.wire
             try:
                 wire.handle_timer(now)
             except ProtocolError as exc:
-                if self.handshaking.pop(cid, None) is not None:
-                    self.stats.handshakes_failed += 1
                 self._close(client, str(exc))
                 continue
             if wire.pending_output:
@@ -531,7 +562,28 @@ class RelayServer:
 
     # ---- closing -----------------------------------------------------------------------
 
+    def _count_close(self, client: Client, reason: str) -> None:
+        stats = self.stats
+        if client.id in self.handshaking:
+            if "evicted" in reason:
+                label = "evicted"
+            elif "peer closed" in reason or "failed:" in reason:
+                label = "peer_closed"
+            elif "shutting down" in reason:
+                stats.closed["shutdown"] += 1
+                return
+            else:
+                label = handshake_failure(reason)
+            stats.handshakes_failed[label] += 1
+            stats.closed["handshake_failed"] += 1
+        else:
+            stats.closed[close_reason(reason)] += 1
+
     def _close(self, client: Client, reason: str, flush: bool = False) -> None:
+        if not client.closing:
+            if client.id not in self.clients:
+                return
+            self._count_close(client, reason)
         if flush and client.out and not client.closing:
             client.closing = True
             self._pause(client, PAUSED_BY_CLOSE)
@@ -557,6 +609,7 @@ class RelayServer:
             client.events = 0
         client.sock.close()
         client.out.clear()
+        self.stats.rekeys_closed += client.wire.rekeys
         self.core.closed(cid)
         if self.core.actions:
             self._apply(self.core.actions, time.monotonic())
@@ -571,8 +624,12 @@ class RelayServer:
         except Exception as exc:  # noqa: BLE001 - any failure keeps the running config
             log.error("reload failed, keeping the running configuration: %s", exc)
             return
-        if config.listen != self.config.listen or config.identity_file != self.config.identity_file:
-            log.warning("reload: listen addresses and identity file change only on restart")
+        if (
+            config.listen != self.config.listen
+            or config.identity_file != self.config.identity_file
+            or config.metrics != self.config.metrics
+        ):
+            log.warning("reload: listen addresses, identity and metrics change only on restart")
         self.config = config
         self._apply_limits(config)
         logging.getLogger().setLevel(config.log_level.upper())
@@ -584,6 +641,9 @@ class RelayServer:
             self.selector.unregister(sock)
             sock.close()
         self.listen_sockets.clear()
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
         for client in list(self.clients.values()):
             self._close(client, "relay shutting down")
         if self._reserve_fd is not None:
@@ -614,6 +674,10 @@ def run(config: Config, identity: SigningKey, *, reload_config=None) -> int:
     for host, port in bound:
         shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         log.info("listening on %s", shown)
+    if server.metrics is not None:
+        host, port = server.metrics.address
+        shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        log.info("metrics on http://%s/metrics", shown)
     log.info("relay public key %s", _b64(server.public_key))
     server.notifier.notify("READY=1\nSTATUS=" + server.status_line())
     server.serve_forever()

@@ -1,0 +1,366 @@
+"""The relay's counters and a Prometheus endpoint served by the relay's own selectors loop.
+
+Counting costs a few integer additions on the hot path; everything else (gauges, labels,
+text rendering) happens only when someone scrapes ``GET /metrics``.
+"""
+
+from __future__ import annotations
+
+import logging
+import selectors
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .. import __version__
+
+log = logging.getLogger("strelay")
+
+# Handshake failures by what went wrong, matched on our own ProtocolError messages.
+_HANDSHAKE_REASONS = (
+    ("version", "version"),
+    ("Diffie-Hellman", "bad_dh_key"),
+    ("signature", "bad_signature"),
+    ("nonce", "wrong_nonce"),
+    ("different public key", "wrong_key"),
+    ("timed out", "timeout"),
+    ("exceeds the maximum", "oversize_frame"),
+    ("decrypt", "decrypt_failed"),
+)
+HANDSHAKE_FAILURES = (
+    *(label for _, label in _HANDSHAKE_REASONS),
+    "malformed",
+    "peer_closed",
+    "evicted",
+)
+
+# Why connections were closed. Every close is counted once, under one of these.
+_CLOSE_REASONS = (
+    ("keepalive timeout", "keepalive_timeout"),
+    ("no relay message", "first_message_timeout"),
+    ("not accepted in time", "half_tunnel_expired"),
+    ("other end of the tunnel", "tunnel_peer_closed"),
+    ("connecting side had already closed", "tunnel_peer_closed"),
+    ("listener went away", "listener_closed"),
+    ("replaced by a newer listen", "listen_replaced"),
+    ("not listening", "relay_refused"),
+    ("already pending", "relay_refused"),
+    ("accept without", "relay_refused"),
+    ("too many pending connects", "half_tunnel_limit"),
+    ("not reading its notifications", "listener_full"),
+    ("rejected by the listener", "rejected"),
+    ("flush before close", "flush_timeout"),
+    ("evicted", "handshake_evicted"),
+    ("shutting down", "shutdown"),
+    ("peer closed", "peer_closed"),
+    ("receive failed", "reset"),
+    ("send failed", "reset"),
+)
+CLOSE_REASONS = (
+    *dict.fromkeys(label for _, label in _CLOSE_REASONS),
+    "handshake_failed",
+    "protocol_error",
+)
+REFUSAL_LIMITS = ("max_connections", "max_connections_per_ip", "max_handshakes", "file_descriptors")
+
+
+def handshake_failure(message: str) -> str:
+    """The label for a handshake that failed with ``message``."""
+    for needle, label in _HANDSHAKE_REASONS:
+        if needle in message:
+            return label
+    return "malformed"
+
+
+def close_reason(message: str) -> str:
+    """The label for a connection closed for ``message`` (after the handshake)."""
+    for needle, label in _CLOSE_REASONS:
+        if needle in message:
+            return label
+    return "protocol_error"
+
+
+@dataclass
+class Stats:
+    """Counters the relay keeps: plain integers and dicts, bumped on the loop's thread only."""
+
+    start_time: float = field(default_factory=time.time)
+    accepted: int = 0
+    handshakes_completed: int = 0
+    handshakes_failed: dict[str, int] = field(
+        default_factory=lambda: dict.fromkeys(HANDSHAKE_FAILURES, 0)
+    )
+    closed: dict[str, int] = field(default_factory=lambda: dict.fromkeys(CLOSE_REASONS, 0))
+    refused: dict[str, int] = field(default_factory=lambda: dict.fromkeys(REFUSAL_LIMITS, 0))
+    messages_relayed: int = 0
+    bytes_relayed: int = 0
+    rekeys_closed: int = 0  # rekeys of connections already gone; live ones are summed on scrape
+    metrics_requests: int = 0
+
+    @property
+    def handshakes_failed_total(self) -> int:
+        return sum(self.handshakes_failed.values())
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Gauges read from the server at scrape time."""
+
+    connections: dict[str, int]
+    listeners: int
+    half_tunnels: int
+    tunnels: int
+    rekeys_live: int
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def render(stats: Stats, snap: Snapshot) -> str:
+    """The Prometheus text exposition format (version 0.0.4)."""
+    out: list[str] = []
+
+    def metric(name: str, kind: str, help_text: str, samples) -> None:
+        out.append(f"# HELP offset_relay_{name} {help_text}")
+        out.append(f"# TYPE offset_relay_{name} {kind}")
+        for labels, value in samples:
+            label_text = (
+                "{" + ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items()) + "}"
+                if labels
+                else ""
+            )
+            out.append(f"offset_relay_{name}{label_text} {value}")
+
+    metric("build_info", "gauge", "Version of the running relay.", [({"version": __version__}, 1)])
+    metric(
+        "start_time_seconds",
+        "gauge",
+        "Start time of the relay process, seconds since the epoch.",
+        [({}, f"{stats.start_time:.3f}")],
+    )
+    metric(
+        "connections",
+        "gauge",
+        "Open connections by state.",
+        [({"state": state}, count) for state, count in snap.connections.items()],
+    )
+    metric("listeners", "gauge", "Public keys currently listening.", [({}, snap.listeners)])
+    metric("half_tunnels", "gauge", "Connects waiting for an accept.", [({}, snap.half_tunnels)])
+    metric("tunnels", "gauge", "Established tunnels.", [({}, snap.tunnels)])
+    metric(
+        "connections_accepted_total",
+        "counter",
+        "TCP connections admitted.",
+        [({}, stats.accepted)],
+    )
+    metric(
+        "connections_refused_total",
+        "counter",
+        "Connections refused or dropped by a limit.",
+        [({"limit": limit}, n) for limit, n in stats.refused.items()],
+    )
+    metric(
+        "connections_closed_total",
+        "counter",
+        "Connections closed, by reason.",
+        [({"reason": reason}, n) for reason, n in stats.closed.items()],
+    )
+    metric(
+        "handshakes_completed_total",
+        "counter",
+        "Secure channel handshakes completed.",
+        [({}, stats.handshakes_completed)],
+    )
+    metric(
+        "handshakes_failed_total",
+        "counter",
+        "Connections that failed before their secure channel opened, by reason.",
+        [({"reason": reason}, n) for reason, n in stats.handshakes_failed.items()],
+    )
+    metric(
+        "relayed_messages_total",
+        "counter",
+        "Messages forwarded by the relay (tunnel data and notifications).",
+        [({}, stats.messages_relayed)],
+    )
+    metric(
+        "relayed_bytes_total",
+        "counter",
+        "Payload bytes forwarded by the relay.",
+        [({}, stats.bytes_relayed)],
+    )
+    metric(
+        "rekeys_total",
+        "counter",
+        "Secure channel rekeys completed.",
+        [({}, stats.rekeys_closed + snap.rekeys_live)],
+    )
+    metric(
+        "keepalive_timeouts_total",
+        "counter",
+        "Connections closed because nothing arrived within the keepalive timeout.",
+        [({}, stats.closed["keepalive_timeout"])],
+    )
+    return "\n".join(out) + "\n"
+
+
+# -- the HTTP endpoint ------------------------------------------------------------------------
+
+MAX_REQUEST = 8192
+MAX_CLIENTS = 16
+REQUEST_TIMEOUT = 5.0
+_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed"}
+
+
+class _Exchange:
+    """One HTTP connection: read one request, write one response, close."""
+
+    __slots__ = ("endpoint", "sock", "inbuf", "outbuf", "deadline", "events")
+
+    def __init__(self, endpoint: MetricsEndpoint, sock: socket.socket, now: float) -> None:
+        self.endpoint = endpoint
+        self.sock = sock
+        self.inbuf = b""
+        self.outbuf = b""
+        self.deadline = now + REQUEST_TIMEOUT
+        self.events = selectors.EVENT_READ
+
+    def handle(self, mask: int) -> None:
+        if mask & selectors.EVENT_READ and not self.outbuf:
+            self._read()
+        elif mask & selectors.EVENT_WRITE:
+            self._write()
+
+    def _read(self) -> None:
+        try:
+            data = self.sock.recv(MAX_REQUEST)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self.endpoint.drop(self)
+            return
+        if not data:
+            self.endpoint.drop(self)
+            return
+        self.inbuf += data
+        end = self.inbuf.find(b"\r\n\r\n")
+        if end < 0:
+            end = self.inbuf.find(b"\n\n")
+        if end < 0:
+            if len(self.inbuf) > MAX_REQUEST:
+                self._respond(400, b"request too large\n")
+            return
+        self._respond(*self.endpoint.answer(self.inbuf[:end]))
+
+    def _respond(self, status: int, body: bytes, head_only: bool = False) -> None:
+        content_type = (
+            "text/plain; version=0.0.4; charset=utf-8"
+            if status == 200
+            else "text/plain; charset=utf-8"
+        )
+        header = (
+            f"HTTP/1.1 {status} {_REASONS[status]}\r\n"
+            f"Content-Type: {content_type}\r\n"
+            f"Content-Length: {len(body)}\r\n"
+            "Connection: close\r\n\r\n"
+        ).encode("ascii")
+        self.outbuf = header + (b"" if head_only else body)
+        self.events = selectors.EVENT_WRITE
+        self.endpoint.selector.modify(self.sock, selectors.EVENT_WRITE, self)
+        self._write()
+
+    def _write(self) -> None:
+        try:
+            sent = self.sock.send(self.outbuf)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self.endpoint.drop(self)
+            return
+        self.outbuf = self.outbuf[sent:]
+        if not self.outbuf:
+            self.endpoint.drop(self)
+
+
+class MetricsEndpoint:
+    """``GET /metrics`` on its own listening socket, driven by the relay's selector."""
+
+    def __init__(
+        self,
+        selector: selectors.BaseSelector,
+        address: tuple[str, int],
+        render_text: Callable[[], str],
+        stats: Stats,
+    ) -> None:
+        self.selector = selector
+        self.render_text = render_text
+        self.stats = stats
+        self.exchanges: dict[socket.socket, _Exchange] = {}
+        host, port = address
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self.sock.bind((host, port))
+            self.sock.listen(64)
+        except OSError:
+            self.sock.close()
+            raise
+        self.sock.setblocking(False)
+        self.address = self.sock.getsockname()[:2]
+        selector.register(self.sock, selectors.EVENT_READ, self)
+
+    def handle(self, mask: int) -> None:
+        now = time.monotonic()
+        for _ in range(MAX_CLIENTS):
+            try:
+                sock, _ = self.sock.accept()
+            except OSError:
+                return
+            if len(self.exchanges) >= MAX_CLIENTS:
+                sock.close()
+                continue
+            sock.setblocking(False)
+            exchange = _Exchange(self, sock, now)
+            self.exchanges[sock] = exchange
+            self.selector.register(sock, selectors.EVENT_READ, exchange)
+
+    def answer(self, head: bytes) -> tuple[int, bytes] | tuple[int, bytes, bool]:
+        """Status and body for a request head (request line plus headers)."""
+        line = head.split(b"\n", 1)[0].rstrip(b"\r")
+        parts = line.split(b" ")
+        if (
+            len(parts) != 3
+            or not parts[2].startswith(b"HTTP/1.")
+            or not parts[1].startswith(b"/")
+            or not parts[0].isalpha()
+        ):
+            return 400, b"bad request\n"
+        method, target = parts[0], parts[1].split(b"?", 1)[0]
+        if method not in (b"GET", b"HEAD"):
+            return 405, b"only GET is served here\n"
+        if target != b"/metrics":
+            return 404, b"try /metrics\n"
+        self.stats.metrics_requests += 1
+        return 200, self.render_text().encode("utf-8"), method == b"HEAD"
+
+    def drop(self, exchange: _Exchange) -> None:
+        if self.exchanges.pop(exchange.sock, None) is not None:
+            try:
+                self.selector.unregister(exchange.sock)
+            except (KeyError, ValueError):
+                pass
+            exchange.sock.close()
+
+    def expire(self, now: float) -> None:
+        """Close requests that did not arrive or drain in time."""
+        for exchange in [e for e in self.exchanges.values() if now > e.deadline]:
+            self.drop(exchange)
+
+    def close(self) -> None:
+        for exchange in list(self.exchanges.values()):
+            self.drop(exchange)
+        self.selector.unregister(self.sock)
+        self.sock.close()
