@@ -105,7 +105,16 @@ class _Direction:
 class SecureChannel:
     """Encrypts and decrypts channel frames after the handshake, and runs rekeys."""
 
-    __slots__ = ("_send", "_recv", "_old_recv", "_pending", "_random", "_padding", "outbox")
+    __slots__ = (
+        "_send",
+        "_recv",
+        "_old_recv",
+        "_pending",
+        "_random",
+        "_padding",
+        "outbox",
+        "rekeys",
+    )
 
     def __init__(self, send_key: bytes, recv_key: bytes, random: Random = os.urandom) -> None:
         self._send = _Direction(send_key)
@@ -116,6 +125,7 @@ class SecureChannel:
         self._padding = PaddingSource(random)
         # Frames the channel itself must send (rekey answers), in order, before anything else.
         self.outbox: list[bytes] = []
+        self.rekeys = 0  # key switches completed, whoever started them
 
     @property
     def rekey_pending(self) -> bool:
@@ -187,6 +197,7 @@ class SecureChannel:
         self._send = _Direction(send_key)
         self._old_recv = self._recv
         self._recv = _Direction(recv_key)
+        self.rekeys += 1
 
 
 class _HandshakeState(enum.Enum):

@@ -59,7 +59,6 @@ class Connection:
         "_keepalive_interval",
         "_rekey_interval",
         "_next_rekey",
-        "rekeys",
     )
 
     def __init__(
@@ -85,7 +84,6 @@ class Connection:
         self._rekey_interval = rekey_interval
         self._next_rekey = _INF
         self._deadline = now + conn_timeout  # the whole set-up must finish by then
-        self.rekeys = 0
         # Both sides speak first: version, then our handshake nonce, without waiting.
         hello = self._handshake.start()
         self._out: list[bytes] = [VERSION_FRAME, frame_header(len(hello)), hello]
@@ -154,6 +152,11 @@ class Connection:
                 messages.append(message)
         return messages
 
+    @property
+    def rekeys(self) -> int:
+        """Rekeys completed on this connection, whichever side started them."""
+        return self._channel.rekeys if self._channel is not None else 0
+
     # ---- output ------------------------------------------------------------------------
 
     def _queue(self, payload: bytes) -> None:
@@ -165,7 +168,6 @@ class Connection:
         for frame in channel.outbox:
             self._queue(frame)
         channel.outbox.clear()
-        self.rekeys += 1
         assert self._keepalive is not None
         self._keepalive.last_send = now
 

@@ -328,3 +328,40 @@ def test_slow_reader_does_not_grow_the_relay(relay):
     thread.join(30)
     assert received == total and got_hash.digest() == sent_hash.digest()
     assert relay.rss_kib() - rss_before < 32 * 1024
+
+
+def test_client_rekeys_mid_stream(relay):
+    _, connector, acceptor = tunnel(relay)
+    for round_ in range(3):
+        before = [os.urandom(1000 + round_) for _ in range(20)]
+        connector.send_many(before)
+        assert connector.wire.start_rekey(time.monotonic())
+        acceptor.wire.start_rekey(time.monotonic())  # and the other hop, at the same time
+        after = [os.urandom(2000) for _ in range(20)]
+        connector.send_many(after)
+        acceptor.send_many(after[::-1])
+        assert [acceptor.receive() for _ in range(40)] == before + after
+        assert [connector.receive() for _ in range(20)] == after[::-1]
+    # One more exchange each way, so that both have read the relay's last answers.
+    connector.send(b"x")
+    assert acceptor.receive() == b"x"
+    acceptor.send(b"y")
+    assert connector.receive() == b"y"
+    assert connector.wire.rekeys >= 3 and acceptor.wire.rekeys >= 3
+
+
+def test_relay_rekeys_on_its_own_interval(relay_factory):
+    relay = relay_factory("[timeouts]\nrekey_interval = 0.5\n")
+    _, connector, acceptor = tunnel(relay)
+    deadline = time.monotonic() + 4
+    sent = 0
+    while time.monotonic() < deadline:
+        payload = sent.to_bytes(4, "big") * 100
+        connector.send(payload)
+        assert acceptor.receive() == payload
+        acceptor.send(payload[::-1])
+        assert connector.receive() == payload[::-1]
+        sent += 1
+        time.sleep(0.05)
+    # The relay started the rekeys; the clients only answered them.
+    assert connector.wire.rekeys >= 3 and acceptor.wire.rekeys >= 3
