@@ -1,0 +1,210 @@
+"""A ``strelay`` process under test, and what /proc says about it (CPU time, resident memory)."""
+
+from __future__ import annotations
+
+import os
+import re
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from offset_appliance.files import generate_identity
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+_LISTENING = re.compile(r"listening on 127\.0\.0\.1:(\d+)")
+
+# Loopback load comes from one address, so the per-IP and total connection limits are raised;
+# everything else (handshake limit, buffers, timeouts) stays at the shipped defaults.
+BENCH_LIMITS = {"max_connections": 100_000, "max_connections_per_ip": 100_000}
+
+
+class BenchError(Exception):
+    """A benchmark could not run (the relay failed, a client process failed, a set-up stalled)."""
+
+
+@dataclass(frozen=True)
+class Usage:
+    """One reading of a process's CPU time (seconds) and resident memory (KiB)."""
+
+    user: float
+    system: float
+    rss_kib: int
+    at: float  # time.monotonic() of the reading
+
+    @property
+    def cpu(self) -> float:
+        """User plus system CPU seconds."""
+        return self.user + self.system
+
+
+def cpu_times(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of a process, from /proc/<pid>/stat."""
+    text = Path(f"/proc/{pid}/stat").read_text()
+    # The command name may contain spaces and parentheses; the fields after its last ")"
+    # start with field 3 (state), so utime (field 14) and stime (field 15) are at 11 and 12.
+    fields = text[text.rindex(")") + 2 :].split()
+    return int(fields[11]) / CLOCK_TICKS, int(fields[12]) / CLOCK_TICKS
+
+
+def rss_kib(pid: int) -> int:
+    """Resident memory of a process in KiB, from /proc/<pid>/status."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise BenchError(f"no VmRSS for process {pid}")
+
+
+def usage(pid: int) -> Usage:
+    """CPU time and RSS of a process now."""
+    user, system = cpu_times(pid)
+    return Usage(user, system, rss_kib(pid), time.monotonic())
+
+
+def raise_fd_limit() -> int:
+    """Raise RLIMIT_NOFILE to the hard limit (inherited by the relay and the clients)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
+class BenchRelay:
+    """Starts ``strelay`` on 127.0.0.1 with a fresh identity; stops it on ``stop``.
+
+    The relay's sd_notify STATUS= lines are collected through a private NOTIFY_SOCKET, so the
+    benchmarks can read the relay's own connection counts. With ``profile`` set, the relay
+    runs under cProfile and writes its statistics there when it stops.
+    """
+
+    def __init__(self, workdir: Path, *, profile: Path | None = None) -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.workdir = workdir
+        self.identity = generate_identity(workdir / "relay.ident")
+        self.public_key = bytes(self.identity.verify_key)
+        config = workdir / "relay.toml"
+        limits = "".join(f"{key} = {value}\n" for key, value in BENCH_LIMITS.items())
+        config.write_text(
+            f'identity_file = "{workdir / "relay.ident"}"\n'
+            'listen = ["127.0.0.1:0"]\n'
+            'log_level = "info"\n'
+            f"[limits]\n{limits}"
+        )
+        self.lines: list[str] = []
+        self.status = ""
+        self._notify_path = workdir / "notify.sock"
+        self._notify_path.unlink(missing_ok=True)
+        self._notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._notify.bind(str(self._notify_path))
+        self._notify.settimeout(0.5)
+        command = [sys.executable]
+        if profile is not None:
+            command += ["-m", "cProfile", "-o", str(profile)]
+        command += ["-m", "offset_appliance.cli.strelay", "--config", str(config)]
+        env = dict(os.environ, NOTIFY_SOCKET=str(self._notify_path))
+        env.pop("WATCHDOG_USEC", None)
+        env.pop("JOURNAL_STREAM", None)
+        self.proc = subprocess.Popen(
+            command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env
+        )
+        self.pid = self.proc.pid
+        self._running = True
+        self._threads = [
+            threading.Thread(target=self._read_log, daemon=True),
+            threading.Thread(target=self._read_notify, daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
+        self.port = self._wait_port()
+        self.address = ("127.0.0.1", self.port)
+        self.ticket_address = f"127.0.0.1:{self.port}"
+
+    def _read_log(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.lines.append(line.rstrip("\n"))
+
+    def _read_notify(self) -> None:
+        while self._running:
+            try:
+                data = self._notify.recv(4096)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            for line in data.decode(errors="replace").splitlines():
+                if line.startswith("STATUS="):
+                    self.status = line[len("STATUS=") :]
+
+    def _wait_port(self) -> int:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            for line in list(self.lines):
+                match = _LISTENING.search(line)
+                if match:
+                    return int(match.group(1))
+            if self.proc.poll() is not None:
+                self._threads[0].join(2)
+                raise BenchError("strelay exited at start: " + " | ".join(self.lines[-5:]))
+            time.sleep(0.02)
+        raise BenchError("strelay did not report its listening address within 20 s")
+
+    def usage(self) -> Usage:
+        """The relay's CPU time and RSS now."""
+        self.check_alive()
+        return usage(self.pid)
+
+    def status_count(self, what: str) -> int | None:
+        """A count from the relay's latest STATUS= line, e.g. ``status_count("listening")``."""
+        match = re.search(r"(\d+) " + re.escape(what), self.status)
+        return int(match.group(1)) if match else None
+
+    def wait_status(self, what: str, value: int, timeout: float) -> int | None:
+        """Wait until the relay reports ``value`` for ``what`` (STATUS= comes every 2 s)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            current = self.status_count(what)
+            if current == value:
+                return current
+            time.sleep(0.1)
+        return self.status_count(what)
+
+    def check_alive(self) -> None:
+        """Raise BenchError if the relay has exited."""
+        if self.proc.poll() is not None:
+            raise BenchError(
+                f"strelay exited with status {self.proc.returncode}: " + " | ".join(self.lines[-5:])
+            )
+
+    def problems(self) -> list[str]:
+        """Log lines that show the relay misbehaving (tracebacks, errors)."""
+        return [line for line in self.lines if "Traceback" in line or " ERROR " in line]
+
+    def stop(self) -> int:
+        """SIGTERM the relay and wait for it (a profile is written as it exits)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._running = False
+        for thread in self._threads:
+            thread.join(2)
+        self._notify.close()
+        self._notify_path.unlink(missing_ok=True)
+        return self.proc.returncode
+
+    def __enter__(self) -> BenchRelay:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()

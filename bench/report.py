@@ -1,0 +1,328 @@
+"""The results table: targets checked against results.json, rendered as Markdown."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Target:
+    """One target of the issue and how the measured figure stands against it."""
+
+    name: str
+    value: float
+    limit: float
+    unit: str
+    at_most: bool  # True: the value must not exceed the limit; False: it must reach it
+
+    @property
+    def met(self) -> bool:
+        return self.value <= self.limit if self.at_most else self.value >= self.limit
+
+    @property
+    def gap(self) -> float:
+        """How far off, as a factor >= 1 (1.0 when met exactly)."""
+        if self.value <= 0:
+            return float("inf")
+        return self.value / self.limit if self.at_most else self.limit / self.value
+
+    def verdict(self) -> str:
+        if self.met:
+            return "met"
+        if self.at_most:
+            return f"missed: {self.gap:.2f}x the limit"
+        return f"missed: {self.value / self.limit * 100:.0f}% of it ({self.gap:.2f}x short)"
+
+    def as_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "value": self.value,
+            "target": self.limit,
+            "unit": self.unit,
+            "at_most": self.at_most,
+            "met": self.met,
+            "gap_factor": round(self.gap, 3),
+        }
+
+
+def headline_small(results: dict) -> dict | None:
+    """The small-message run whose figures stand for test 2."""
+    small = results.get("small")
+    if not small:
+        return None
+    runs = small["runs"]
+    return next((run for run in runs if run["connections_asked"] == small["headline"]), runs[-1])
+
+
+def targets(results: dict) -> list[Target]:
+    """The issue's targets that these results cover."""
+    found = []
+    if "bulk" in results:
+        found.append(Target("bulk relay/floor CPU ratio", results["bulk"]["ratio"], 1.5, "x", True))
+    run = headline_small(results)
+    if run and run["messages_per_relay_cpu_second"]:
+        found.append(
+            Target(
+                "small messages per second on one relay core",
+                run["messages_per_relay_cpu_second"],
+                50_000,
+                "msg/s",
+                False,
+            )
+        )
+    if "handshakes" in results and results["handshakes"]["per_relay_cpu_second"]:
+        found.append(
+            Target(
+                "handshakes per second on one relay core",
+                results["handshakes"]["per_relay_cpu_second"],
+                2000,
+                "/s",
+                False,
+            )
+        )
+    if "idle" in results:
+        found.append(
+            Target(
+                "RSS per idle connection",
+                results["idle"]["rss_kib_per_connection"],
+                20,
+                "KiB",
+                True,
+            )
+        )
+    if "latency" in results:
+        found.append(
+            Target(
+                "p99 round trip added by the relay, idle",
+                results["latency"]["added_p99_us"] / 1000,
+                1.0,
+                "ms",
+                True,
+            )
+        )
+    return found
+
+
+def _size(count: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if count >= scale:
+            return f"{count / scale:g} {unit}"
+    return f"{count} B"
+
+
+def _n(value: float, digits: int = 0) -> str:
+    return f"{value:,.{digits}f}"
+
+
+def _ms(us: float) -> str:
+    return f"{us / 1000:.2f} ms"
+
+
+def _pair(stats: dict) -> str:
+    return f"{_ms(stats['p50_us'])} / {_ms(stats['p99_us'])}"
+
+
+def _verdicts(results: dict) -> dict[str, str]:
+    return {target.name: target.verdict() for target in targets(results)}
+
+
+def table_rows(results: dict) -> list[tuple[str, ...]]:
+    """(test, figure, measured, floor, ratio, target) rows."""
+    verdict = _verdicts(results)
+    rows: list[tuple[str, ...]] = []
+    if "bulk" in results:
+        b = results["bulk"]
+        gib = b["bytes"] / (1 << 30)
+        rows.append(
+            (
+                f"1 bulk: {_size(b['bytes'])} in {_size(b['message_bytes'])} messages, one tunnel",
+                "relay CPU per GiB",
+                f"{b['relay_cpu_per_gib']:.2f} s",
+                f"{b['floor_cpu_per_gib']:.2f} s (ChaCha20-Poly1305 open + seal)",
+                f"{b['ratio']:.2f}",
+                f"ratio <= 1.5: {verdict['bulk relay/floor CPU ratio']}",
+            )
+        )
+        rows.append(
+            (
+                "",
+                "throughput (wall; per relay CPU second)",
+                f"{_n(b['mb_per_s'])} MB/s; {_n(b['mb_per_relay_cpu_second'])} MB/s",
+                f"{_n(b['bytes'] / 1e6 / (b['floor_cpu_per_gib'] * gib))} MB/s",
+                "",
+                f"relay busy {b['relay_cpu_share'] * 100:.0f}% of a core",
+            )
+        )
+    run = headline_small(results)
+    if run:
+        small = results["small"]
+        floor_us = small["floor_cpu_us_per_message"]
+        rows.append(
+            (
+                f"2 small: {small['message_bytes']} B messages, {_n(run['tunnels'])} tunnels "
+                f"({_n(run['connections'])} connections), both ways",
+                "messages/s per relay core (wall)",
+                f"{_n(run['messages_per_relay_cpu_second'])} ({_n(run['messages_per_s'])})",
+                f"{_n(1e6 / floor_us)} (open + seal)",
+                f"{run['relay_cpu_us_per_message'] / floor_us:.1f}",
+                ">= 50,000/s: " + verdict.get("small messages per second on one relay core", "n/a"),
+            )
+        )
+        rows.append(
+            (
+                "",
+                "relay CPU per message",
+                f"{run['relay_cpu_us_per_message']:.1f} us",
+                f"{floor_us:.1f} us",
+                f"{run['relay_cpu_us_per_message'] / floor_us:.1f}",
+                f"relay busy {run['relay_cpu_share'] * 100:.0f}% of a core",
+            )
+        )
+    if "handshakes" in results:
+        h = results["handshakes"]
+        rows.append(
+            (
+                f"3 handshakes: version + handshake + listen, {h['concurrency']} in flight",
+                "per relay core (wall)",
+                f"{_n(h['per_relay_cpu_second'])}/s ({_n(h['per_s'])}/s)",
+                f"{_n(h['floor_per_s'])}/s (Ed25519 sign + verify, 2 X25519)",
+                f"{h['ratio']:.2f}",
+                ">= 2,000/s: " + verdict["handshakes per second on one relay core"],
+            )
+        )
+    if "idle" in results:
+        i = results["idle"]
+        rows.append(
+            (
+                f"4 idle: {_n(i['connections'])} listen connections for {i['hold_seconds']:.0f} s",
+                "RSS per connection",
+                f"{i['rss_kib_per_connection']:.1f} KiB",
+                "",
+                "",
+                "<= 20 KiB: " + verdict["RSS per idle connection"],
+            )
+        )
+        rows.append(
+            (
+                "",
+                "stmgr probe round trip p50 / p99",
+                _pair(i["probe_round_trip"]),
+                "",
+                "",
+                f"{i['lost']} lost, {i['probe_failures']} probes failed",
+            )
+        )
+    if "latency" in results:
+        lat = results["latency"]
+        rows.append(
+            (
+                f"5 latency: {lat['message_bytes']} B round trip through a tunnel, idle",
+                "p50 / p99",
+                _pair(lat["relay"]),
+                _pair(lat["direct"]) + " (direct, no relay)",
+                "",
+                f"added p99 {_ms(lat['added_p99_us'])} <= 1 ms: "
+                + verdict["p99 round trip added by the relay, idle"],
+            )
+        )
+    if run and "latency" in run:
+        rows.append(
+            (
+                "5 latency: the same, while test 2 runs",
+                "p50 / p99",
+                _pair(run["latency"]),
+                "",
+                "",
+                "",
+            )
+        )
+    if "small" in results:
+        for each in results["small"]["runs"]:
+            rows.append(
+                (
+                    f"6 growth: {_n(each['connections'])} connections",
+                    "relay CPU per message; RSS per connection",
+                    f"{each['relay_cpu_us_per_message']:.1f} us; "
+                    f"{each['rss_kib_per_connection']:.1f} KiB",
+                    "",
+                    "",
+                    f"{_n(each['messages_per_s'])} msg/s wall",
+                )
+            )
+    if "wire" in results:
+        w = results["wire"]
+        rows.append(
+            (
+                f"7 wire: bytes per {w['message_bytes']} B message",
+                "ours (padding 0-255 B)",
+                f"{w['ours']:.0f} B",
+                f"{w['no_padding']:.0f} B (no padding)",
+                f"{w['ours'] / w['no_padding']:.2f}",
+                f"the original's padding (0-65535 B): {_n(w['original'])} B, "
+                f"{w['original'] / w['ours']:.0f}x ours",
+            )
+        )
+    return rows
+
+
+def markdown_table(results: dict) -> str:
+    """The results as one Markdown table."""
+    header = ("Test", "Figure", "Measured", "Floor (same run)", "Ratio", "Target / note")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in table_rows(results):
+        lines.append("| " + " | ".join(cell.replace("|", "/") for cell in row) + " |")
+    return "\n".join(lines)
+
+
+def machine_line(machine: dict) -> str:
+    """Where the numbers come from, in one sentence."""
+    return (
+        f"{machine['cpu']}, {machine['cores']} cores, {machine['memory_gib']:.0f} GiB RAM, "
+        f"Linux {machine['kernel']}, Python {machine['python']}, PyNaCl {machine['pynacl']}"
+    )
+
+
+def markdown(results: dict) -> str:
+    """RESULTS.md: the Performance section for the README."""
+    machine = results["machine"]
+    client_share = ""
+    run = headline_small(results)
+    if run:
+        client_share = (
+            f" In test 2 the client processes used {run['client_cpu_seconds'] / run['seconds']:.2f}"
+            f" CPU seconds per second while the relay used {run['relay_cpu_share']:.2f}."
+        )
+    parts = [
+        "## Performance",
+        "",
+        f"Measured by `make bench` on {results['date']} in {results['duration_seconds']:.0f} s: "
+        f"{machine_line(machine)}.",
+        "",
+        "The relay is one single-threaded process. Load comes from separate client processes on"
+        " the same machine, so clients and relay share its cores: wall-clock rates (in"
+        ' parentheses) are what this machine reached with both running, and the "per relay'
+        " core\" figures divide the work done by the relay's own CPU time (user + system, from"
+        " `/proc/<pid>/stat`), which is what the targets mean."
+        + client_share
+        + " Each floor is measured in the same run, in one process, and the ratio is relay cost"
+        " / floor cost, so a noisy or slower machine moves both together.",
+        "",
+        markdown_table(results),
+        "",
+    ]
+    found = targets(results)
+    if found:
+        met = sum(1 for target in found if target.met)
+        parts.append(f"Targets met: {met} of {len(found)}.")
+        for target in found:
+            parts.append(
+                f"- {target.name}: {target.value:,.2f} {target.unit} against "
+                f"{'at most' if target.at_most else 'at least'} {target.limit:,g} {target.unit}"
+                f": {target.verdict()}"
+            )
+        parts.append("")
+    parts.append(
+        "Raw figures are in `bench/results.json`; where the time goes, and what to change, is in"
+        " `bench/PROFILE.md`."
+    )
+    return "\n".join(parts) + "\n"

@@ -1,0 +1,148 @@
+"""``python -m bench``: run the benchmarks, write results.json and RESULTS.md, print the table."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from importlib.metadata import version
+from pathlib import Path
+
+from . import report, scenarios
+from .relay import BenchError, raise_fd_limit
+
+HERE = Path(__file__).resolve().parent
+TESTS = ("wire", "latency", "bulk", "handshakes", "small", "idle")
+
+
+def machine() -> dict:
+    """What the numbers were measured on."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    memory = 0.0
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                memory = int(line.split()[1]) / (1 << 20)
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": round(memory, 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "pynacl": version("PyNaCl"),
+    }
+
+
+def _say(text: str) -> None:
+    print(f"bench: {text}", file=sys.stderr, flush=True)
+
+
+def run(sizes: scenarios.Sizes, only: tuple[str, ...], workdir: Path) -> dict:
+    """Run the chosen benchmarks in order; returns the results document."""
+    started = time.monotonic()
+    fd_limit = raise_fd_limit()
+    needed = max(sizes.idle_connections, max(sizes.small_connections)) + 1000
+    if fd_limit < needed and ("idle" in only or "small" in only):
+        raise BenchError(f"RLIMIT_NOFILE hard limit {fd_limit} is below the {needed} needed")
+    results: dict = {
+        "date": datetime.date.today().isoformat(),
+        "machine": machine(),
+        "sizes": scenarios.sizes_dict(sizes),
+    }
+    if "wire" in only:
+        _say("7 wire overhead")
+        results["wire"] = scenarios.wire(sizes)
+    if "latency" in only:
+        _say(f"5 latency: {sizes.latency_samples} round trips, direct and through the relay")
+        results["latency"] = scenarios.latency(workdir, sizes)
+    if "bulk" in only:
+        _say(f"1 bulk: {sizes.bulk_bytes / (1 << 20):g} MiB through one tunnel")
+        results["bulk"] = scenarios.bulk(workdir, sizes)
+    if "handshakes" in only:
+        _say(f"3 handshakes for {sizes.handshake_seconds:g} s")
+        results["handshakes"] = scenarios.handshakes(workdir, sizes)
+    if "small" in only:
+        runs = []
+        for connections in sizes.small_connections:
+            _say(f"2/6 small messages over {connections} connections")
+            result = scenarios.small(workdir, sizes, connections, latency=True)
+            result["connections_asked"] = connections
+            runs.append(result)
+        headline = next(
+            (run for run in runs if run["connections_asked"] == sizes.small_headline), runs[-1]
+        )
+        floor = scenarios.small_floor(sizes, headline["wire_bytes_per_message"])
+        results["small"] = {
+            "message_bytes": sizes.small_message,
+            "headline": sizes.small_headline,
+            "floor_cpu_us_per_message": round(floor * 1e6, 2),
+            "runs": runs,
+        }
+    if "idle" in only:
+        _say(f"4 idle: {sizes.idle_connections} connections held {sizes.idle_seconds:g} s")
+        results["idle"] = scenarios.idle(workdir, sizes)
+    results["targets"] = [target.as_dict() for target in report.targets(results)]
+    results["duration_seconds"] = round(time.monotonic() - started, 1)
+    return results
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="Benchmark strelay on loopback; writes results.json and RESULTS.md.",
+    )
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny sizes: checks that the harness works"
+    )
+    parser.add_argument("--output", type=Path, default=HERE / "results.json")
+    parser.add_argument("--markdown", type=Path, default=HERE / "RESULTS.md")
+    parser.add_argument(
+        "--only",
+        default=",".join(TESTS),
+        help=f"comma-separated subset of: {', '.join(TESTS)}",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    only = tuple(name.strip() for name in args.only.split(",") if name.strip())
+    unknown = [name for name in only if name not in TESTS]
+    if unknown:
+        print(f"bench: error: unknown test {unknown[0]!r} (choose from {', '.join(TESTS)})",
+              file=sys.stderr)  # fmt: skip
+        return 64
+    sizes = scenarios.SMOKE if args.smoke else scenarios.FULL
+    try:
+        with tempfile.TemporaryDirectory(prefix="offset-bench-") as workdir:
+            results = run(sizes, only, Path(workdir))
+    except BenchError as exc:
+        print(f"bench: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("bench: interrupted", file=sys.stderr)
+        return 130
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(results, indent=2) + "\n")
+    text = report.markdown(results)
+    args.markdown.parent.mkdir(parents=True, exist_ok=True)
+    args.markdown.write_text(text)
+    print(report.markdown_table(results))
+    for target in report.targets(results):
+        print(f"{target.name}: {target.value:,.2f} {target.unit}: {target.verdict()}")
+    _say(f"wrote {args.output} and {args.markdown} in {results['duration_seconds']:.0f} s")
+    return 0

@@ -1,0 +1,482 @@
+"""The benchmarks of issue "Performance", one function each, returning plain JSON-ready dicts.
+
+Every load runs against a fresh ``strelay`` so that memory and CPU readings belong to that
+load alone. A measurement window starts only after the load is set up and warmed up; inside
+it the relay's CPU time, the client processes' CPU time and the workers' counters are read at
+both edges, so a figure is always "work done in the window / cost in the window".
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from offset_appliance.probe import HEALTHY, probe
+
+from . import floors
+from .relay import BenchError, BenchRelay, Usage, cpu_times
+from .workers import (
+    BYTES,
+    FAILED,
+    MESSAGES,
+    Target,
+    Worker,
+    bulk_receiver,
+    bulk_sender,
+    handshake_worker,
+    idle_worker,
+    total,
+    tunnel_worker,
+)
+
+GIB = 1 << 30
+PAYLOAD_SEED = 5
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How big each benchmark is; ``FULL`` is what ``make bench`` runs, ``SMOKE`` is tiny."""
+
+    bulk_bytes: int = GIB
+    bulk_message: int = 64 * 1024
+    small_message: int = 64
+    small_connections: tuple[int, ...] = (100, 1000, 10000)
+    small_headline: int = 1000  # the run whose figures are the headline of test 2
+    small_window: int = 2  # messages in flight per tunnel and direction
+    small_seconds: float = 10.0
+    handshake_seconds: float = 10.0
+    handshake_concurrency: int = 32  # per client process
+    idle_connections: int = 10_000
+    idle_seconds: float = 60.0
+    idle_workers: int = 4
+    latency_message: int = 100
+    latency_samples: int = 2000
+    wire_samples: int = 10_000
+    workers: int = 2  # client processes for the tunnel and handshake loads
+    warmup: float = 1.0
+    floor_handshakes: int = 2000
+    floor_small: int = 20_000
+
+
+FULL = Sizes()
+SMOKE = Sizes(
+    bulk_bytes=4 << 20,
+    small_connections=(10, 40),
+    small_headline=40,
+    small_seconds=1.0,
+    handshake_seconds=1.0,
+    handshake_concurrency=4,
+    idle_connections=40,
+    idle_seconds=1.0,
+    latency_samples=50,
+    wire_samples=200,
+    warmup=0.2,
+    floor_handshakes=50,
+    floor_small=500,
+)
+
+
+def sizes_dict(sizes: Sizes) -> dict:
+    """The sizes, as recorded in results.json."""
+    return asdict(sizes)
+
+
+# ---- measuring -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Window:
+    """What happened between two readings: wall time, the relay's and the clients' CPU."""
+
+    seconds: float
+    relay_user: float
+    relay_system: float
+    client_cpu: float
+    counts: tuple[int, ...]  # deltas of the workers' MESSAGES, BYTES and FAILED counters
+    rss_kib: int
+
+    @property
+    def relay_cpu(self) -> float:
+        return self.relay_user + self.relay_system
+
+    def as_dict(self) -> dict:
+        return {
+            "seconds": round(self.seconds, 3),
+            "relay_cpu_seconds": round(self.relay_cpu, 3),
+            "relay_user_seconds": round(self.relay_user, 3),
+            "relay_system_seconds": round(self.relay_system, 3),
+            # How busy the relay was: 1.0 means it had one core to itself and used all of it.
+            "relay_cpu_share": round(self.relay_cpu / self.seconds, 3),
+            "client_cpu_seconds": round(self.client_cpu, 3),
+        }
+
+
+class Meter:
+    """Reads the relay and the client processes at the start and end of a window."""
+
+    def __init__(self, relay: BenchRelay, workers: list[Worker]) -> None:
+        self.relay = relay
+        self.workers = workers
+        self._start: tuple[Usage, float, tuple[int, ...]] | None = None
+
+    def _clients_cpu(self) -> float:
+        return sum(sum(cpu_times(worker.proc.pid)) for worker in self.workers)
+
+    def _counts(self) -> tuple[int, ...]:
+        return tuple(total(self.workers, slot) for slot in (MESSAGES, BYTES, FAILED))
+
+    def start(self) -> None:
+        self._start = (self.relay.usage(), self._clients_cpu(), self._counts())
+
+    def stop(self) -> Window:
+        end_usage, end_clients, end_counts = self.relay.usage(), self._clients_cpu(), self._counts()
+        assert self._start is not None
+        usage, clients, counts = self._start
+        return Window(
+            seconds=end_usage.at - usage.at,
+            relay_user=end_usage.user - usage.user,
+            relay_system=end_usage.system - usage.system,
+            client_cpu=end_clients - clients,
+            counts=tuple(b - a for a, b in zip(counts, end_counts, strict=True)),
+            rss_kib=end_usage.rss_kib,
+        )
+
+
+def percentiles(samples: list[float]) -> dict:
+    """p50, p99 and mean of durations in seconds, as microseconds."""
+    if not samples:
+        raise BenchError("no samples were taken")
+    ordered = sorted(samples)
+
+    def at(fraction: float) -> float:
+        # Nearest rank: the smallest sample with at least ``fraction`` of samples at or below.
+        return ordered[max(0, math.ceil(fraction * len(ordered)) - 1)]
+
+    return {
+        "samples": len(ordered),
+        "p50_us": round(at(0.50) * 1e6, 1),
+        "p99_us": round(at(0.99) * 1e6, 1),
+        "mean_us": round(sum(ordered) / len(ordered) * 1e6, 1),
+    }
+
+
+def _target(relay: BenchRelay) -> Target:
+    return Target(relay.address[0], relay.address[1], relay.public_key)
+
+
+def _baseline(relay: BenchRelay) -> Usage:
+    """The relay's usage after one probe (so first-connection costs are not counted per
+    connection later); also proves the relay works before any load starts."""
+    result = probe(relay.ticket_address, relay.public_key, 10.0)
+    if result.code != HEALTHY:
+        raise BenchError(f"the relay failed its first probe: {result.message}")
+    return relay.usage()
+
+
+def _finish(relay: BenchRelay, workers: list[Worker]) -> list:
+    """Stop the workers, collecting their final reports, then the relay; fail on errors."""
+    collected = [worker.stop() for worker in workers]
+    relay.stop()
+    problems = relay.problems()
+    if problems:
+        raise BenchError(f"the relay logged errors: {problems[0]}")
+    if any(report is None for report in collected):
+        raise BenchError("a client process ended without its final report")
+    return collected
+
+
+def _abandon(relay: BenchRelay, workers: list[Worker], clients: list) -> None:
+    """Tear everything down after a failure, without raising over the original error."""
+    for client in clients:
+        client.close()
+    for worker in workers:
+        worker.tell("stop")
+        worker.kill()
+    relay.stop()
+
+
+def _split(count: int, parts: int) -> list[int]:
+    """``count`` spread over ``parts`` as evenly as possible (no zero parts)."""
+    parts = max(1, min(parts, count))
+    return [count // parts + (1 if index < count % parts else 0) for index in range(parts)]
+
+
+# ---- 1. bulk -------------------------------------------------------------------------------
+
+
+def bulk(workdir: Path, sizes: Sizes) -> dict:
+    """64 KiB messages through one tunnel: MB/s and relay CPU per GiB, against open + seal."""
+    size = sizes.bulk_message
+    count = max(1, sizes.bulk_bytes // size)
+    relay = BenchRelay(workdir / "bulk")
+    workers: list[Worker] = []
+    try:
+        _baseline(relay)
+        target = _target(relay)
+        receiver = Worker("bulk receiver", bulk_receiver, target, count, size, PAYLOAD_SEED)
+        workers.append(receiver)
+        listener_key = receiver.expect("listening", 60)
+        sender = Worker("bulk sender", bulk_sender, target, listener_key, count, size, PAYLOAD_SEED)
+        workers.append(sender)
+        sender.expect("ready", 60)
+        receiver.expect("ready", 60)
+        meter = Meter(relay, workers)
+        meter.start()
+        sender.tell("go")
+        received = receiver.expect("done", 900)
+        window = meter.stop()
+        sent = sender.expect("done", 60)
+    except BaseException:
+        _abandon(relay, workers, [])
+        raise
+    _finish(relay, workers)
+    moved = count * size
+    seconds = received["finished"] - sent["started"]
+    floor = floors.aead_floor(size, count)
+    gib = moved / GIB
+    result = {
+        "message_bytes": size,
+        "messages": count,
+        "bytes": moved,
+        "seconds": round(seconds, 3),
+        "mb_per_s": round(moved / seconds / 1e6, 1),
+        "relay_cpu_per_gib": round(window.relay_cpu / gib, 3),
+        "floor_cpu_per_gib": round(floor / gib, 3),
+        "ratio": round(window.relay_cpu / floor, 2),
+        # What one relay core could carry at the measured CPU cost.
+        "mb_per_relay_cpu_second": round(moved / window.relay_cpu / 1e6, 1),
+    }
+    result.update(window.as_dict())
+    return result
+
+
+# ---- 2, 5 (loaded) and 6. small messages ---------------------------------------------------
+
+
+def small(workdir: Path, sizes: Sizes, connections: int, *, latency: bool) -> dict:
+    """64-byte messages over many tunnels (``connections`` / 2 of them), flowing both ways."""
+    tunnels = max(1, connections // 2)
+    relay = BenchRelay(workdir / f"small-{connections}")
+    workers: list[Worker] = []
+    clients = []
+    try:
+        base = _baseline(relay)
+        target = _target(relay)
+        for index, count in enumerate(_split(tunnels, sizes.workers)):
+            workers.append(
+                Worker(
+                    f"tunnel client {index}",
+                    tunnel_worker,
+                    target,
+                    count,
+                    sizes.small_window,
+                    sizes.small_message,
+                    PAYLOAD_SEED,
+                )
+            )
+        opened = sum(worker.expect("ready", 600)["connections"] for worker in workers)
+        if latency:
+            a, b, clients = floors.relay_pair(relay.address, relay.public_key)
+        time.sleep(sizes.warmup)
+        meter = Meter(relay, workers)
+        meter.start()
+        until = time.monotonic() + sizes.small_seconds
+        samples: list[float] = []
+        if latency:
+            # Measured from this process while the load runs; it shares the CPUs with it.
+            samples = floors.round_trips(a, b, sizes.latency_message, 1 << 30, until=until)
+        time.sleep(max(0.0, until - time.monotonic()))
+        window = meter.stop()
+    except BaseException:
+        _abandon(relay, workers, clients)
+        raise
+    for client in clients:
+        client.close()
+    reports = _finish(relay, workers)
+    messages, rx_bytes, failed = window.counts
+    if messages == 0:
+        raise BenchError(f"no messages were relayed with {connections} connections")
+    if failed:
+        raise BenchError(f"{failed} tunnel connections failed during the measurement")
+    if any(report["received"] == 0 for report in reports):
+        raise BenchError("a tunnel client received nothing")
+    result = {
+        "connections": opened,
+        "tunnels": tunnels,
+        "window": sizes.small_window,
+        "messages": messages,
+        "messages_per_s": round(messages / window.seconds),
+        "relay_cpu_us_per_message": round(window.relay_cpu / messages * 1e6, 2),
+        "messages_per_relay_cpu_second": round(messages / window.relay_cpu)
+        if window.relay_cpu
+        else None,
+        "rss_kib": window.rss_kib,
+        "rss_kib_per_connection": round((window.rss_kib - base.rss_kib) / opened, 2),
+        "wire_bytes_per_message": round(rx_bytes / messages, 1),
+    }
+    result.update(window.as_dict())
+    if latency:
+        result["latency"] = percentiles(samples)
+    return result
+
+
+def small_floor(sizes: Sizes, wire_bytes: float) -> float:
+    """CPU seconds to open and seal one small message's frame (its mean sealed size)."""
+    plain = max(1, round(wire_bytes) - 8 - floors.NONCE_LEN - floors.TAG_LEN)
+    return floors.aead_floor(plain, sizes.floor_small) / sizes.floor_small
+
+
+# ---- 3. handshakes -------------------------------------------------------------------------
+
+
+def handshakes(workdir: Path, sizes: Sizes) -> dict:
+    """Complete connections (version, handshake, listen) per second, sustained."""
+    relay = BenchRelay(workdir / "handshakes")
+    workers: list[Worker] = []
+    try:
+        _baseline(relay)
+        target = _target(relay)
+        for index in range(sizes.workers):
+            worker = Worker(
+                f"handshake client {index}", handshake_worker, target, sizes.handshake_concurrency
+            )
+            workers.append(worker)
+        for worker in workers:
+            worker.expect("ready", 60)
+        time.sleep(sizes.warmup)
+        meter = Meter(relay, workers)
+        meter.start()
+        time.sleep(sizes.handshake_seconds)
+        window = meter.stop()
+    except BaseException:
+        _abandon(relay, workers, [])
+        raise
+    reports = _finish(relay, workers)
+    completed, _, failed = window.counts
+    if completed == 0:
+        raise BenchError("no handshakes completed")
+    floor = floors.handshake_floor(sizes.floor_handshakes)
+    per_handshake = window.relay_cpu / completed
+    result = {
+        "concurrency": sizes.handshake_concurrency * sizes.workers,
+        "completed": completed,
+        "failed": failed,
+        "last_failure": next((r["last_failure"] for r in reports if r and r["failed"]), ""),
+        "per_s": round(completed / window.seconds),
+        "relay_cpu_us_per_handshake": round(per_handshake * 1e6, 1),
+        "per_relay_cpu_second": round(completed / window.relay_cpu) if window.relay_cpu else None,
+        "floor_cpu_us_per_handshake": round(floor * 1e6, 1),
+        "floor_per_s": round(1 / floor),
+        "ratio": round(per_handshake / floor, 2),
+    }
+    result.update(window.as_dict())
+    return result
+
+
+# ---- 4. idle scale -------------------------------------------------------------------------
+
+
+def idle(workdir: Path, sizes: Sizes) -> dict:
+    """Hold many listen connections with keepalives flowing; RSS per connection and probes."""
+    relay = BenchRelay(workdir / "idle")
+    workers: list[Worker] = []
+    try:
+        base = _baseline(relay)
+        target = _target(relay)
+        started = time.monotonic()
+        for index, count in enumerate(_split(sizes.idle_connections, sizes.idle_workers)):
+            workers.append(Worker(f"idle client {index}", idle_worker, target, count))
+        for worker in workers:
+            worker.expect("ready", 600)
+        setup_seconds = time.monotonic() - started
+        meter = Meter(relay, workers)
+        meter.start()
+        until = time.monotonic() + sizes.idle_seconds
+        round_trips: list[float] = []
+        probe_handshakes: list[float] = []
+        probe_failures = []
+        while True:
+            result = probe(relay.ticket_address, relay.public_key, 10.0)
+            if result.code == HEALTHY:
+                round_trips.append(result.round_trip_seconds)  # type: ignore[arg-type]
+                probe_handshakes.append(result.handshake_seconds)  # type: ignore[arg-type]
+            else:
+                probe_failures.append(result.message)
+            if time.monotonic() >= until:
+                break
+            time.sleep(min(0.2, max(0.0, until - time.monotonic())))
+        window = meter.stop()
+        # STATUS= comes every 2 s; wait for one that shows every connection listening.
+        listening = relay.wait_status("listening", sizes.idle_connections, 5)
+    except BaseException:
+        _abandon(relay, workers, [])
+        raise
+    reports = _finish(relay, workers)
+    lost = sum(report["lost"] for report in reports)
+    open_at_end = sum(report["open"] for report in reports)
+    result = {
+        "connections": sizes.idle_connections,
+        "setup_seconds": round(setup_seconds, 1),
+        "hold_seconds": round(window.seconds, 1),
+        "relay_listening": listening,
+        "open_at_end": open_at_end,
+        "lost": lost,
+        "received_keepalives": sum(report["received_keepalives"] for report in reports),
+        "sent_keepalives": sum(report["keepalives_sent"] for report in reports),
+        "rss_kib_base": base.rss_kib,
+        "rss_kib": window.rss_kib,
+        "rss_kib_per_connection": round(
+            (window.rss_kib - base.rss_kib) / sizes.idle_connections, 2
+        ),
+        "probe_round_trip": percentiles(round_trips),
+        "probe_handshake": percentiles(probe_handshakes),
+        "probe_failures": len(probe_failures),
+    }
+    result.update(window.as_dict())
+    return result
+
+
+# ---- 5. latency (idle) ---------------------------------------------------------------------
+
+
+def latency(workdir: Path, sizes: Sizes) -> dict:
+    """Round trip of a 100-byte message through a tunnel, and directly (the floor)."""
+    a, b, sockets = floors.direct_pair()
+    try:
+        floors.round_trips(a, b, sizes.latency_message, 20)  # warm up
+        direct = floors.round_trips(a, b, sizes.latency_message, sizes.latency_samples)
+    finally:
+        for sock in sockets:
+            sock.close()
+    relay = BenchRelay(workdir / "latency")
+    clients = []
+    try:
+        _baseline(relay)
+        a, b, clients = floors.relay_pair(relay.address, relay.public_key)
+        floors.round_trips(a, b, sizes.latency_message, 20)
+        through = floors.round_trips(a, b, sizes.latency_message, sizes.latency_samples)
+    except BaseException:
+        _abandon(relay, [], clients)
+        raise
+    for client in clients:
+        client.close()
+    _finish(relay, [])
+    relay_stats, direct_stats = percentiles(through), percentiles(direct)
+    return {
+        "message_bytes": sizes.latency_message,
+        "relay": relay_stats,
+        "direct": direct_stats,
+        "added_p50_us": round(relay_stats["p50_us"] - direct_stats["p50_us"], 1),
+        "added_p99_us": round(relay_stats["p99_us"] - direct_stats["p99_us"], 1),
+    }
+
+
+# ---- 7. wire overhead ----------------------------------------------------------------------
+
+
+def wire(sizes: Sizes) -> dict:
+    """Bytes on the wire per 64-byte message: ours and the original's padding rule."""
+    result = floors.wire_overhead(sizes.small_message, sizes.wire_samples)
+    return {key: round(value, 1) for key, value in result.items()}
