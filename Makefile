@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 RELAY_DIR ?= relay
 RELAY_ADDR ?= 127.0.0.1:4567
 
-.PHONY: run test venv deps lint clean
+.PHONY: run test venv deps lint clean deb
 
 venv: $(VENV)/.stamp
 
@@ -37,3 +37,23 @@ lint: venv
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info
+
+# The Debian package, built from a copy of the tree (dpkg-buildpackage writes beside the
+# source and cleans it) with Debian's own python3 first on PATH: pybuild must not see
+# another interpreter. tests/deploy builds it this way too.
+VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' offset_appliance/__init__.py)
+DEB_SRC := build/deb/offset-relay-$(VERSION)
+
+deb:
+	@test "$$(dpkg-parsechangelog -l packaging/debian/changelog -S Version)" = "$(VERSION)" || \
+		{ echo "deb: packaging/debian/changelog does not match version $(VERSION)" >&2; exit 1; }
+	rm -rf build/deb
+	mkdir -p $(DEB_SRC) dist
+	tar -cf - --exclude=./.git --exclude=./.venv --exclude=./build --exclude=./dist \
+		--exclude=./relay --exclude='*.egg-info' --exclude=__pycache__ \
+		--exclude=.pytest_cache --exclude=.ruff_cache --exclude=.hypothesis . \
+		| tar -xf - -C $(DEB_SRC)
+	cp -r packaging/debian $(DEB_SRC)/debian
+	cd $(DEB_SRC) && env -u PYTHONPATH -u PYTHONHOME PATH=/usr/bin:/bin \
+		dpkg-buildpackage -us -uc -b
+	mv build/deb/offset-relay_$(VERSION)_all.deb dist/
