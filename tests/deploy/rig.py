@@ -25,6 +25,7 @@ iproute2, openssh-client, dpkg-dev and zstd.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import fcntl
 import hashlib
@@ -499,6 +500,8 @@ class Rig:
         if reason:
             raise RigError(reason)
         self._trap_sigterm()
+        # Also torn down when the interpreter exits without unwinding (a second Ctrl-C).
+        atexit.register(self.close)
         clean_stale_rigs()
         tarball = rootfs_tarball(self.include)
         self._installed = installed_packages(tarball)
@@ -534,6 +537,7 @@ class Rig:
             self._record = None
         self.hosts = []
         self._restore_sigterm()
+        atexit.unregister(self.close)
 
     def _trap_sigterm(self) -> None:
         # A CI runner stops a job with SIGTERM: turn it into an exception so that the

@@ -1,0 +1,66 @@
+"""Fixtures for deployment tests: the built .deb, and booted bookworm hosts (rig.py).
+
+``make_rig(count, name=..., repo_debs=[deb_package])`` boots ``count`` hosts on one bridge
+with a local apt repository and returns the Rig; every rig a module made is torn down when
+the module ends, also when a test fails. Hosts are reached as ``rig.hosts[i].ssh(...)``, or
+by Ansible and testinfra through ``rig.ssh_config`` and ``rig.write_ansible_inventory()``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from offset_appliance import __version__
+
+from .rig import Rig, missing_prerequisites
+
+ROOT = Path(__file__).resolve().parents[2]
+BUILD_TOOLS = ("make", "dpkg-buildpackage", "dh", "dpkg-deb")
+
+
+@pytest.fixture(scope="session")
+def deb_package() -> Path:
+    """dist/offset-relay_<version>_all.deb, freshly built with ``make deb``."""
+    missing = [tool for tool in BUILD_TOOLS if shutil.which(tool) is None]
+    if missing:
+        pytest.skip(f"building the package needs {', '.join(missing)} (run tools/install-deps)")
+    deb = ROOT / "dist" / f"offset-relay_{__version__}_all.deb"
+    deb.unlink(missing_ok=True)
+    result = subprocess.run(
+        ["make", "-s", "deb"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=600,
+    )
+    if result.returncode != 0:
+        pytest.fail(f"make deb failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    assert deb.is_file(), f"make deb did not write {deb}"
+    return deb
+
+
+@pytest.fixture(scope="module")
+def make_rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Rig]]:
+    """A factory of booted rigs (see Rig's arguments), all torn down at the module's end."""
+    reason = missing_prerequisites()
+    if reason:
+        pytest.skip(reason)
+    rigs: list[Rig] = []
+
+    def make(count: int = 1, *, name: str = "host", **kwargs: object) -> Rig:
+        rig = Rig(tmp_path_factory.mktemp(f"rig-{name}"), count, name=name, **kwargs)
+        rigs.append(rig)
+        rig.start()
+        return rig
+
+    try:
+        yield make
+    finally:
+        for rig in reversed(rigs):
+            rig.close()

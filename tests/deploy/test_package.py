@@ -1,0 +1,440 @@
+"""The Debian package on a real bookworm host: install, run, survive, reload, purge (issue 3).
+
+One host serves the whole module, so the tests run in the order written: install first,
+purge last. Every test that breaks something puts it back before it ends.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from offset_appliance import __version__
+
+from .rig import Host, Rig
+
+pytestmark = pytest.mark.deploy
+
+ROOT = Path(__file__).resolve().parents[2]
+IDENTITY = "/var/lib/offset-relay/relay.ident"
+DROP_INS = "/etc/offset-relay/relay.d"
+PORT = 4567
+EXPOSURE_TARGET = 1.5
+APT = "DEBIAN_FRONTEND=noninteractive apt-get -q -y -o Dpkg::Use-Pty=0"
+
+
+@dataclass(frozen=True)
+class Installed:
+    """The host after ``apt install offset-relay``, and what apt printed doing it."""
+
+    host: Host
+    apt_output: str
+    missing_before: tuple[str, ...]
+
+
+@pytest.fixture(scope="module")
+def rig(make_rig: Callable[..., Rig], deb_package: Path) -> Rig:
+    return make_rig(1, name="pkg", repo_debs=[deb_package])
+
+
+@pytest.fixture(scope="module")
+def installed(rig: Rig) -> Installed:
+    host = rig.hosts[0]
+    deps = ("python3-nacl", "python3-tomli-w", "python3-sdnotify")
+    missing = tuple(d for d in deps if host.ssh(f"dpkg -s {d}", check=False).returncode != 0)
+    host.ssh(f"{APT} update")
+    result = host.ssh(f"{APT} install offset-relay 2>&1", check=False, timeout=600)
+    assert result.returncode == 0, f"apt install failed:\n{result.stdout[-4000:]}"
+    return Installed(host, result.stdout, missing)
+
+
+@pytest.fixture(scope="module")
+def host(installed: Installed) -> Host:
+    return installed.host
+
+
+@pytest.fixture(scope="module")
+def ticket(host: Host, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The relay's ticket, made on the host from its identity and fetched (the private key
+    stays on the host)."""
+    made = host.ssh(
+        "t=$(mktemp -u) && stmgr relay-ticket --address "
+        f"{host.address}:{PORT} --idfile {IDENTITY} --output $t && cat $t && rm $t"
+    ).stdout
+    path = tmp_path_factory.mktemp("ticket") / "relay.relay"
+    path.write_text(made)
+    return path
+
+
+# --- helpers ---------------------------------------------------------------------------
+
+
+def probe(ticket: Path, timeout: float = 10) -> subprocess.CompletedProcess[str]:
+    """``stmgr probe`` from the controller, with the project's own code."""
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "offset_appliance.cli.stmgr",
+            "probe",
+            str(ticket),
+            "--timeout",
+            str(timeout),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=timeout + 30,
+    )
+
+
+def assert_probe_ok(ticket: Path) -> None:
+    result = probe(ticket)
+    assert result.returncode == 0, f"probe failed ({result.returncode}): {result.stderr.strip()}"
+    assert result.stdout.startswith("OK relay "), result.stdout
+
+
+def unit(host: Host, *props: str) -> dict[str, str]:
+    """Properties of offset-relay.service, as systemctl show gives them."""
+    args = " ".join(f"-p {p}" for p in props)
+    out = host.ssh(f"systemctl show offset-relay.service {args}").stdout
+    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+
+def wait_for(what: str, check: Callable[[], bool], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"gave up waiting for {what} after {timeout:.0f} s")
+        time.sleep(0.3)
+
+
+def wait_active(host: Host) -> None:
+    wait_for(
+        "offset-relay to be active", lambda: unit(host, "ActiveState")["ActiveState"] == "active"
+    )
+
+
+def identity_digest(host: Host) -> str:
+    return host.ssh(f"sha256sum {IDENTITY}").stdout.split()[0]
+
+
+def journal_cursor(host: Host) -> str:
+    out = host.ssh("journalctl -n 0 --show-cursor --no-pager").stdout
+    match = re.search(r"-- cursor: (\S+)", out)
+    assert match, out
+    return match.group(1)
+
+
+def journal_since(
+    host: Host, cursor: str, identifier: str | None = None, *, not_pid: str | None = None
+) -> list[str]:
+    """Messages of offset-relay.service logged after ``cursor``: from one program if
+    ``identifier`` is given, and not from process ``not_pid`` if that is given."""
+    out = host.ssh(
+        f"journalctl --no-pager -o json -u offset-relay.service --after-cursor='{cursor}'"
+    ).stdout
+    messages = []
+    for line in out.splitlines():
+        entry = json.loads(line)
+        if not_pid is not None and entry.get("_PID") == not_pid:
+            continue
+        if identifier is None or entry.get("SYSLOG_IDENTIFIER") == identifier:
+            message = entry.get("MESSAGE")
+            messages.append(message if isinstance(message, str) else repr(message))
+    return messages
+
+
+@pytest.fixture
+def drop_in(host: Host) -> Iterator[Callable[[str, str], None]]:
+    """Write drop-ins into relay.d; removes them afterwards and brings the relay back."""
+    written: list[str] = []
+
+    def write(name: str, content: str) -> None:
+        path = f"{DROP_INS}/{name}"
+        host.write(path, content)
+        written.append(path)
+
+    yield write
+    if written:
+        host.ssh("rm -f " + " ".join(written))
+        host.ssh("systemctl reset-failed offset-relay; systemctl restart offset-relay")
+        wait_active(host)
+
+
+# --- the package itself ------------------------------------------------------------------
+
+
+def test_package_is_built_with_the_project_version(deb_package: Path, tmp_path: Path) -> None:
+    fields = {
+        name: subprocess.run(
+            ["dpkg-deb", "-f", str(deb_package), name],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        for name in ("Package", "Version", "Architecture", "Depends")
+    }
+    assert (fields["Package"], fields["Version"], fields["Architecture"]) == (
+        "offset-relay",
+        __version__,
+        "all",
+    )
+    for dep in ("python3-nacl", "python3-tomli-w", "python3-sdnotify", "systemd"):
+        assert re.search(rf"(^|, ){re.escape(dep)}\b", fields["Depends"]), fields["Depends"]
+    listing = subprocess.run(
+        ["dpkg-deb", "-c", str(deb_package)], capture_output=True, text=True, check=True
+    ).stdout
+    paths = {line.split()[-1].lstrip(".") for line in listing.splitlines()}
+    for path in (
+        "/usr/bin/strelay",
+        "/usr/bin/stmgr",
+        "/usr/share/man/man1/strelay.1.gz",
+        "/usr/share/man/man1/stmgr.1.gz",
+        "/etc/offset-relay/relay.toml",
+        "/etc/offset-relay/relay.d/",
+        "/lib/systemd/system/offset-relay.service",
+        "/usr/lib/sysusers.d/offset-relay.conf",
+        "/usr/lib/python3/dist-packages/offset_appliance/relay/server.py",
+    ):
+        assert path in paths, f"{path} missing from the package"
+    subprocess.run(["dpkg-deb", "-e", str(deb_package), str(tmp_path / "control")], check=True)
+    conffiles = (tmp_path / "control" / "conffiles").read_text().split()
+    assert "/etc/offset-relay/relay.toml" in conffiles
+
+
+def test_lintian_reports_no_errors_or_warnings(deb_package: Path) -> None:
+    result = subprocess.run(
+        ["lintian", "--fail-on", "none", "--display-level", ">=warning", str(deb_package)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    findings = [line for line in result.stdout.splitlines() if line[:2] in ("E:", "W:")]
+    assert findings == [], "\n".join(findings)
+    # Any override must say why, in a comment just above it.
+    overrides = ROOT / "packaging" / "debian" / "offset-relay.lintian-overrides"
+    if overrides.exists():
+        lines = overrides.read_text().splitlines()
+        for number, line in enumerate(lines):
+            if line.strip() and not line.startswith("#"):
+                assert number > 0 and lines[number - 1].startswith("#"), line
+
+
+# --- on a fresh host ---------------------------------------------------------------------
+
+
+def test_host_boots_with_systemd(rig: Rig) -> None:
+    host = rig.hosts[0]
+    state = rig.boot_states[host.name]
+    assert state.state in ("running", "degraded"), state
+    assert state.state == "running", f"failed units after boot: {state.failed_units}"
+    assert host.ssh("cat /proc/1/comm").stdout.strip() == "systemd"
+
+
+def test_apt_install_resolves_dependencies(installed: Installed) -> None:
+    # The dependencies were not on the host: apt found them in the repository, as it
+    # finds them in the archive for a user.
+    assert installed.missing_before == ("python3-nacl", "python3-tomli-w", "python3-sdnotify")
+    for package in installed.missing_before:
+        assert f"Setting up {package} " in installed.apt_output
+    status = installed.host.ssh("dpkg-query -W -f '${Status} ${Version}' offset-relay").stdout
+    assert status == f"install ok installed {__version__}"
+
+
+def test_service_is_active_enabled_and_listening(host: Host) -> None:
+    props = unit(host, "ActiveState", "SubState", "UnitFileState", "MainPID", "Type")
+    assert props["ActiveState"] == "active" and props["SubState"] == "running", props
+    assert props["UnitFileState"] == "enabled"
+    assert props["Type"] == "notify"
+    user = host.ssh(f"stat -c %U /proc/{props['MainPID']}").stdout.strip()
+    assert user == "offset-relay"
+    uid = host.ssh("id -u offset-relay").stdout.strip()
+    # Listening sockets (state 0A) on port 4567, IPv4 and IPv6, owned by the relay's user.
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        rows = [line.split() for line in host.read(table).splitlines()[1:]]
+        listening = [r for r in rows if r[1].endswith(f":{PORT:04X}") and r[3] == "0A"]
+        assert listening and all(r[7] == uid for r in listening), f"nothing on {PORT} in {table}"
+
+
+def test_identity_is_private_to_the_service_user(host: Host) -> None:
+    assert host.ssh(f"stat -c '%a %U %G %F' {IDENTITY}").stdout.strip() == (
+        "600 offset-relay offset-relay regular file"
+    )
+    assert host.ssh("stat -c '%a %U' /var/lib/offset-relay").stdout.strip() == ("700 offset-relay")
+    passwd = host.ssh("getent passwd offset-relay").stdout.strip().split(":")
+    assert int(passwd[2]) < 1000 and passwd[6] in ("/usr/sbin/nologin", "/sbin/nologin")
+
+
+def test_probe_passes_through_a_real_tunnel(host: Host, ticket: Path, tmp_path: Path) -> None:
+    made = json.loads(ticket.read_text())
+    assert made["address"] == f"{host.address}:{PORT}"
+    assert_probe_ok(ticket)
+    # The probe holds the relay to the ticket's key: the same relay under another key fails.
+    other = json.loads(ticket.read_text())
+    other["publicKey"] = "A" * 43
+    wrong = tmp_path / "wrong.relay"
+    wrong.write_text(json.dumps(other))
+    assert probe(wrong).returncode == 1
+
+
+def test_restart_keeps_the_identity(host: Host, ticket: Path) -> None:
+    before = identity_digest(host)
+    pid = unit(host, "MainPID")["MainPID"]
+    host.ssh("systemctl restart offset-relay")
+    wait_active(host)
+    assert unit(host, "MainPID")["MainPID"] != pid
+    assert identity_digest(host) == before
+    assert_probe_ok(ticket)  # the old ticket still names the relay's key
+
+
+def test_reinstall_and_reconfigure_keep_the_identity(host: Host, ticket: Path) -> None:
+    before = identity_digest(host)
+    host.ssh(f"{APT} install --reinstall offset-relay", timeout=600)
+    host.ssh("DEBIAN_FRONTEND=noninteractive dpkg-reconfigure offset-relay")
+    wait_active(host)
+    assert identity_digest(host) == before
+    assert host.ssh(f"ls {IDENTITY}.new", check=False).returncode != 0
+    assert_probe_ok(ticket)
+
+
+def test_killed_relay_is_restarted(host: Host, ticket: Path) -> None:
+    before = unit(host, "MainPID", "NRestarts")
+    # The kill of the rest of the control group may be refused where cgroups are read-only
+    # (some sandboxes); what matters is that the relay itself dies and comes back.
+    host.ssh("systemctl kill -s KILL offset-relay", check=False)
+
+    def restarted() -> bool:
+        now = unit(host, "MainPID", "NRestarts", "ActiveState")
+        return now["ActiveState"] == "active" and now["MainPID"] not in ("0", before["MainPID"])
+
+    wait_for("offset-relay to be restarted", restarted)
+    assert int(unit(host, "NRestarts")["NRestarts"]) == int(before["NRestarts"]) + 1
+    assert_probe_ok(ticket)
+
+
+def test_reload_applies_a_new_log_level(
+    host: Host, ticket: Path, drop_in: Callable[[str, str], None]
+) -> None:
+    pid = unit(host, "MainPID")["MainPID"]
+    cursor = journal_cursor(host)
+    drop_in("50-test-debug.toml", 'log_level = "debug"\n')
+    host.ssh("systemctl reload offset-relay")
+    wait_for(
+        "the relay to log the reload",
+        lambda: any("configuration reloaded" in m for m in journal_since(host, cursor)),
+    )
+    assert unit(host, "MainPID")["MainPID"] == pid  # reloaded in place, not restarted
+    assert not any(m.startswith("DEBUG") for m in journal_since(host, cursor, "strelay"))
+    assert_probe_ok(ticket)
+    # The probe's connections, logged at debug level only: the new level is in force.
+    wait_for(
+        "debug messages about the probe's connections",
+        lambda: any(m.startswith("DEBUG") for m in journal_since(host, cursor, "strelay")),
+    )
+
+
+def test_unknown_key_fails_once_without_a_restart_loop(
+    host: Host, drop_in: Callable[[str, str], None]
+) -> None:
+    cursor = journal_cursor(host)
+    old_pid = unit(host, "MainPID")["MainPID"]
+    drop_in("90-test-unknown.toml", "no_such_key = 1\n")
+    assert host.ssh("systemctl restart offset-relay", check=False).returncode != 0
+    props = unit(host, "ActiveState", "Result", "ExecMainStatus", "NRestarts")
+    assert props == {
+        "ActiveState": "failed",
+        "Result": "exit-code",
+        "ExecMainStatus": "78",
+        "NRestarts": "0",
+    }
+    # What the new process said, without the running relay's farewell.
+    messages = journal_since(host, cursor, "strelay", not_pid=old_pid)
+    assert messages == [f"strelay: {DROP_INS}/90-test-unknown.toml: unknown key 'no_such_key'"], (
+        messages
+    )
+    # Well past RestartSec=: a restart loop would have started again by now.
+    time.sleep(5)
+    props = unit(host, "ActiveState", "NRestarts")
+    assert props == {"ActiveState": "failed", "NRestarts": "0"}
+    assert journal_since(host, cursor, "strelay", not_pid=old_pid) == messages
+
+
+def test_unit_is_hardened_to_the_target_exposure(host: Host) -> None:
+    report = host.ssh("systemd-analyze security --no-pager offset-relay.service").stdout
+    match = re.search(r"Overall exposure level for offset-relay\.service: ([\d.]+)", report)
+    assert match, report
+    exposure = float(match.group(1))
+    print(f"\nsystemd-analyze security offset-relay.service: exposure {exposure}")
+    print("\n".join(line for line in report.splitlines() if line.startswith("✗")))
+    assert exposure <= EXPOSURE_TARGET
+    verify = host.ssh("systemd-analyze verify --man=no offset-relay.service 2>&1", check=False)
+    assert verify.returncode == 0 and "offset-relay" not in verify.stdout, verify.stdout
+
+
+def test_memory_deny_write_execute_is_enforced_and_the_relay_works(
+    host: Host, ticket: Path
+) -> None:
+    assert unit(host, "MemoryDenyWriteExecute")["MemoryDenyWriteExecute"] == "yes"
+    # The setting really is enforced here: W+X memory is refused under it...
+    wx = "import mmap; mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)"
+    denied = host.ssh(
+        f'systemd-run --quiet --wait --pipe -p MemoryDenyWriteExecute=yes python3 -c "{wx}"',
+        check=False,
+    )
+    assert denied.returncode != 0 and "PermissionError" in denied.stderr, denied.stderr
+    allowed = host.ssh(f'systemd-run --quiet --wait --pipe python3 -c "{wx}"', check=False)
+    assert allowed.returncode == 0, allowed.stderr
+    # ...and the relay, whose handshakes run on PyNaCl, works under it.
+    assert_probe_ok(ticket)
+
+
+def test_open_file_limit_is_raised(host: Host) -> None:
+    configured = int(unit(host, "LimitNOFILE")["LimitNOFILE"])
+    assert configured >= 65536
+    pid = unit(host, "MainPID")["MainPID"]
+
+    def nofile(pid: str) -> tuple[int, int]:
+        line = next(
+            x
+            for x in host.read(f"/proc/{pid}/limits").splitlines()
+            if x.startswith("Max open files")
+        )
+        soft, hard = line.split()[3:5]
+        return int(soft), int(hard)
+
+    # systemd cannot raise a limit above its own hard limit (a sandboxed controller may
+    # cap the container's), so expect the configured value up to that ceiling.
+    ceiling = nofile("1")[1]
+    assert nofile(pid) == (min(configured, ceiling), min(configured, ceiling))
+
+
+def test_remove_keeps_the_identity_and_purge_removes_it(host: Host, ticket: Path) -> None:
+    before = identity_digest(host)
+    host.ssh(f"{APT} remove offset-relay", timeout=600)
+    assert host.ssh("systemctl is-active offset-relay", check=False).stdout.strip() != "active"
+    assert identity_digest(host) == before
+    assert host.ssh("getent passwd offset-relay", check=False).returncode == 0
+
+    host.ssh(f"{APT} install offset-relay", timeout=600)
+    wait_active(host)
+    assert identity_digest(host) == before
+    assert_probe_ok(ticket)
+
+    host.ssh(f"{APT} purge offset-relay", timeout=600)
+    left = host.ssh(
+        "ls -d /var/lib/offset-relay /etc/offset-relay /lib/systemd/system/offset-relay.service"
+        " 2>/dev/null; getent passwd offset-relay; getent group offset-relay; true"
+    ).stdout
+    assert left == ""
+    assert host.ssh("dpkg -s offset-relay", check=False).returncode != 0
+    assert probe(ticket, timeout=3).returncode == 2
