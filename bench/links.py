@@ -131,6 +131,11 @@ class Loop:
             link.dirty = True
             self._dirty.append(link)
 
+    @property
+    def output_pending(self) -> bool:
+        """Whether some link has output queued that this loop turn has not written yet."""
+        return bool(self._dirty)
+
     def watch(self, fileobj, callback) -> None:
         """Also wait for ``fileobj`` to be readable (a pipe from the controlling process)."""
         self.selector.register(fileobj, selectors.EVENT_READ, callback)

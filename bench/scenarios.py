@@ -264,6 +264,7 @@ def small(workdir: Path, sizes: Sizes, connections: int, *, latency: bool) -> di
     try:
         base = _baseline(relay)
         target = _target(relay)
+        started = time.monotonic()
         for index, count in enumerate(_split(tunnels, sizes.workers)):
             workers.append(
                 Worker(
@@ -277,8 +278,11 @@ def small(workdir: Path, sizes: Sizes, connections: int, *, latency: bool) -> di
                 )
             )
         opened = sum(worker.expect("ready", 600)["connections"] for worker in workers)
+        setup_seconds = time.monotonic() - started
         if latency:
             a, b, clients = floors.relay_pair(relay.address, relay.public_key)
+        for worker in workers:
+            worker.tell("go")
         time.sleep(sizes.warmup)
         meter = Meter(relay, workers)
         meter.start()
@@ -305,7 +309,9 @@ def small(workdir: Path, sizes: Sizes, connections: int, *, latency: bool) -> di
     result = {
         "connections": opened,
         "tunnels": tunnels,
+        "setup_seconds": round(setup_seconds, 1),
         "window": sizes.small_window,
+        "in_flight": tunnels * 2 * sizes.small_window,
         "messages": messages,
         "messages_per_s": round(messages / window.seconds),
         "relay_cpu_us_per_message": round(window.relay_cpu / messages * 1e6, 2),

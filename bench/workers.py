@@ -336,14 +336,24 @@ class _Tunnel:
             send(link, payload)
             self.sent[direction] += 1
 
+    def fill(self) -> None:
+        """Put a whole window in flight both ways."""
+        self._fill(self.x, 0)  # type: ignore[arg-type]
+        self._fill(self.a, 1)  # type: ignore[arg-type]
+
     def on_open(self, link: Link) -> None:
+        # One message each way proves the tunnel; the window fills only on "go", so that
+        # tunnels set up early do not load the relay while later ones are still being set up.
+        send = self.load.loop.send
         if link is self.x:
             # Data may follow connect at once: the relay keeps it until the tunnel is accepted.
-            self.load.loop.send(link, encode_init_connection(Connect(self.listener.key)))
-            self._fill(link, 0)
+            send(link, encode_init_connection(Connect(self.listener.key)))
+            direction = 0
         else:
-            self.load.loop.send(link, encode_init_connection(Accept(self.x_key)))
-            self._fill(link, 1)
+            send(link, encode_init_connection(Accept(self.x_key)))
+            direction = 1
+        send(link, self.load.payload)
+        self.sent[direction] += 1
 
     def on_message(self, link: Link, message: bytes) -> None:
         load = self.load
@@ -353,10 +363,12 @@ class _Tunnel:
         # A message arriving at a was sent by x (direction 0), and the other way round.
         if link is self.a:
             self.received[0] += 1
-            self._fill(self.x, 0)  # type: ignore[arg-type]
+            if load.pumping:
+                self._fill(self.x, 0)  # type: ignore[arg-type]
         else:
             self.received[1] += 1
-            self._fill(self.a, 1)  # type: ignore[arg-type]
+            if load.pumping:
+                self._fill(self.a, 1)  # type: ignore[arg-type]
         if not self.ready and self.received[0] and self.received[1]:
             self.ready = True
             load.tunnel_ready()
@@ -400,6 +412,7 @@ class _TunnelLoad:
         self.window = window
         self.payload = payload
         self.received = 0
+        self.pumping = False  # True once the driver said "go"
         self.tunnels: list[_Tunnel] = []
         self.in_setup = 0
         self.ready = 0
@@ -420,6 +433,12 @@ class _TunnelLoad:
         self.in_setup -= 1
         self.start()
 
+    def go(self) -> None:
+        """Start the load: every tunnel keeps a full window in flight from now on."""
+        self.pumping = True
+        for tunnel in self.tunnels:
+            tunnel.fill()
+
 
 def tunnel_worker(
     pipe, counters, target: Target, count: int, window: int, size: int, seed: int
@@ -429,7 +448,7 @@ def tunnel_worker(
     control = _Control(pipe, loop)
     load = _TunnelLoad(loop, count, window, payload_bytes(size, seed))
     loop.run_until(
-        lambda: all(listener.open for listener in load.listeners) and not loop._dirty,
+        lambda: all(listener.open for listener in load.listeners) and not loop.output_pending,
         60,
         "listen connections",
     )
@@ -437,6 +456,8 @@ def tunnel_worker(
     load.start()
     loop.run_until(lambda: load.ready >= count or control.stopped, 600, f"{count} tunnels")
     pipe.send(("ready", {"connections": len(loop.links)}))
+    loop.run_until(lambda: "go" in control.commands or control.stopped, 600, "the start")
+    load.go()
 
     def counts(shared) -> None:
         shared[MESSAGES] = load.received
