@@ -38,6 +38,12 @@ lint: venv
 clean:
 	rm -rf $(VENV) build dist *.egg-info
 
+# Benchmarks against a real strelay on loopback (about 5 minutes on 2 cores): writes
+# bench/results.json and bench/RESULTS.md and prints the table. Not part of `make test`.
+.PHONY: bench
+bench: venv
+	$(BIN)/python -m bench
+
 # The Debian package, built from a copy of the tree (dpkg-buildpackage writes beside the
 # source and cleans it) with Debian's own python3 first on PATH: pybuild must not see
 # another interpreter. tests/deploy builds it this way too.
