@@ -1,0 +1,413 @@
+"""The Offset messages (PROTOCOL.md section 8), one frozen dataclass each, and the packed
+Cap'n Proto encodings of the channel and keepalive layers.
+
+Keys, nonces, salts and signatures travel as ``BufferN`` structs whose i-th UInt64 is the
+big-endian reading of bytes 8i..8i+8; each struct that wraps one (``PublicKey``, ``Salt``,
+...) is a struct with a single pointer to it.
+
+``decode`` functions raise ``ProtocolError`` on any malformed input and nothing else.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Self, TypeVar
+
+from ..errors import ProtocolError
+from .capnp import (
+    MessageBuilder,
+    StructReader,
+    data_pointer,
+    pack,
+    pack_message,
+    read_message,
+    struct_pointer,
+)
+
+PUBLIC_KEY_LEN = 32
+DH_PUBLIC_KEY_LEN = 32
+SALT_LEN = 32
+RAND_NONCE_LEN = 16
+SIGNATURE_LEN = 64
+
+# Union tags.
+_INIT_LISTEN, _INIT_ACCEPT, _INIT_CONNECT = 0, 1, 2
+_KA_KEEPALIVE, _KA_MESSAGE = 0, 1
+_CONTENT_REKEY, _CONTENT_USER = 0, 1
+_DEST_EMPTY, _DEST_PUBLIC_KEY = 0, 1
+
+# BufferN <-> bytes: read the words little-endian as Cap'n Proto stores them, write them
+# big-endian as the protocol reads them (and back).
+_WORDS_LE = {size: struct.Struct(f"<{size // 8}Q") for size in (16, 32, 64)}
+_WORDS_BE = {size: struct.Struct(f">{size // 8}Q") for size in (16, 32, 64)}
+
+
+def _check_bytes(name: str, value: object, size: int) -> None:
+    if not isinstance(value, bytes) or len(value) != size:
+        raise ValueError(f"{name} must be {size} bytes")
+
+
+def _put_buffer(builder: MessageBuilder, pointer: int, value: bytes) -> None:
+    """A wrapper struct (PublicKey, Salt, ...) holding a BufferN of ``value``."""
+    wrapper = builder.set_struct(pointer, 0, 1)
+    words = len(value) // 8
+    inner = builder.set_struct(wrapper, words, 0)
+    builder.set_words(inner, _WORDS_BE[len(value)].unpack(value))
+
+
+def _get_buffer(parent: StructReader, index: int, size: int, what: str) -> bytes:
+    """The bytes of the BufferN inside the wrapper struct at pointer ``index``."""
+    wrapper = parent.struct(index)
+    inner = None if wrapper is None else wrapper.struct(0)
+    if inner is None:
+        raise ProtocolError(f"{what} is missing")
+    return _WORDS_BE[size].pack(*_WORDS_LE[size].unpack(inner.data_section(size // 8)))
+
+
+def _root(data: bytes) -> StructReader:
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise ProtocolError("message is not bytes")
+    return read_message(data).root()
+
+
+# ---- handshake ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ExchangeRandNonce:
+    """First handshake message: a nonce, the sender's key and the key it expects, if any."""
+
+    rand_nonce: bytes
+    src_public_key: bytes
+    opt_dest_public_key: bytes | None
+
+    def __post_init__(self) -> None:
+        _check_bytes("rand_nonce", self.rand_nonce, RAND_NONCE_LEN)
+        _check_bytes("src_public_key", self.src_public_key, PUBLIC_KEY_LEN)
+        if self.opt_dest_public_key is not None:
+            _check_bytes("opt_dest_public_key", self.opt_dest_public_key, PUBLIC_KEY_LEN)
+
+    def encode(self) -> bytes:
+        """The packed Cap'n Proto encoding."""
+        builder = MessageBuilder()
+        root = builder.set_struct(0, 1, 3)
+        _put_buffer(builder, root + 1, self.rand_nonce)
+        _put_buffer(builder, root + 2, self.src_public_key)
+        if self.opt_dest_public_key is not None:
+            builder.set_word(root, _DEST_PUBLIC_KEY)
+            _put_buffer(builder, root + 3, self.opt_dest_public_key)
+        return builder.finish()
+
+    @classmethod
+    def decode(cls, data: bytes) -> Self:
+        """Parse a packed encoding; raises ProtocolError if it is malformed."""
+        root = _root(data)
+        rand_nonce = _get_buffer(root, 0, RAND_NONCE_LEN, "randNonce")
+        src = _get_buffer(root, 1, PUBLIC_KEY_LEN, "srcPublicKey")
+        tag = root.uint16(0)
+        if tag == _DEST_EMPTY:
+            dest = None
+        elif tag == _DEST_PUBLIC_KEY:
+            dest = _get_buffer(root, 2, PUBLIC_KEY_LEN, "optDestPublicKey")
+        else:
+            raise ProtocolError(f"unknown optDestPublicKey variant {tag}")
+        return cls(rand_nonce, src, dest)
+
+
+@dataclass(frozen=True, slots=True)
+class ExchangeDh:
+    """Second handshake message: a signed X25519 key, the peer's nonce echoed, a salt."""
+
+    dh_public_key: bytes
+    rand_nonce: bytes
+    key_salt: bytes
+    signature: bytes
+
+    def __post_init__(self) -> None:
+        _check_bytes("dh_public_key", self.dh_public_key, DH_PUBLIC_KEY_LEN)
+        _check_bytes("rand_nonce", self.rand_nonce, RAND_NONCE_LEN)
+        _check_bytes("key_salt", self.key_salt, SALT_LEN)
+        _check_bytes("signature", self.signature, SIGNATURE_LEN)
+
+    def encode(self) -> bytes:
+        """The packed Cap'n Proto encoding."""
+        builder = MessageBuilder()
+        root = builder.set_struct(0, 0, 4)
+        _put_buffer(builder, root, self.dh_public_key)
+        _put_buffer(builder, root + 1, self.rand_nonce)
+        _put_buffer(builder, root + 2, self.key_salt)
+        _put_buffer(builder, root + 3, self.signature)
+        return builder.finish()
+
+    @classmethod
+    def decode(cls, data: bytes) -> Self:
+        """Parse a packed encoding; raises ProtocolError if it is malformed."""
+        root = _root(data)
+        return cls(
+            _get_buffer(root, 0, DH_PUBLIC_KEY_LEN, "dhPublicKey"),
+            _get_buffer(root, 1, RAND_NONCE_LEN, "randNonce"),
+            _get_buffer(root, 2, SALT_LEN, "keySalt"),
+            _get_buffer(root, 3, SIGNATURE_LEN, "signature"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Rekey:
+    """A new X25519 key and salt, sent inside the channel to replace the keys."""
+
+    dh_public_key: bytes
+    key_salt: bytes
+
+    def __post_init__(self) -> None:
+        _check_bytes("dh_public_key", self.dh_public_key, DH_PUBLIC_KEY_LEN)
+        _check_bytes("key_salt", self.key_salt, SALT_LEN)
+
+    def _build(self, builder: MessageBuilder, pointer: int) -> None:
+        start = builder.set_struct(pointer, 0, 2)
+        _put_buffer(builder, start, self.dh_public_key)
+        _put_buffer(builder, start + 1, self.key_salt)
+
+    @classmethod
+    def _read(cls, reader: StructReader) -> Self:
+        return cls(
+            _get_buffer(reader, 0, DH_PUBLIC_KEY_LEN, "dhPublicKey"),
+            _get_buffer(reader, 1, SALT_LEN, "keySalt"),
+        )
+
+    def encode(self) -> bytes:
+        """The packed Cap'n Proto encoding of a Rekey on its own."""
+        builder = MessageBuilder()
+        self._build(builder, 0)
+        return builder.finish()
+
+    @classmethod
+    def decode(cls, data: bytes) -> Self:
+        """Parse a packed encoding; raises ProtocolError if it is malformed."""
+        return cls._read(_root(data))
+
+
+# ---- relay messages -----------------------------------------------------------------------
+
+
+def _encode_public_key_message(public_key: bytes) -> bytes:
+    builder = MessageBuilder()
+    root = builder.set_struct(0, 0, 1)
+    _put_buffer(builder, root, public_key)
+    return builder.finish()
+
+
+@dataclass(frozen=True, slots=True)
+class RejectConnection:
+    """A listener refuses the pending connection from ``public_key``."""
+
+    public_key: bytes
+
+    def __post_init__(self) -> None:
+        _check_bytes("public_key", self.public_key, PUBLIC_KEY_LEN)
+
+    def encode(self) -> bytes:
+        """The packed Cap'n Proto encoding."""
+        return _encode_public_key_message(self.public_key)
+
+    @classmethod
+    def decode(cls, data: bytes) -> Self:
+        """Parse a packed encoding; raises ProtocolError if it is malformed."""
+        return cls(_get_buffer(_root(data), 0, PUBLIC_KEY_LEN, "publicKey"))
+
+
+@dataclass(frozen=True, slots=True)
+class IncomingConnection:
+    """The relay tells a listener that ``public_key`` wants to connect to it."""
+
+    public_key: bytes
+
+    def __post_init__(self) -> None:
+        _check_bytes("public_key", self.public_key, PUBLIC_KEY_LEN)
+
+    def encode(self) -> bytes:
+        """The packed Cap'n Proto encoding."""
+        return _encode_public_key_message(self.public_key)
+
+    @classmethod
+    def decode(cls, data: bytes) -> Self:
+        """Parse a packed encoding; raises ProtocolError if it is malformed."""
+        return cls(_get_buffer(_root(data), 0, PUBLIC_KEY_LEN, "publicKey"))
+
+
+@dataclass(frozen=True, slots=True)
+class Listen:
+    """InitConnection ``listen``: the sender waits for incoming connections."""
+
+    def encode(self) -> bytes:
+        """The packed InitConnection."""
+        return encode_init_connection(self)
+
+    @classmethod
+    def decode(cls, data: bytes) -> Self:
+        """Parse an InitConnection that must be ``listen``."""
+        return _expect_init(cls, data)
+
+
+@dataclass(frozen=True, slots=True)
+class Accept:
+    """InitConnection ``accept``: this new connection takes the one from ``public_key``."""
+
+    public_key: bytes
+
+    def __post_init__(self) -> None:
+        _check_bytes("public_key", self.public_key, PUBLIC_KEY_LEN)
+
+    def encode(self) -> bytes:
+        """The packed InitConnection."""
+        return encode_init_connection(self)
+
+    @classmethod
+    def decode(cls, data: bytes) -> Self:
+        """Parse an InitConnection that must be ``accept``."""
+        return _expect_init(cls, data)
+
+
+@dataclass(frozen=True, slots=True)
+class Connect:
+    """InitConnection ``connect``: the sender wants a tunnel to listener ``public_key``."""
+
+    public_key: bytes
+
+    def __post_init__(self) -> None:
+        _check_bytes("public_key", self.public_key, PUBLIC_KEY_LEN)
+
+    def encode(self) -> bytes:
+        """The packed InitConnection."""
+        return encode_init_connection(self)
+
+    @classmethod
+    def decode(cls, data: bytes) -> Self:
+        """Parse an InitConnection that must be ``connect``."""
+        return _expect_init(cls, data)
+
+
+InitConnection = Listen | Accept | Connect
+
+
+def encode_init_connection(msg: InitConnection) -> bytes:
+    """The packed InitConnection for one of its three variants."""
+    builder = MessageBuilder()
+    root = builder.set_struct(0, 1, 1)
+    if isinstance(msg, Listen):
+        builder.set_word(root, _INIT_LISTEN)
+    elif isinstance(msg, Accept):
+        builder.set_word(root, _INIT_ACCEPT)
+        _put_buffer(builder, root + 1, msg.public_key)
+    elif isinstance(msg, Connect):
+        builder.set_word(root, _INIT_CONNECT)
+        _put_buffer(builder, root + 1, msg.public_key)
+    else:
+        raise TypeError(f"not an InitConnection variant: {type(msg).__name__}")
+    return builder.finish()
+
+
+def decode_init_connection(data: bytes) -> InitConnection:
+    """Parse a packed InitConnection; raises ProtocolError if it is malformed."""
+    root = _root(data)
+    tag = root.uint16(0)
+    if tag == _INIT_LISTEN:
+        return Listen()
+    if tag == _INIT_ACCEPT:
+        return Accept(_get_buffer(root, 0, PUBLIC_KEY_LEN, "accept"))
+    if tag == _INIT_CONNECT:
+        return Connect(_get_buffer(root, 0, PUBLIC_KEY_LEN, "connect"))
+    raise ProtocolError(f"unknown InitConnection variant {tag}")
+
+
+_Init = TypeVar("_Init", Listen, Accept, Connect)
+
+
+def _expect_init(cls: type[_Init], data: bytes) -> _Init:
+    init = decode_init_connection(data)
+    if not isinstance(init, cls):
+        raise ProtocolError(f"expected {cls.__name__.lower()}, got {type(init).__name__.lower()}")
+    return init
+
+
+# ---- channel and keepalive layers (the hot path) ------------------------------------------
+
+# These layouts are written out word by word rather than through MessageBuilder because
+# every tunnel message goes through them: the few header words are packed normally, the
+# Data bodies as verbatim runs, so a payload is only ever sliced and joined.
+
+_HEADER_4 = struct.Struct("<4Q")
+_HEADER_6 = struct.Struct("<6Q")
+
+# KaMessage: root pointer, the struct (tag word, Data pointer), then the Data body.
+_KA_ROOT = struct_pointer(0, 1, 1)
+# ChannelMessage: root pointer, the struct (randPadding, content pointers), ChannelContent
+# (tag word, Data pointer), then randPadding's body, then user's body.
+_CHANNEL_ROOT = struct_pointer(0, 0, 2)
+_CHANNEL_CONTENT = struct_pointer(0, 1, 1)
+
+KEEPALIVE: bytes = pack(_HEADER_4.pack(3 << 32, _KA_ROOT, _KA_KEEPALIVE, 0))
+"""The packed KaMessage ``keepAlive``."""
+
+
+def encode_ka_message(payload: bytes) -> bytes:
+    """The packed KaMessage ``message`` carrying ``payload``."""
+    length = len(payload)
+    words = 3 + (length + 7) // 8
+    header = _HEADER_4.pack(words << 32, _KA_ROOT, _KA_MESSAGE, data_pointer(0, length))
+    return pack_message(header, (payload,))
+
+
+def decode_ka_message(data: bytes) -> bytes | None:
+    """The payload of a packed KaMessage, or None for ``keepAlive``."""
+    root = _root(data)
+    tag = root.uint16(0)
+    if tag == _KA_KEEPALIVE:
+        return None
+    if tag == _KA_MESSAGE:
+        payload = root.data(0)
+        return b"" if payload is None else payload
+    raise ProtocolError(f"unknown KaMessage variant {tag}")
+
+
+def encode_channel_user(padding: bytes, user: bytes) -> bytes:
+    """The packed ChannelMessage carrying ``user`` data after ``padding``."""
+    padding_words = (len(padding) + 7) // 8
+    words = 5 + padding_words + (len(user) + 7) // 8
+    header = _HEADER_6.pack(
+        words << 32,
+        _CHANNEL_ROOT,
+        data_pointer(3, len(padding)),
+        _CHANNEL_CONTENT,
+        _CONTENT_USER,
+        data_pointer(padding_words, len(user)),
+    )
+    return pack_message(header, (padding, user))
+
+
+def encode_channel_rekey(padding: bytes, rekey: Rekey) -> bytes:
+    """The packed ChannelMessage carrying ``rekey`` after ``padding``."""
+    builder = MessageBuilder()
+    root = builder.set_struct(0, 0, 2)
+    builder.set_data(root, padding)
+    content = builder.set_struct(root + 1, 1, 1)
+    builder.set_word(content, _CONTENT_REKEY)
+    rekey._build(builder, content + 1)
+    return builder.finish()
+
+
+def decode_channel_message(data: bytes) -> bytes | Rekey:
+    """The user data of a packed ChannelMessage, or its Rekey (the padding is ignored)."""
+    content = _root(data).struct(1)
+    if content is None:
+        raise ProtocolError("ChannelMessage content is missing")
+    tag = content.uint16(0)
+    if tag == _CONTENT_USER:
+        user = content.data(0)
+        return b"" if user is None else user
+    if tag == _CONTENT_REKEY:
+        rekey = content.struct(0)
+        if rekey is None:
+            raise ProtocolError("Rekey is missing")
+        return Rekey._read(rekey)
+    raise ProtocolError(f"unknown ChannelContent variant {tag}")
