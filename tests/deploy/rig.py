@@ -207,13 +207,17 @@ def download_packages(names: Iterable[str], into: Path) -> list[Path]:
     files = [into / m.group(1) for m in re.finditer(r"^'[^']+' (\S+\.deb) ", uris, re.MULTILINE)]
     if len(files) != len(wanted):
         raise RigError(f"apt-get download --print-uris did not name a file for each of {wanted}")
-    missing = [name for name, path in zip(wanted, files, strict=True) if not path.exists()]
+    # apt lists the files in its own order: take the package name from each file name.
+    missing = sorted({path.name.split("_", 1)[0] for path in files if not path.exists()})
     if missing:
         run(
             ["apt-get", "download", "-q", "-o", "APT::Sandbox::User=root", *missing],
             cwd=into,
             timeout=600,
         )
+    absent = [path.name for path in files if not path.exists()]
+    if absent:
+        raise RigError(f"apt-get download did not write {', '.join(absent)}")
     return files
 
 
@@ -540,12 +544,12 @@ class Rig:
         atexit.unregister(self.close)
 
     def _trap_sigterm(self) -> None:
-        # A CI runner stops a job with SIGTERM: turn it into an exception so that the
-        # hosts are torn down instead of left running.
+        # A CI runner stops a job with SIGTERM: treat it like Ctrl-C (KeyboardInterrupt), so
+        # that the test run stops and the hosts are torn down instead of left running.
         if not _in_main_thread():
             return
         if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-            self._old_sigterm = signal.signal(signal.SIGTERM, _raise_terminated)
+            self._old_sigterm = signal.signal(signal.SIGTERM, signal.default_int_handler)
 
     def _restore_sigterm(self) -> None:
         if self._old_sigterm is not None:
@@ -788,14 +792,6 @@ class Rig:
         ]
         path.write_text("\n".join(lines))
         return path
-
-
-class Terminated(BaseException):
-    """SIGTERM arrived while a rig was up."""
-
-
-def _raise_terminated(signum: int, frame: object) -> None:
-    raise Terminated(f"terminated by signal {signum}")
 
 
 def _in_main_thread() -> bool:
