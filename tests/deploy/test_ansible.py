@@ -1,0 +1,432 @@
+"""``ansible-playbook deploy-relay.yml`` on two freshly booted bookworm hosts (issue 4).
+
+The controller side is a copy of ``ansible/`` with an inventory of the rig's hosts, used
+the way the README tells an operator to. The hosts reach the package through the apt
+source they already have (the rig's local repository). The module deploys once, then does
+what an operator does next, in the order written: run again, run in check mode, lint,
+check the hosts with testinfra, use the tickets, move a relay to another address, and
+reinstall a relay from a .deb file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from .rig import (
+    CACHE_DIR,
+    NET_PREFIX,
+    Host,
+    Rig,
+    dependency_closure,
+    download_packages,
+    installed_packages,
+    rootfs_tarball,
+    run,
+)
+
+pytestmark = pytest.mark.deploy
+
+ROOT = Path(__file__).resolve().parents[2]
+ANSIBLE_DIR = ROOT / "ansible"
+TESTINFRA_DIR = Path(__file__).resolve().parent / "testinfra"
+README = ANSIBLE_DIR / "README-deployment.md"
+# The controller's tools: the ones installed beside the interpreter running the tests.
+BIN = Path(sys.executable).parent
+PORT = 4567
+TICKET_ON_HOST = "/var/lib/offset-relay/relay.relay"
+IDENTITY_ON_HOST = "/var/lib/offset-relay/relay.ident"
+
+_TASK = re.compile(r"^(?:TASK|RUNNING HANDLER) \[(?:[^]:]+ : )?(.+?)\] \**$")
+_RESULT = re.compile(r"^(changed|ok|skipping|fatal|failed): \[([^]\s]+)")
+_RECAP = re.compile(
+    r"^(\S+)\s+: ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)\s+"
+    r"skipped=(\d+)\s+rescued=(\d+)\s+ignored=(\d+)"
+)
+_RECAP_FIELDS = ("ok", "changed", "unreachable", "failed", "skipped", "rescued", "ignored")
+
+
+@dataclass(frozen=True)
+class PlaybookRun:
+    """One ``ansible-playbook`` run: its exit status, output, recap and changed tasks."""
+
+    returncode: int
+    output: str
+    recap: dict[str, dict[str, int]]
+    changed: frozenset[tuple[str, str]]
+
+    @classmethod
+    def parse(cls, returncode: int, output: str) -> PlaybookRun:
+        """Read the default callback's output: task headers, per-host results, recap."""
+        recap: dict[str, dict[str, int]] = {}
+        changed: set[tuple[str, str]] = set()
+        task = ""
+        for line in output.splitlines():
+            if match := _TASK.match(line):
+                task = match.group(1)
+            elif match := _RESULT.match(line):
+                if match.group(1) == "changed":
+                    changed.add((match.group(2), task))
+            elif match := _RECAP.match(line):
+                counts = (int(n) for n in match.groups()[1:])
+                recap[match.group(1)] = dict(zip(_RECAP_FIELDS, counts, strict=True))
+        return cls(returncode, output, recap, frozenset(changed))
+
+    def tail(self) -> str:
+        return self.output[-6000:]
+
+    def assert_clean(self, hosts: list[str]) -> None:
+        """Succeeded on every host, changed nothing, failed nothing."""
+        assert self.returncode == 0, self.tail()
+        assert set(self.recap) == set(hosts), self.tail()
+        for name, counts in self.recap.items():
+            assert counts["failed"] == counts["unreachable"] == 0, (name, self.tail())
+            assert counts["changed"] == 0, (name, sorted(self.changed), self.tail())
+
+
+@dataclass(frozen=True)
+class Controller:
+    """The operator's machine: a copy of ``ansible/`` and an inventory of the rig's hosts."""
+
+    rig: Rig
+    directory: Path
+    host_vars: dict[str, dict[str, str]] = field(default_factory=dict)
+
+    @property
+    def names(self) -> list[str]:
+        return [host.name for host in self.rig.hosts]
+
+    def write_inventory(self) -> None:
+        """inventory/relays.yml, the file ansible.cfg reads (JSON is YAML too)."""
+        inventory = {
+            "relays": {
+                "hosts": {
+                    host.name: {"ansible_host": host.address, **self.host_vars.get(host.name, {})}
+                    for host in self.rig.hosts
+                },
+                "vars": {
+                    "ansible_user": "root",
+                    "ansible_ssh_private_key_file": str(self.rig.key),
+                    "ansible_ssh_common_args": f"-F {self.rig.ssh_config}",
+                    "ansible_python_interpreter": "/usr/bin/python3",
+                },
+            }
+        }
+        (self.directory / "inventory" / "relays.yml").write_text(json.dumps(inventory, indent=2))
+
+    def playbook(self, *args: str) -> PlaybookRun:
+        """``ansible-playbook deploy-relay.yml ARGS`` in the copy, as the README says."""
+        self.write_inventory()
+        env = {
+            **os.environ,
+            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+            "ANSIBLE_NOCOLOR": "1",
+            "ANSIBLE_FORCE_COLOR": "0",
+            "ANSIBLE_STDOUT_CALLBACK": "ansible.builtin.default",
+        }
+        result = subprocess.run(
+            [BIN / "ansible-playbook", "deploy-relay.yml", *args],
+            cwd=self.directory,
+            env=env,
+            capture_output=True,
+            text=True,
+            stdin=subprocess.DEVNULL,
+            timeout=600,
+        )
+        return PlaybookRun.parse(result.returncode, result.stdout + result.stderr)
+
+    def ticket(self, host: Host) -> Path:
+        return self.directory / "tickets" / f"{host.name}.relay"
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """The hosts after the first ``ansible-playbook`` run, and that run."""
+
+    controller: Controller
+    first_run: PlaybookRun
+
+    @property
+    def hosts(self) -> list[Host]:
+        return self.controller.rig.hosts
+
+
+def copy_ansible_dir(into: Path) -> Path:
+    """A pristine copy of ``ansible/``, without an operator's inventory or tickets."""
+    return Path(
+        shutil.copytree(
+            ANSIBLE_DIR,
+            into,
+            ignore=shutil.ignore_patterns("tickets", "relays.yml", "*.retry"),
+        )
+    )
+
+
+def public_key_on_host(host: Host) -> str:
+    """The identity's public key, as stmgr derives it on the host (the key stays there)."""
+    script = (
+        "set -eu; d=$(mktemp -d); trap 'rm -rf \"$d\"' EXIT; "
+        f"PYTHONDONTWRITEBYTECODE=1 stmgr relay-ticket --address 127.0.0.1:1 "
+        f'--idfile {IDENTITY_ON_HOST} --output "$d/t"; cat "$d/t"'
+    )
+    return json.loads(host.ssh(script).stdout)["publicKey"]
+
+
+def probe(ticket: Path) -> subprocess.CompletedProcess[str]:
+    """The controller's ``stmgr probe`` through a ticket."""
+    return subprocess.run(
+        [BIN / "stmgr", "probe", ticket, "--timeout", "10"],
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=60,
+    )
+
+
+def assert_probe_passes(ticket: Path) -> None:
+    result = probe(ticket)
+    assert result.returncode == 0, f"probe exit {result.returncode}: {result.stderr.strip()}"
+
+
+def unit_state(host: Host) -> dict[str, str]:
+    """What tells whether the relay was restarted: its main process and when it started."""
+    out = host.ssh(
+        "systemctl show offset-relay.service -p MainPID -p ExecMainStartTimestampMonotonic"
+    ).stdout
+    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+
+def cache_archive_packages(names: list[str]) -> None:
+    """Download ``names`` and what they need into the rig's package cache, one at a time.
+
+    Rig.publish() matches the files ``apt-get download --print-uris`` names to package
+    names by position, which holds only when apt lists them in name order; with every file
+    already cached it has nothing left to download.
+    """
+    needed = dependency_closure(names) - installed_packages(rootfs_tarball())
+    for name in sorted(needed):
+        download_packages([name], CACHE_DIR / "debs")
+
+
+@pytest.fixture(scope="module")
+def deployment(
+    make_rig: Callable[..., Rig], deb_package: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Deployment:
+    # Ansible's apt module needs python3-apt on the host and installs it itself from the
+    # host's apt sources, which on a real host reach the Debian archive.
+    cache_archive_packages(["python3-apt"])
+    rig = make_rig(2, name="ansible", repo_debs=[deb_package], repo_packages=["python3-apt"])
+    directory = copy_ansible_dir(tmp_path_factory.mktemp("controller") / "ansible")
+    controller = Controller(rig, directory)
+    return Deployment(controller, controller.playbook())
+
+
+# --- the first run, and runs that must change nothing --------------------------------------
+
+
+def test_deploy_succeeds_on_bare_hosts(deployment: Deployment) -> None:
+    run_ = deployment.first_run
+    assert run_.returncode == 0, run_.tail()
+    names = deployment.controller.names
+    assert set(run_.recap) == set(names), run_.tail()
+    for name in names:
+        assert run_.recap[name]["failed"] == run_.recap[name]["unreachable"] == 0
+        assert (name, "Install offset-relay from the apt sources") in run_.changed
+        assert (name, "Write the relay's settings drop-in") in run_.changed
+        assert (name, "Make the relay's ticket for its public address") in run_.changed
+        assert (name, "Fetch the ticket to the controller") in run_.changed
+
+
+def test_second_run_changes_nothing(deployment: Deployment) -> None:
+    deployment.controller.playbook().assert_clean(deployment.controller.names)
+
+
+def test_check_mode_with_diff_is_clean(deployment: Deployment) -> None:
+    run_ = deployment.controller.playbook("--check", "--diff")
+    run_.assert_clean(deployment.controller.names)
+    assert "--- before" not in run_.output, run_.tail()
+
+
+def test_role_passes_ansible_lint_production_profile(tmp_path: Path) -> None:
+    # On a copy: ansible-lint keeps a cache in the project it lints.
+    directory = copy_ansible_dir(tmp_path / "ansible")
+    result = subprocess.run(
+        [
+            BIN / "ansible-lint",
+            "--offline",
+            "--profile",
+            "production",
+            "deploy-relay.yml",
+            "roles/offset_relay",
+        ],
+        cwd=directory,
+        env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"},
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=300,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    assert "Profile 'production' was required, and it passed" in output, output[-4000:]
+
+
+# --- the hosts, checked by testinfra -----------------------------------------------------
+
+
+def test_testinfra_checks_pass_on_every_host(deployment: Deployment) -> None:
+    # The README's command, through the operator's inventory.
+    inventory = deployment.controller.directory / "inventory" / "relays.yml"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-v",
+            "-p",
+            "no:cacheprovider",
+            # Only the checks' own conftest: they do not need the rig's fixtures.
+            f"--confcutdir={TESTINFRA_DIR}",
+            "--hosts=ansible://relays",
+            f"--ansible-inventory={inventory}",
+            str(TESTINFRA_DIR),
+        ],
+        cwd=ROOT,
+        env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"},
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
+    summary = result.stdout.strip().splitlines()[-1]
+    assert re.search(r"=+ \d+ passed in ", summary), summary
+    for host in deployment.hosts:
+        assert f"[ansible://{host.name}] PASSED" in result.stdout, result.stdout[-6000:]
+
+
+# --- the tickets ---------------------------------------------------------------------------
+
+
+def test_tickets_arrived_on_the_controller(deployment: Deployment) -> None:
+    keys = set()
+    for host in deployment.hosts:
+        ticket = json.loads(deployment.controller.ticket(host).read_text())
+        assert ticket == {
+            "publicKey": public_key_on_host(host),
+            "address": f"{host.address}:{PORT}",
+        }
+        keys.add(ticket["publicKey"])
+    assert len(keys) == len(deployment.hosts)
+
+
+def test_scp_of_a_ticket_works_as_the_readme_says(deployment: Deployment, tmp_path: Path) -> None:
+    readme = README.read_text()
+    assert f":{TICKET_ON_HOST} " in readme and "scp root@" in readme
+    host = deployment.hosts[0]
+    copy = tmp_path / "relay1.relay"
+    run(
+        [
+            "scp",
+            "-F",
+            deployment.controller.rig.ssh_config,
+            f"root@{host.address}:{TICKET_ON_HOST}",
+            copy,
+        ]
+    )
+    assert copy.read_bytes() == deployment.controller.ticket(host).read_bytes()
+
+
+def test_probe_passes_through_both_tickets(deployment: Deployment) -> None:
+    for host in deployment.hosts:
+        assert_probe_passes(deployment.controller.ticket(host))
+
+
+# --- changes an operator makes -------------------------------------------------------------
+
+
+def test_new_public_address_remakes_only_that_ticket(deployment: Deployment) -> None:
+    controller = deployment.controller
+    kept, moved = deployment.hosts
+    # A second address on the moved host's interface, as if it got a new public address.
+    subnet = moved.address.rsplit(".", 1)[0]
+    assert subnet.startswith(NET_PREFIX)
+    new_address = f"{subnet}.200:{PORT}"
+    run(["ip", "-n", moved.netns, "addr", "add", f"{subnet}.200/24", "dev", "host0"])
+    kept_ticket = controller.ticket(kept).read_bytes()
+    old_ticket = json.loads(controller.ticket(moved).read_text())
+    units = {host.name: unit_state(host) for host in deployment.hosts}
+
+    controller.host_vars[moved.name] = {"offset_relay_public_address": new_address}
+    run_ = controller.playbook()
+
+    assert run_.returncode == 0, run_.tail()
+    assert run_.recap[kept.name]["changed"] == 0, sorted(run_.changed)
+    assert {host for host, _ in run_.changed} == {moved.name}
+    assert {task for _, task in run_.changed} == {
+        "Remove the outdated ticket (stmgr never overwrites one)",
+        "Make the relay's ticket for its public address",
+        "Set the ticket's owner and mode",
+        "Fetch the ticket to the controller",
+    }
+    assert controller.ticket(kept).read_bytes() == kept_ticket
+    new_ticket = json.loads(controller.ticket(moved).read_text())
+    assert new_ticket == {"publicKey": old_ticket["publicKey"], "address": new_address}
+    assert json.loads(moved.read(TICKET_ON_HOST)) == new_ticket
+    # A ticket is not the relay's business: neither relay was restarted.
+    assert {host.name: unit_state(host) for host in deployment.hosts} == units
+    assert_probe_passes(controller.ticket(moved))
+    # The next run, probing from the controller this time, finds everything in place.
+    again = controller.playbook(
+        "-e",
+        "offset_relay_verify_from_controller=true",
+        "-e",
+        f"offset_relay_controller_stmgr={BIN / 'stmgr'}",
+    )
+    again.assert_clean(controller.names)
+    for host in deployment.hosts:
+        assert f"ok: [{host.name} -> localhost]" in again.output, again.tail()
+
+
+def test_reinstall_from_a_deb_file(deployment: Deployment, deb_package: Path) -> None:
+    """A relay purged (identity and all) and deployed again from a .deb on the controller
+    comes back with a new identity and a ticket that matches it."""
+    controller = deployment.controller
+    host = deployment.hosts[0]
+    old_key = json.loads(controller.ticket(host).read_text())["publicKey"]
+    host.ssh("DEBIAN_FRONTEND=noninteractive apt-get -q -y purge offset-relay")
+
+    run_ = controller.playbook("--limit", host.name, "-e", f"offset_relay_deb_file={deb_package}")
+
+    assert run_.returncode == 0, run_.tail()
+    assert (host.name, "Install the copied package (dependencies from the host's apt sources)") in (
+        run_.changed
+    )
+    ticket = json.loads(controller.ticket(host).read_text())
+    assert ticket["publicKey"] == public_key_on_host(host) != old_key
+    assert_probe_passes(controller.ticket(host))
+
+
+def test_play_fails_for_a_relay_that_does_not_answer(deployment: Deployment) -> None:
+    """A ticket whose address reaches no relay fails the play, naming the relay."""
+    controller = deployment.controller
+    silent = deployment.hosts[1]
+    nowhere = f"{silent.address.rsplit('.', 1)[0]}.201:{PORT}"
+    controller.host_vars[silent.name] = {"offset_relay_public_address": nowhere}
+
+    run_ = controller.playbook("-e", "offset_relay_verify_timeout=3")
+
+    assert run_.returncode != 0
+    assert run_.recap[silent.name]["failed"] == 1, run_.tail()
+    assert run_.recap[deployment.hosts[0].name]["failed"] == 0, run_.tail()
+    assert f"the relay at {nowhere} did not pass stmgr probe" in run_.output, run_.tail()
+    assert "could not be reached" in run_.output, run_.tail()
