@@ -56,6 +56,9 @@ NET_PREFIX = "198.18"
 REPO_PORT = 8080
 REQUIRED_TOOLS = ("mmdebstrap", "systemd-nspawn", "ip", "ssh", "ssh-keygen", "dpkg-scanpackages")
 
+# A base system older than this is made again: its packages must stay close enough to the
+# archive's that the dependencies served beside it fit.
+ROOTFS_MAX_AGE = 7 * 24 * 3600.0
 BOOT_TIMEOUT = 90.0
 POWEROFF_TIMEOUT = 15.0
 
@@ -112,11 +115,15 @@ def rootfs_tarball(include: Iterable[str] = ()) -> Path:
     packages = sorted(set(BASE_PACKAGES) | set(include))
     key = hashlib.sha256(json.dumps([SUITE, "apt", packages]).encode()).hexdigest()[:16]
     tarball = CACHE_DIR / f"rootfs-{SUITE}-{key}.tar.zst"
-    if tarball.exists():
+
+    def fresh() -> bool:
+        return tarball.is_file() and time.time() - tarball.stat().st_mtime < ROOTFS_MAX_AGE
+
+    if fresh():
         return tarball
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
     with _locked(CACHE_DIR / ".rootfs.lock"):
-        if tarball.exists():  # made by another run while this one waited for the lock
+        if fresh():  # made by another run while this one waited for the lock
             return tarball
         # mmdebstrap picks the output format from the name: keep the .tar.zst ending.
         partial = tarball.with_name(f".partial-{os.getpid()}-{tarball.name}")
@@ -391,6 +398,10 @@ class Host:
     ) -> subprocess.CompletedProcess[str]:
         """Run a shell command on the host; raise RigError if it fails and ``check``."""
         return run(self.ssh_argv(command), check=check, timeout=timeout, input=input)
+
+    def put(self, local: Path, remote: str) -> None:
+        """Copy a file from the controller to the host."""
+        run(["scp", "-q", "-F", str(self.ssh_config), str(local), f"{self.name}:{remote}"])
 
     def read(self, path: str) -> str:
         """A text file's content on the host."""
