@@ -10,9 +10,8 @@ import subprocess
 import time
 import urllib.request
 
-from offset_appliance.wire.messages import IncomingConnection
-
 from offset_appliance.wire.frames import encode_frame
+from offset_appliance.wire.messages import IncomingConnection
 
 from .conftest import tunnel
 

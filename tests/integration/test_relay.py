@@ -347,7 +347,9 @@ def test_client_rekeys_mid_stream(relay):
     assert acceptor.receive() == b"x"
     acceptor.send(b"y")
     assert connector.receive() == b"y"
-    assert connector.wire.rekeys >= 3 and acceptor.wire.rekeys >= 3
+    # The acceptor's rekey can still be pending when its next round starts (the relay's
+    # answer queued behind tunnel data), so that round starts none; the connector's never is.
+    assert connector.wire.rekeys >= 3 and acceptor.wire.rekeys >= 2
 
 
 def test_relay_rekeys_on_its_own_interval(relay_factory):

@@ -1,5 +1,6 @@
 """The relay's rules (PROTOCOL.md section 6), driven without sockets or clocks."""
 
+from offset_appliance.relay.core import CLOSE, PAUSE, RESUME, SEND, CoreLimits, RelayCore, Role
 from offset_appliance.wire.messages import (
     Accept,
     Connect,
@@ -8,8 +9,6 @@ from offset_appliance.wire.messages import (
     RejectConnection,
     encode_init_connection,
 )
-
-from offset_appliance.relay.core import CLOSE, PAUSE, RESUME, SEND, CoreLimits, RelayCore, Role
 
 L, X, Y = b"L" * 32, b"X" * 32, b"Y" * 32
 LISTEN = encode_init_connection(Listen())
