@@ -8,6 +8,7 @@ by Ansible and testinfra through ``rig.ssh_config`` and ``rig.write_ansible_inve
 
 from __future__ import annotations
 
+import fcntl
 import shutil
 import subprocess
 from collections.abc import Callable, Iterator
@@ -30,18 +31,23 @@ def deb_package() -> Path:
     if missing:
         pytest.skip(f"building the package needs {', '.join(missing)} (run tools/install-deps)")
     deb = ROOT / "dist" / f"offset-relay_{__version__}_all.deb"
-    deb.unlink(missing_ok=True)
-    result = subprocess.run(
-        ["make", "-s", "deb"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        stdin=subprocess.DEVNULL,
-        timeout=600,
-    )
-    if result.returncode != 0:
-        pytest.fail(f"make deb failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-    assert deb.is_file(), f"make deb did not write {deb}"
+    lock = ROOT / "build" / ".deb.lock"
+    lock.parent.mkdir(exist_ok=True)
+    # Two test runs in one checkout would otherwise build in the same build/deb at once.
+    with open(lock, "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        deb.unlink(missing_ok=True)
+        result = subprocess.run(
+            ["make", "-s", "deb"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            stdin=subprocess.DEVNULL,
+            timeout=600,
+        )
+        if result.returncode != 0:
+            pytest.fail(f"make deb failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+        assert deb.is_file(), f"make deb did not write {deb}"
     return deb
 
 
