@@ -268,6 +268,20 @@ def test_service_is_active_enabled_and_listening(host: Host) -> None:
         assert listening and all(r[7] == uid for r in listening), f"nothing on {PORT} in {table}"
 
 
+def test_watchdog_is_fed_by_the_relay(host: Host) -> None:
+    props = unit(host, "WatchdogUSec", "WatchdogTimestampMonotonic", "NotifyAccess")
+    assert props["WatchdogUSec"] == "30s" and props["NotifyAccess"] == "main", props
+    # strelay pings every WatchdogSec/2 from its loop; systemd records each ping.
+    wait_for(
+        "a watchdog ping",
+        lambda: (
+            unit(host, "WatchdogTimestampMonotonic")["WatchdogTimestampMonotonic"]
+            != props["WatchdogTimestampMonotonic"]
+        ),
+        timeout=25,
+    )
+
+
 def test_identity_is_private_to_the_service_user(host: Host) -> None:
     assert host.ssh(f"stat -c '%a %U %G %F' {IDENTITY}").stdout.strip() == (
         "600 offset-relay offset-relay regular file"
