@@ -82,6 +82,10 @@ class Loop:
         self.now = time.monotonic()
         self.timer_frames = 0  # flushes caused by timers (keepalives this side sent)
         self.rx_bytes = 0  # bytes received on open links (the relay's data and keepalives)
+        # One receive buffer for all links: ``recv(256 KiB)`` would allocate, mremap and
+        # unmap a fresh 256 KiB buffer on every call (three system calls each time).
+        self._buffer = bytearray(RECV_SIZE)
+        self._view = memoryview(self._buffer)
 
     # ---- connections -------------------------------------------------------------------
 
@@ -187,15 +191,16 @@ class Loop:
 
     def _read(self, link: Link) -> None:
         try:
-            data = link.sock.recv(RECV_SIZE)
+            size = link.sock.recv_into(self._buffer)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
             self.close(link, f"receive failed: {exc.strerror}")
             return
-        if not data:
+        if not size:
             self.close(link, "the relay closed the connection")
             return
+        data = bytes(self._view[:size])
         now = self.now = time.monotonic()
         wire = link.wire
         if link.open:

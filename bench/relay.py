@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import resource
@@ -66,6 +67,15 @@ def usage(pid: int) -> Usage:
     return Usage(user, system, rss_kib(pid), time.monotonic())
 
 
+def _die_with_parent() -> None:
+    """In the relay's child process: get SIGTERM if the benchmark driver dies first."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: the relay is stopped by ``stop`` as usual
+
+
 def raise_fd_limit() -> int:
     """Raise RLIMIT_NOFILE to the hard limit (inherited by the relay and the clients)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -112,7 +122,12 @@ class BenchRelay:
         env.pop("WATCHDOG_USEC", None)
         env.pop("JOURNAL_STREAM", None)
         self.proc = subprocess.Popen(
-            command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env
+            command,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            preexec_fn=_die_with_parent,
         )
         self.pid = self.proc.pid
         self._running = True

@@ -296,7 +296,8 @@ def markdown(results: dict) -> str:
         "## Performance",
         "",
         f"Measured by `make bench` on {results['date']} in {results['duration_seconds']:.0f} s: "
-        f"{machine_line(machine)}.",
+        f"{machine_line(machine)}. One-minute load average {results['load_average_before']:.1f}"
+        f" before the run and {results['load_average_after']:.1f} after it.",
         "",
         "The relay is one single-threaded process. Load comes from separate client processes on"
         " the same machine, so clients and relay share its cores: wall-clock rates (in"

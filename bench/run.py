@@ -62,6 +62,8 @@ def run(sizes: scenarios.Sizes, only: tuple[str, ...], workdir: Path) -> dict:
         "date": datetime.date.today().isoformat(),
         "machine": machine(),
         "sizes": scenarios.sizes_dict(sizes),
+        # The machine may be shared: the load average shows how much else was running.
+        "load_average_before": round(os.getloadavg()[0], 2),
     }
     if "wire" in only:
         _say("7 wire overhead")
@@ -96,6 +98,7 @@ def run(sizes: scenarios.Sizes, only: tuple[str, ...], workdir: Path) -> dict:
         _say(f"4 idle: {sizes.idle_connections} connections held {sizes.idle_seconds:g} s")
         results["idle"] = scenarios.idle(workdir, sizes)
     results["targets"] = [target.as_dict() for target in report.targets(results)]
+    results["load_average_after"] = round(os.getloadavg()[0], 2)
     results["duration_seconds"] = round(time.monotonic() - started, 1)
     return results
 

@@ -206,11 +206,11 @@ def _split(count: int, parts: int) -> list[int]:
 # ---- 1. bulk -------------------------------------------------------------------------------
 
 
-def bulk(workdir: Path, sizes: Sizes) -> dict:
+def bulk(workdir: Path, sizes: Sizes, *, profile: Path | None = None) -> dict:
     """64 KiB messages through one tunnel: MB/s and relay CPU per GiB, against open + seal."""
     size = sizes.bulk_message
     count = max(1, sizes.bulk_bytes // size)
-    relay = BenchRelay(workdir / "bulk")
+    relay = BenchRelay(workdir / "bulk", profile=profile)
     workers: list[Worker] = []
     try:
         _baseline(relay)
@@ -255,10 +255,17 @@ def bulk(workdir: Path, sizes: Sizes) -> dict:
 # ---- 2, 5 (loaded) and 6. small messages ---------------------------------------------------
 
 
-def small(workdir: Path, sizes: Sizes, connections: int, *, latency: bool) -> dict:
+def small(
+    workdir: Path,
+    sizes: Sizes,
+    connections: int,
+    *,
+    latency: bool,
+    profile: Path | None = None,
+) -> dict:
     """64-byte messages over many tunnels (``connections`` / 2 of them), flowing both ways."""
     tunnels = max(1, connections // 2)
-    relay = BenchRelay(workdir / f"small-{connections}")
+    relay = BenchRelay(workdir / f"small-{connections}", profile=profile)
     workers: list[Worker] = []
     clients = []
     try:
@@ -337,9 +344,9 @@ def small_floor(sizes: Sizes, wire_bytes: float) -> float:
 # ---- 3. handshakes -------------------------------------------------------------------------
 
 
-def handshakes(workdir: Path, sizes: Sizes) -> dict:
+def handshakes(workdir: Path, sizes: Sizes, *, profile: Path | None = None) -> dict:
     """Complete connections (version, handshake, listen) per second, sustained."""
-    relay = BenchRelay(workdir / "handshakes")
+    relay = BenchRelay(workdir / "handshakes", profile=profile)
     workers: list[Worker] = []
     try:
         _baseline(relay)
