@@ -22,17 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from .rig import (
-    CACHE_DIR,
-    NET_PREFIX,
-    Host,
-    Rig,
-    dependency_closure,
-    download_packages,
-    installed_packages,
-    rootfs_tarball,
-    run,
-)
+from .rig import NET_PREFIX, Host, Rig, run
 
 pytestmark = pytest.mark.deploy
 
@@ -205,25 +195,12 @@ def unit_state(host: Host) -> dict[str, str]:
     return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
 
 
-def cache_archive_packages(names: list[str]) -> None:
-    """Download ``names`` and what they need into the rig's package cache, one at a time.
-
-    Rig.publish() matches the files ``apt-get download --print-uris`` names to package
-    names by position, which holds only when apt lists them in name order; with every file
-    already cached it has nothing left to download.
-    """
-    needed = dependency_closure(names) - installed_packages(rootfs_tarball())
-    for name in sorted(needed):
-        download_packages([name], CACHE_DIR / "debs")
-
-
 @pytest.fixture(scope="module")
 def deployment(
     make_rig: Callable[..., Rig], deb_package: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Deployment:
     # Ansible's apt module needs python3-apt on the host and installs it itself from the
     # host's apt sources, which on a real host reach the Debian archive.
-    cache_archive_packages(["python3-apt"])
     rig = make_rig(2, name="ansible", repo_debs=[deb_package], repo_packages=["python3-apt"])
     directory = copy_ansible_dir(tmp_path_factory.mktemp("controller") / "ansible")
     controller = Controller(rig, directory)
@@ -233,9 +210,20 @@ def deployment(
 # --- the first run, and runs that must change nothing --------------------------------------
 
 
+def relay_journals(hosts: list[Host]) -> str:
+    """The relay's recent journal on each host, to show why a run failed."""
+    parts = []
+    for host in hosts:
+        journal = host.ssh(
+            "journalctl -u offset-relay.service -n 40 --no-pager -o cat", check=False
+        )
+        parts.append(f"--- {host.name}: journalctl -u offset-relay.service\n{journal.stdout}")
+    return "\n".join(parts)
+
+
 def test_deploy_succeeds_on_bare_hosts(deployment: Deployment) -> None:
     run_ = deployment.first_run
-    assert run_.returncode == 0, run_.tail()
+    assert run_.returncode == 0, run_.tail() + relay_journals(deployment.hosts)
     names = deployment.controller.names
     assert set(run_.recap) == set(names), run_.tail()
     for name in names:
