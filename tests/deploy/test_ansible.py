@@ -4,8 +4,8 @@ The controller side is a copy of ``ansible/`` with an inventory of the rig's hos
 the way the README tells an operator to. The hosts reach the package through the apt
 source they already have (the rig's local repository). The module deploys once, then does
 what an operator does next, in the order written: run again, run in check mode, lint,
-check the hosts with testinfra, use the tickets, move a relay to another address, and
-reinstall a relay from a .deb file.
+check the hosts with testinfra, use the tickets, move a relay to another address, change
+and break its settings, reinstall a relay from a .deb file, and point a ticket at nothing.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -383,6 +384,59 @@ def test_new_public_address_remakes_only_that_ticket(deployment: Deployment) -> 
     again.assert_clean(controller.names)
     for host in deployment.hosts:
         assert f"ok: [{host.name} -> localhost]" in again.output, again.tail()
+
+
+def test_settings_change_restarts_only_that_relay(deployment: Deployment) -> None:
+    controller = deployment.controller
+    changed, untouched = deployment.hosts
+    units = {host.name: unit_state(host) for host in deployment.hosts}
+    controller.host_vars[changed.name] = {
+        "offset_relay_log_level": "debug",
+        "offset_relay_limits": {"max_connections_per_ip": 64},
+        "offset_relay_timeouts": {"keepalive": 30},
+        "offset_relay_metrics_enabled": True,
+    }
+
+    run_ = controller.playbook()
+
+    assert run_.returncode == 0, run_.tail() + relay_journals([changed])
+    assert run_.changed == {
+        (changed.name, "Write the relay's settings drop-in"),
+        (changed.name, "Restart offset-relay"),
+    }, run_.tail()
+    drop_in = changed.read("/etc/offset-relay/relay.d/50-ansible.toml")
+    assert 'log_level = "debug"' in drop_in
+    assert "max_connections_per_ip = 64" in drop_in
+    assert "keepalive = 30.0" in drop_in
+    assert '[metrics]\nenabled = true\nlisten = "127.0.0.1:9477"' in drop_in
+    assert unit_state(changed)["MainPID"] != units[changed.name]["MainPID"]
+    assert unit_state(untouched) == units[untouched.name]
+    fetch = (
+        "import urllib.request as r; "
+        "print(r.urlopen('http://127.0.0.1:9477/metrics', timeout=5).read().decode())"
+    )
+    metrics = changed.ssh(f"python3 -c {shlex.quote(fetch)}").stdout
+    assert "# TYPE offset_relay_" in metrics
+
+
+def test_bad_settings_never_reach_the_relay(deployment: Deployment) -> None:
+    """A value the relay would refuse fails the play before the drop-in is replaced."""
+    controller = deployment.controller
+    host = deployment.hosts[0]
+    drop_in = host.read("/etc/offset-relay/relay.d/50-ansible.toml")
+    unit = unit_state(host)
+    settings = controller.host_vars.get(host.name, {})
+    # Fewer connections than the default number of concurrent handshakes: refused by strelay.
+    controller.host_vars[host.name] = {"offset_relay_limits": {"max_connections": 100}}
+
+    run_ = controller.playbook("--limit", host.name)
+
+    assert run_.returncode != 0
+    assert run_.recap[host.name]["failed"] == 1, run_.tail()
+    assert "limits.max_handshakes must not exceed max_connections" in run_.output, run_.tail()
+    assert host.read("/etc/offset-relay/relay.d/50-ansible.toml") == drop_in
+    assert unit_state(host) == unit
+    controller.host_vars[host.name] = settings
 
 
 def test_reinstall_from_a_deb_file(deployment: Deployment, deb_package: Path) -> None:
