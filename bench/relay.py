@@ -20,6 +20,12 @@ from offset_appliance.files import generate_identity
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 _LISTENING = re.compile(r"listening on 127\.0\.0\.1:(\d+)")
 
+ROOT = Path(__file__).resolve().parent.parent
+
+# The interpreter that runs the relay: by default the one running the benchmarks; ``python -m
+# bench --relay-python /usr/bin/python3`` measures Debian's, which the packaged relay uses.
+relay_python = sys.executable
+
 # Loopback load comes from one address, so the per-IP and total connection limits are raised;
 # everything else (handshake limit, buffers, timeouts) stays at the shipped defaults.
 BENCH_LIMITS = {"max_connections": 100_000, "max_connections_per_ip": 100_000}
@@ -114,11 +120,13 @@ class BenchRelay:
         self._notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self._notify.bind(str(self._notify_path))
         self._notify.settimeout(0.5)
-        command = [sys.executable]
+        command = [relay_python]
         if profile is not None:
             command += ["-m", "cProfile", "-o", str(profile)]
         command += ["-m", "offset_appliance.cli.strelay", "--config", str(config)]
         env = dict(os.environ, NOTIFY_SOCKET=str(self._notify_path))
+        # Another interpreter may not have the package installed: run it from this tree.
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
         env.pop("WATCHDOG_USEC", None)
         env.pop("JOURNAL_STREAM", None)
         self.proc = subprocess.Popen(

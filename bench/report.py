@@ -276,10 +276,13 @@ def markdown_table(results: dict) -> str:
 
 def machine_line(machine: dict) -> str:
     """Where the numbers come from, in one sentence."""
-    return (
+    line = (
         f"{machine['cpu']}, {machine['cores']} cores, {machine['memory_gib']:.0f} GiB RAM, "
         f"Linux {machine['kernel']}, Python {machine['python']}, PyNaCl {machine['pynacl']}"
     )
+    if machine["relay_python"] != machine["python_executable"]:
+        line += f"; the relay ran on {machine['relay_python']} ({machine['relay_python_version']})"
+    return line
 
 
 def markdown(results: dict) -> str:

@@ -7,17 +7,31 @@ import datetime
 import json
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
 from importlib.metadata import version
 from pathlib import Path
 
-from . import report, scenarios
+from . import relay, report, scenarios
 from .relay import BenchError, raise_fd_limit
 
 HERE = Path(__file__).resolve().parent
 TESTS = ("wire", "latency", "bulk", "handshakes", "small", "idle")
+
+
+def _relay_python_version() -> str:
+    if relay.relay_python == sys.executable:
+        return platform.python_version()
+    proc = subprocess.run(
+        [relay.relay_python, "-c", "import platform; print(platform.python_version())"],
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode != 0:
+        raise BenchError(f"cannot run {relay.relay_python}")
+    return proc.stdout.strip()
 
 
 def machine() -> dict:
@@ -43,7 +57,10 @@ def machine() -> dict:
         "memory_gib": round(memory, 1),
         "kernel": platform.release(),
         "python": platform.python_version(),
+        "python_executable": sys.executable,
         "pynacl": version("PyNaCl"),
+        "relay_python": relay.relay_python,
+        "relay_python_version": _relay_python_version(),
     }
 
 
@@ -114,6 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", type=Path, default=HERE / "results.json")
     parser.add_argument("--markdown", type=Path, default=HERE / "RESULTS.md")
     parser.add_argument(
+        "--relay-python",
+        default=sys.executable,
+        help="interpreter that runs strelay (default: this one); it must import the "
+        "package's dependencies, the package itself is taken from this tree",
+    )
+    parser.add_argument(
         "--only",
         default=",".join(TESTS),
         help=f"comma-separated subset of: {', '.join(TESTS)}",
@@ -130,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)  # fmt: skip
         return 64
     sizes = scenarios.SMOKE if args.smoke else scenarios.FULL
+    relay.relay_python = args.relay_python
     try:
         with tempfile.TemporaryDirectory(prefix="offset-bench-") as workdir:
             results = run(sizes, only, Path(workdir))
