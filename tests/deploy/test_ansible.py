@@ -458,6 +458,32 @@ def test_reinstall_from_a_deb_file(deployment: Deployment, deb_package: Path) ->
     assert_probe_passes(controller.ticket(host))
 
 
+def test_install_from_an_added_apt_repository(deployment: Deployment) -> None:
+    """A host without the package in its apt sources gets it from offset_relay_apt_repository."""
+    controller = deployment.controller
+    host = deployment.hosts[1]
+    host.ssh(
+        "DEBIAN_FRONTEND=noninteractive apt-get -q -y purge offset-relay && "
+        "mv /etc/apt/sources.list /etc/apt/sources.list.orig && apt-get -q update"
+    )
+    line = controller.rig.apt_source
+    extra = json.dumps({"offset_relay_apt_repository": line})
+
+    run_ = controller.playbook("--limit", host.name, "-e", extra)
+
+    assert run_.returncode == 0, run_.tail()
+    for task in (
+        "Add the apt repository of offset-relay",
+        "Refresh apt's package lists for the new repository or key",
+        "Install offset-relay from the apt sources",
+    ):
+        assert (host.name, task) in run_.changed, run_.tail()
+    assert host.read("/etc/apt/sources.list.d/offset-relay.list") == f"{line}\n"
+    assert_probe_passes(controller.ticket(host))
+    again = controller.playbook("--limit", host.name, "-e", extra)
+    again.assert_clean([host.name])
+
+
 def test_play_fails_for_a_relay_that_does_not_answer(deployment: Deployment) -> None:
     """A ticket whose address reaches no relay fails the play, naming the relay."""
     controller = deployment.controller
