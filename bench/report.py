@@ -26,6 +26,10 @@ class Target:
             return float("inf")
         return self.value / self.limit if self.at_most else self.limit / self.value
 
+    def shown(self) -> str:
+        """The value with as many decimals as its size deserves."""
+        return f"{self.value:,.0f}" if abs(self.value) >= 100 else f"{self.value:.2f}"
+
     def verdict(self) -> str:
         if self.met:
             return "met"
@@ -251,11 +255,12 @@ def table_rows(results: dict) -> list[tuple[str, ...]]:
             )
     if "wire" in results:
         w = results["wire"]
+        seen = f"; {run['wire_bytes_per_message']:.0f} B seen by test 2's clients" if run else ""
         rows.append(
             (
                 f"7 wire: bytes per {w['message_bytes']} B message",
                 "ours (padding 0-255 B)",
-                f"{w['ours']:.0f} B",
+                f"{w['ours']:.0f} B{seen}",
                 f"{w['no_padding']:.0f} B (no padding)",
                 f"{w['ours'] / w['no_padding']:.2f}",
                 f"the original's padding (0-65535 B): {_n(w['original'])} B, "
@@ -320,7 +325,7 @@ def markdown(results: dict) -> str:
         parts.append(f"Targets met: {met} of {len(found)}.")
         for target in found:
             parts.append(
-                f"- {target.name}: {target.value:,.2f} {target.unit} against "
+                f"- {target.name}: {target.shown()} {target.unit} against "
                 f"{'at most' if target.at_most else 'at least'} {target.limit:,g} {target.unit}"
                 f": {target.verdict()}"
             )

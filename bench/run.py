@@ -170,6 +170,6 @@ def main(argv: list[str] | None = None) -> int:
     args.markdown.write_text(text)
     print(report.markdown_table(results))
     for target in report.targets(results):
-        print(f"{target.name}: {target.value:,.2f} {target.unit}: {target.verdict()}")
+        print(f"{target.name}: {target.shown()} {target.unit}: {target.verdict()}")
     _say(f"wrote {args.output} and {args.markdown} in {results['duration_seconds']:.0f} s")
     return 0
