@@ -245,6 +245,14 @@ def test_check_mode_with_diff_is_clean(deployment: Deployment) -> None:
     assert "--- before" not in run_.output, run_.tail()
 
 
+def test_tags_select_one_concern(deployment: Deployment) -> None:
+    run_ = deployment.controller.playbook("--tags", "offset_relay_ticket")
+    run_.assert_clean(deployment.controller.names)
+    assert "TASK [offset_relay : Make the relay's ticket for its public address]" in run_.output
+    for other in ("Install offset-relay from the apt sources", "Write the relay's settings"):
+        assert other not in run_.output, run_.tail()
+
+
 def test_role_passes_ansible_lint_production_profile(tmp_path: Path) -> None:
     # On a copy: ansible-lint keeps a cache in the project it lints.
     directory = copy_ansible_dir(tmp_path / "ansible")
