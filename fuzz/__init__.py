@@ -1,0 +1,1 @@
+"""Fuzz targets for the wire layers and the relay core (see targets.py and run.py)."""
