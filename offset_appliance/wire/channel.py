@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import enum
-import hashlib
 import hmac
 import os
 from collections.abc import Callable
 
 import nacl.exceptions
+from nacl._sodium import ffi as _ffi
+from nacl._sodium import lib as _lib
 from nacl.bindings import (
-    crypto_aead_chacha20poly1305_ietf_decrypt,
-    crypto_aead_chacha20poly1305_ietf_encrypt,
     crypto_scalarmult,
     crypto_scalarmult_base,
 )
@@ -35,14 +34,46 @@ SALT_LEN = 32
 Random = Callable[[int], bytes]
 
 
-def _sha512_256() -> hashlib._Hash:
-    return hashlib.new("sha512_256")
-
-
 def hkdf_sha512_256(salt: bytes, ikm: bytes) -> bytes:
     """RFC 5869 HKDF with SHA-512/256, empty info, 32 bytes out (one block of output)."""
-    prk = hmac.new(salt, ikm, _sha512_256).digest()
-    return hmac.new(prk, b"\x01", _sha512_256).digest()
+    prk = hmac.digest(salt, ikm, "sha512_256")
+    return hmac.digest(prk, b"\x01", "sha512_256")
+
+
+# ChaCha20-Poly1305-IETF straight through PyNaCl's libsodium binding: the same library
+# calls as nacl.bindings' wrappers, without their per-call argument checks and zero-filled
+# buffers, which cost more than the cipher itself for small messages (bench/PROFILE.md).
+# Keys and nonces are checked where they are made: keys are 32 bytes, nonces 12.
+_alloc = _ffi.new_allocator(should_clear_after_alloc=False)
+_ABYTES = _lib.crypto_aead_chacha20poly1305_ietf_abytes()
+_aead_encrypt = _lib.crypto_aead_chacha20poly1305_ietf_encrypt
+_aead_decrypt = _lib.crypto_aead_chacha20poly1305_ietf_decrypt
+_NULL = _ffi.NULL
+_buffer = _ffi.buffer
+
+
+def _encrypt(nonce: bytes, key: bytes, plaintext: bytes) -> bytes:
+    """``nonce || ciphertext || tag``, in one buffer."""
+    size = len(plaintext) + _ABYTES
+    out = _alloc("unsigned char[]", NONCE_LEN + size)
+    out[0:NONCE_LEN] = nonce
+    out_len = _alloc("unsigned long long *")
+    _aead_encrypt(out + NONCE_LEN, out_len, plaintext, len(plaintext), _NULL, 0, _NULL, nonce, key)
+    return _buffer(out, NONCE_LEN + size)[:]
+
+
+def _decrypt(frame: bytes, nonce: bytes, key: bytes) -> bytes | None:
+    """The plaintext of ``frame`` (nonce, ciphertext, tag), or None if it fails to verify."""
+    size = len(frame) - NONCE_LEN - _ABYTES
+    out = _alloc("unsigned char[]", max(size, 1))
+    out_len = _alloc("unsigned long long *")
+    source = _ffi.from_buffer(frame)
+    result = _aead_decrypt(
+        out, out_len, _NULL, source + NONCE_LEN, size + _ABYTES, _NULL, 0, nonce, key
+    )
+    if result != 0:
+        return None
+    return _buffer(out, size)[:]
 
 
 def derive_keys(dh_private: bytes, peer_dh_public: bytes, own_salt: bytes, peer_salt: bytes):
@@ -89,6 +120,14 @@ class PaddingSource:
         return pool[pos + 1 : pos + 1 + length]
 
 
+# One pool serves every channel in the process: a pool per channel cost each connection
+# 64 KiB of memory (and of CSPRNG output) from its first message on.
+_SHARED_PADDING = PaddingSource()
+
+
+_SHARED_PADDING = PaddingSource()
+
+
 class _Direction:
     """One direction's key and nonce counter (little-endian, as libsodium increments)."""
 
@@ -122,7 +161,7 @@ class SecureChannel:
         self._old_recv: _Direction | None = None
         self._pending: tuple[bytes, bytes] | None = None  # our rekey awaiting an answer
         self._random = random
-        self._padding = PaddingSource(random)
+        self._padding = _SHARED_PADDING if random is os.urandom else PaddingSource(random)
         # Frames the channel itself must send (rekey answers), in order, before anything else.
         self.outbox: list[bytes] = []
         self.rekeys = 0  # key switches completed, whoever started them
@@ -136,7 +175,7 @@ class SecureChannel:
         send = self._send
         nonce = send.counter.to_bytes(NONCE_LEN, "little")
         send.counter += 1
-        return nonce + crypto_aead_chacha20poly1305_ietf_encrypt(plaintext, None, nonce, send.key)
+        return _encrypt(nonce, send.key, plaintext)
 
     def seal(self, user: bytes) -> bytes:
         """The frame payload carrying ``user`` (a KaMessage) to the peer."""
@@ -153,11 +192,8 @@ class SecureChannel:
     def _try_open(self, direction: _Direction, nonce: bytes, frame: bytes) -> bytes | None:
         if nonce != direction.counter.to_bytes(NONCE_LEN, "little"):
             return None
-        try:
-            plain = crypto_aead_chacha20poly1305_ietf_decrypt(
-                frame[NONCE_LEN:], None, nonce, direction.key
-            )
-        except nacl.exceptions.CryptoError:
+        plain = _decrypt(frame, nonce, direction.key)
+        if plain is None:
             return None
         direction.counter += 1
         return plain
