@@ -130,7 +130,7 @@ class RelayClient:
             wake = min(deadline, self.wire.next_deadline())
             self.sock.settimeout(max(0.001, wake - now))
             try:
-                data = self.sock.recv(1 << 18)
+                data = self.sock.recv(1 << 16)
             except TimeoutError:
                 try:
                     self.wire.handle_timer(time.monotonic())

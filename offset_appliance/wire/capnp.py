@@ -232,14 +232,16 @@ def _encode_slices(runs: int) -> tuple[slice, ...]:
     return tuple(slices[: 2 * runs])
 
 
-def pack_message(header: bytes, bodies: tuple[bytes | memoryview, ...]) -> bytes:
+def pack_message(
+    header: bytes, bodies: tuple[bytes | memoryview, ...], packed_header: bytes | None = None
+) -> bytes:
     """The packed stream of a message: ``header`` (the segment table and every struct, a
     whole number of words) packed word by word, then ``bodies``, each padded to words.
 
     The last body (the large one, in our messages) is cut into full verbatim runs by
     slicing, and the whole message is joined once.
     """
-    out: list[bytes | memoryview] = [pack(header)]
+    out: list[bytes | memoryview] = [pack(header) if packed_header is None else packed_header]
     for body in bodies[:-1]:
         _pack_body(body, out)
     body = bodies[-1] if bodies else b""
@@ -339,6 +341,11 @@ def _unpack(data: bytes, max_words: int) -> bytearray:
             out += word
             pos = end
     return out
+
+
+def unpack_bytearray(data: bytes) -> bytearray:
+    """``unpack`` without the final copy, for readers that slice what they need out of it."""
+    return _unpack(data, MAX_MESSAGE_WORDS)
 
 
 def unpack(data: bytes, max_words: int = MAX_MESSAGE_WORDS) -> bytes:

@@ -23,6 +23,7 @@ from .capnp import (
     pack_message,
     read_message,
     struct_pointer,
+    unpack_bytearray,
 )
 
 PUBLIC_KEY_LEN = 32
@@ -350,16 +351,75 @@ KEEPALIVE: bytes = pack(_HEADER_4.pack(3 << 32, _KA_ROOT, _KA_KEEPALIVE, 0))
 """The packed KaMessage ``keepAlive``."""
 
 
+# The packed header words depend only on the Data lengths, which repeat: pack them once.
+_PACKED_HEADERS: dict[bytes, bytes] = {}
+_PACKED_HEADERS_LIMIT = 4096
+_COUNT = tuple(bytes([n]) for n in range(256))
+_PAD = tuple(bytes(n) for n in range(8))
+# A body of at most this many bytes is one verbatim run: 0xff, its first word, a count.
+_ONE_RUN = 256 * 8
+
+
+def _packed_header(header: bytes) -> bytes:
+    packed = _PACKED_HEADERS.get(header)
+    if packed is None:
+        packed = pack(header)
+        if len(_PACKED_HEADERS) >= _PACKED_HEADERS_LIMIT:
+            _PACKED_HEADERS.clear()
+        _PACKED_HEADERS[header] = packed
+    return packed
+
+
+def _one_run(body: bytes) -> bool:
+    # A body that fits one run and whose first word has no zero byte (which the reference
+    # packer never tags 0xff) is packed as 0xff, word, count, rest, zero padding.
+    return 8 <= len(body) <= _ONE_RUN and 0 not in body[:8]
+
+
 def encode_ka_message(payload: bytes) -> bytes:
     """The packed KaMessage ``message`` carrying ``payload``."""
     length = len(payload)
-    words = 3 + (length + 7) // 8
-    header = _HEADER_4.pack(words << 32, _KA_ROOT, _KA_MESSAGE, data_pointer(0, length))
-    return pack_message(header, (payload,))
+    body_words = (length + 7) // 8
+    header = _HEADER_4.pack((3 + body_words) << 32, _KA_ROOT, _KA_MESSAGE, data_pointer(0, length))
+    if _one_run(payload):
+        return b"".join(
+            (
+                _packed_header(header),
+                b"\xff",
+                payload[:8],
+                _COUNT[body_words - 1],
+                payload[8:],
+                _PAD[-length % 8],
+            )
+        )
+    return pack_message(header, (payload,), _packed_header(header))
+
+
+# Fixed layouts our encoders write (and the reference encoders too, for one segment):
+# segment table, root pointer, struct words, then the Data. Decoders check these words and
+# slice the Data out; anything else goes through the general reader.
+_KA_FIXED = struct.Struct("<IIQQQ")
+_CHANNEL_FIXED = struct.Struct("<IIQQQQQ")
+LIST_KIND = 1
+_BYTE_LIST = LIST_KIND | (2 << 32)
+_LOW35 = (1 << 35) - 1
 
 
 def decode_ka_message(data: bytes) -> bytes | None:
     """The payload of a packed KaMessage, or None for ``keepAlive``."""
+    if isinstance(data, bytes):
+        words = unpack_bytearray(data)
+        if len(words) >= 32:
+            segments, size, root, tag, pointer = _KA_FIXED.unpack_from(words)
+            if (
+                segments == 0
+                and size * 8 + 8 == len(words)
+                and root == _KA_ROOT
+                and tag & 0xFFFF == _KA_MESSAGE
+                and pointer & _LOW35 == _BYTE_LIST
+                and 32 + (pointer >> 35) <= len(words)
+            ):
+                return bytes(words[32 : 32 + (pointer >> 35)])
     root = _root(data)
     tag = root.uint16(0)
     if tag == _KA_KEEPALIVE:
@@ -373,16 +433,29 @@ def decode_ka_message(data: bytes) -> bytes | None:
 def encode_channel_user(padding: bytes, user: bytes) -> bytes:
     """The packed ChannelMessage carrying ``user`` data after ``padding``."""
     padding_words = (len(padding) + 7) // 8
-    words = 5 + padding_words + (len(user) + 7) // 8
+    user_words = (len(user) + 7) // 8
     header = _HEADER_6.pack(
-        words << 32,
+        (5 + padding_words + user_words) << 32,
         _CHANNEL_ROOT,
         data_pointer(3, len(padding)),
         _CHANNEL_CONTENT,
         _CONTENT_USER,
         data_pointer(padding_words, len(user)),
     )
-    return pack_message(header, (padding, user))
+    packed_header = _packed_header(header)
+    if _one_run(user) and (not padding or _one_run(padding)):
+        pieces = [packed_header]
+        if padding:
+            pieces += (
+                b"\xff",
+                padding[:8],
+                _COUNT[padding_words - 1],
+                padding[8:],
+                _PAD[-len(padding) % 8],
+            )
+        pieces += (b"\xff", user[:8], _COUNT[user_words - 1], user[8:], _PAD[-len(user) % 8])
+        return b"".join(pieces)
+    return pack_message(header, (padding, user), packed_header)
 
 
 def encode_channel_rekey(padding: bytes, rekey: Rekey) -> bytes:
@@ -398,6 +471,25 @@ def encode_channel_rekey(padding: bytes, rekey: Rekey) -> bytes:
 
 def decode_channel_message(data: bytes) -> bytes | Rekey:
     """The user data of a packed ChannelMessage, or its Rekey (the padding is ignored)."""
+    if isinstance(data, bytes):
+        words = unpack_bytearray(data)
+        if len(words) >= 48:
+            segments, size, root, _, content, tag, pointer = _CHANNEL_FIXED.unpack_from(words)
+            if (
+                segments == 0
+                and size * 8 + 8 == len(words)
+                and root == _CHANNEL_ROOT
+                and content == _CHANNEL_CONTENT
+                and tag & 0xFFFF == _CONTENT_USER
+                and pointer & 3 == LIST_KIND
+                and (pointer >> 32) & 7 == 2
+                and not pointer & 0x80000000
+            ):
+                # Like the reference reader, the padding (never read) is not checked.
+                start = 48 + (pointer & 0xFFFFFFFF) // 4 * 8
+                end = start + (pointer >> 35)
+                if end <= len(words):
+                    return bytes(words[start:end])
     content = _root(data).struct(1)
     if content is None:
         raise ProtocolError("ChannelMessage content is missing")

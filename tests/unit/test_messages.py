@@ -424,3 +424,51 @@ def test_channel_message_without_content_is_refused():
 def test_decoders_refuse_what_is_not_bytes():
     with pytest.raises(ProtocolError):
         decode_ka_message("text")  # type: ignore[arg-type]
+
+
+# ---- the fixed-layout fast paths agree with the general reader --------------------------
+
+
+def _channel_words(user: bytes, padding: bytes, user_first: bool, spare_words: int) -> bytes:
+    """A one-segment ChannelMessage laid out by hand, Data bodies in either order."""
+    from offset_appliance.wire.capnp import data_pointer, pack, struct_pointer
+
+    def body(data: bytes) -> bytes:
+        return data + bytes(-len(data) % 8)
+
+    first, second = (user, padding) if user_first else (padding, user)
+    first_words = len(body(first)) // 8
+    # Words: 0 root, 1 padding ptr, 2 content ptr, 3 tag, 4 user ptr, 5.. bodies, then spare.
+    if user_first:
+        padding_ptr = data_pointer(3 + first_words, len(padding))
+        user_ptr = data_pointer(0, len(user))
+    else:
+        padding_ptr = data_pointer(3, len(padding))
+        user_ptr = data_pointer(first_words, len(user))
+    segment = b"".join(
+        w.to_bytes(8, "little")
+        for w in (struct_pointer(0, 0, 2), padding_ptr, struct_pointer(0, 1, 1), 1, user_ptr)
+    )
+    segment += body(first) + body(second) + bytes(8 * spare_words)
+    table = (0).to_bytes(4, "little") + (len(segment) // 8).to_bytes(4, "little")
+    return pack(table + segment)
+
+
+@pytest.mark.parametrize("user_first", [False, True])
+@pytest.mark.parametrize("spare_words", [0, 3])
+@pytest.mark.parametrize("size", [0, 1, 9, 64, 3000])
+def test_channel_layouts_decode_the_same(user_first, spare_words, size):
+    user = bytes((i * 7 + 1) % 256 for i in range(size))
+    padding = b"\x01" * 13
+    encoded = _channel_words(user, padding, user_first, spare_words)
+    assert decode_channel_message(encoded) == user
+
+
+def test_channel_fast_path_refuses_out_of_bounds_user():
+    from offset_appliance.wire.capnp import data_pointer, pack, struct_pointer
+
+    words = (struct_pointer(0, 0, 2), 0, struct_pointer(0, 1, 1), 1, data_pointer(0, 100))
+    segment = b"".join(w.to_bytes(8, "little") for w in words) + bytes(8)
+    table = (0).to_bytes(4, "little") + (len(segment) // 8).to_bytes(4, "little")
+    with pytest.raises(ProtocolError):
+        decode_channel_message(pack(table + segment))
