@@ -101,9 +101,11 @@ class Swarm:
         source: str | None = None,
         raw: bool = False,
         rcvbuf: int | None = None,
+        output_filter: OutputFilter | None = None,
     ) -> Session:
         """Start a connection (the handshake runs in ``poll``); ``raw`` sends only what the
-        caller queues with ``send_raw``."""
+        caller queues with ``send_raw``; ``output_filter`` sees every byte the stack sends,
+        from the version frame on."""
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -123,6 +125,7 @@ class Swarm:
                 keepalive=self.keepalive,
             )
         session = Session(self, sock, wire, identity)
+        session.output_filter = output_filter
         self.sessions.add(session)
         err = sock.connect_ex(self.address)
         if err not in (0, errno.EINPROGRESS):

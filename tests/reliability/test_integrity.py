@@ -33,7 +33,7 @@ from .swarm import Session, Swarm
 
 TUNNELS = 200
 LISTENERS = 20  # each listener key serves ten tunnels
-QUOTA = (1 << 20) if SOAK else 256 * 1024  # bytes each direction of each tunnel carries
+QUOTA = (1 << 20) if SOAK else 512 * 1024  # bytes each direction of each tunnel carries
 MAX_MESSAGE = 48 * 1024
 ABORT_FRACTION = 0.25
 WINDOW = 96 * 1024  # bytes a session may have queued before we stop producing for it

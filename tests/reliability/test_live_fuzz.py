@@ -291,9 +291,10 @@ def _fuzz_round(relay, round_no: int, figures) -> None:
         live = sum(1 for _, s in fuzzed if not s.closed)
         while started < SESSIONS and live < IN_FLIGHT:
             plan = Plan(rng, SigningKey.generate(), target_id.verify_key.encode())
-            session = swarm.open(plan.identity, source=rng.choice(SOURCE_IPS))
+            session = swarm.open(
+                plan.identity, source=rng.choice(SOURCE_IPS), output_filter=plan.frame_fault
+            )
             session.timers = False
-            session.output_filter = plan.frame_fault
             session.on_open = lambda s, plan=plan: plan.run(swarm, s)
             plans_by_key[session.public_key] = plan
             fuzzed.append((plan, session))
