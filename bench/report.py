@@ -313,8 +313,9 @@ def markdown(results: dict) -> str:
         " core\" figures divide the work done by the relay's own CPU time (user + system, from"
         " `/proc/<pid>/stat`), which is what the targets mean."
         + client_share
-        + " Each floor is measured in the same run, in one process, and the ratio is relay cost"
-        " / floor cost, so a noisy or slower machine moves both together.",
+        + " Each floor is measured in one process at the start and at the end of the same run"
+        " (the lower reading counts), and the ratio is relay cost / floor cost, so a slower"
+        " machine moves both together.",
         "",
         markdown_table(results),
         "",

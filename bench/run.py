@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 from importlib.metadata import version
 from pathlib import Path
 
@@ -85,6 +86,11 @@ def run(sizes: scenarios.Sizes, only: tuple[str, ...], workdir: Path) -> dict:
     if "wire" in only:
         _say("7 wire overhead")
         results["wire"] = scenarios.wire(sizes)
+    wire_bytes = (results.get("wire") or scenarios.wire(sizes))["ours"]
+    needs_floors = any(name in only for name in ("bulk", "small", "handshakes"))
+    if needs_floors:
+        _say("floors, first reading")
+        first = scenarios.measure_floors(sizes, wire_bytes)
     if "latency" in only:
         _say(f"5 latency: {sizes.latency_samples} round trips, direct and through the relay")
         results["latency"] = scenarios.latency(workdir, sizes)
@@ -101,19 +107,19 @@ def run(sizes: scenarios.Sizes, only: tuple[str, ...], workdir: Path) -> dict:
             result = scenarios.small(workdir, sizes, connections, latency=True)
             result["connections_asked"] = connections
             runs.append(result)
-        headline = next(
-            (run for run in runs if run["connections_asked"] == sizes.small_headline), runs[-1]
-        )
-        floor = scenarios.small_floor(sizes, headline["wire_bytes_per_message"])
         results["small"] = {
             "message_bytes": sizes.small_message,
             "headline": sizes.small_headline,
-            "floor_cpu_us_per_message": round(floor * 1e6, 2),
             "runs": runs,
         }
     if "idle" in only:
         _say(f"4 idle: {sizes.idle_connections} connections held {sizes.idle_seconds:g} s")
         results["idle"] = scenarios.idle(workdir, sizes)
+    if needs_floors:
+        _say("floors, second reading")
+        last = scenarios.measure_floors(sizes, wire_bytes)
+        results["floors"] = {"first": asdict(first), "last": asdict(last)}
+        scenarios.apply_floors(results, first.cheapest(last))
     results["targets"] = [target.as_dict() for target in report.targets(results)]
     results["load_average_after"] = round(os.getloadavg()[0], 2)
     results["duration_seconds"] = round(time.monotonic() - started, 1)
