@@ -338,6 +338,35 @@ def test_killed_relay_is_restarted(host: Host, ticket: Path) -> None:
     assert_probe_ok(ticket)
 
 
+def test_stalled_loop_is_killed_by_the_watchdog_and_restarted(host: Host, ticket: Path) -> None:
+    # A runtime unit drop-in shortens the watchdog, so that the test waits seconds, not 30.
+    override = "/run/systemd/system/offset-relay.service.d"
+    host.ssh(f"mkdir -p {override}")
+    host.write(f"{override}/watchdog.conf", "[Service]\nWatchdogSec=3s\nTimeoutAbortSec=5s\n")
+    host.ssh("systemctl daemon-reload && systemctl restart offset-relay")
+    wait_active(host)
+    try:
+        before = unit(host, "MainPID", "NRestarts")
+        cursor = journal_cursor(host)
+        # SIGSTOP freezes the event loop as a wedged one would be: no WATCHDOG=1 any more.
+        host.ssh(f"kill -STOP {before['MainPID']}")
+
+        def restarted() -> bool:
+            now = unit(host, "MainPID", "ActiveState")
+            return now["ActiveState"] == "active" and now["MainPID"] not in ("0", before["MainPID"])
+
+        wait_for("the watchdog to restart the relay", restarted, timeout=40)
+        assert int(unit(host, "NRestarts")["NRestarts"]) == int(before["NRestarts"]) + 1
+        messages = journal_since(host, cursor)
+        # SIGABRT is the watchdog's signal (WatchdogSignal=); nothing else here sends it.
+        assert any("with signal SIGABRT" in m for m in messages), messages
+        assert_probe_ok(ticket)
+    finally:
+        host.ssh(f"rm -rf {override} && systemctl daemon-reload")
+        host.ssh("systemctl reset-failed offset-relay; systemctl restart offset-relay")
+        wait_active(host)
+
+
 def test_reload_applies_a_new_log_level(
     host: Host, ticket: Path, drop_in: Callable[[str, str], None]
 ) -> None:
