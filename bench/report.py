@@ -182,6 +182,22 @@ def table_rows(results: dict) -> list[tuple[str, ...]]:
                 f"relay busy {run['relay_cpu_share'] * 100:.0f}% of a core",
             )
         )
+    if run and results["small"].get("window_runs"):
+        by_window = sorted([run, *results["small"]["window_runs"]], key=lambda r: r["window"])
+        rows.append(
+            (
+                "",
+                "relay CPU per message by messages in flight per tunnel and direction",
+                "; ".join(
+                    f"{r['window']}: {r['relay_cpu_us_per_message']:.1f} us "
+                    f"({_n(r['messages_per_relay_cpu_second'])}/s)"
+                    for r in by_window
+                ),
+                "",
+                "",
+                "more in flight, more messages per system call",
+            )
+        )
     if "handshakes" in results:
         h = results["handshakes"]
         rows.append(

@@ -107,10 +107,17 @@ def run(sizes: scenarios.Sizes, only: tuple[str, ...], workdir: Path) -> dict:
             result = scenarios.small(workdir, sizes, connections, latency=True)
             result["connections_asked"] = connections
             runs.append(result)
+        window_runs = []
+        for window in sizes.small_windows:
+            _say(f"2 small messages over {sizes.small_headline} connections, window {window}")
+            window_runs.append(
+                scenarios.small(workdir, sizes, sizes.small_headline, latency=False, window=window)
+            )
         results["small"] = {
             "message_bytes": sizes.small_message,
             "headline": sizes.small_headline,
             "runs": runs,
+            "window_runs": window_runs,
         }
     if "idle" in only:
         _say(f"4 idle: {sizes.idle_connections} connections held {sizes.idle_seconds:g} s")

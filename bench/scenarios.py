@@ -45,6 +45,9 @@ class Sizes:
     small_connections: tuple[int, ...] = (100, 1000, 10000)
     small_headline: int = 1000  # the run whose figures are the headline of test 2
     small_window: int = 2  # messages in flight per tunnel and direction
+    # The same load at the headline scale with other windows: deeper windows put more
+    # messages into each read and write, so the cost per message depends on them.
+    small_windows: tuple[int, ...] = (1, 8)
     small_seconds: float = 10.0
     handshake_seconds: float = 10.0
     handshake_concurrency: int = 32  # per client process
@@ -65,6 +68,7 @@ SMOKE = Sizes(
     bulk_bytes=4 << 20,
     small_connections=(10, 40),
     small_headline=40,
+    small_windows=(4,),
     small_seconds=1.0,
     handshake_seconds=1.0,
     handshake_concurrency=4,
@@ -258,11 +262,13 @@ def small(
     connections: int,
     *,
     latency: bool,
+    window: int | None = None,
     profile: Path | None = None,
 ) -> dict:
     """64-byte messages over many tunnels (``connections`` / 2 of them), flowing both ways."""
     tunnels = max(1, connections // 2)
-    relay = BenchRelay(workdir / f"small-{connections}", profile=profile)
+    window = window or sizes.small_window
+    relay = BenchRelay(workdir / f"small-{connections}-{window}", profile=profile)
     workers: list[Worker] = []
     clients = []
     try:
@@ -276,7 +282,7 @@ def small(
                     tunnel_worker,
                     target,
                     count,
-                    sizes.small_window,
+                    window,
                     sizes.small_message,
                     PAYLOAD_SEED,
                 )
@@ -296,14 +302,14 @@ def small(
             # Measured from this process while the load runs; it shares the CPUs with it.
             samples = floors.round_trips(a, b, sizes.latency_message, 1 << 30, until=until)
         time.sleep(max(0.0, until - time.monotonic()))
-        window = meter.stop()
+        measured = meter.stop()
     except BaseException:
         _abandon(relay, workers, clients)
         raise
     for client in clients:
         client.close()
     reports = _finish(relay, workers)
-    messages, rx_bytes, failed = window.counts
+    messages, rx_bytes, failed = measured.counts
     if messages == 0:
         raise BenchError(f"no messages were relayed with {connections} connections")
     if failed:
@@ -314,19 +320,19 @@ def small(
         "connections": opened,
         "tunnels": tunnels,
         "setup_seconds": round(setup_seconds, 1),
-        "window": sizes.small_window,
-        "in_flight": tunnels * 2 * sizes.small_window,
+        "window": window,
+        "in_flight": tunnels * 2 * window,
         "messages": messages,
-        "messages_per_s": round(messages / window.seconds),
-        "relay_cpu_us_per_message": round(window.relay_cpu / messages * 1e6, 2),
-        "messages_per_relay_cpu_second": round(messages / window.relay_cpu)
-        if window.relay_cpu
+        "messages_per_s": round(messages / measured.seconds),
+        "relay_cpu_us_per_message": round(measured.relay_cpu / messages * 1e6, 2),
+        "messages_per_relay_cpu_second": round(messages / measured.relay_cpu)
+        if measured.relay_cpu
         else None,
-        "rss_kib": window.rss_kib,
-        "rss_kib_per_connection": round((window.rss_kib - base.rss_kib) / opened, 2),
+        "rss_kib": measured.rss_kib,
+        "rss_kib_per_connection": round((measured.rss_kib - base.rss_kib) / opened, 2),
         "wire_bytes_per_message": round(rx_bytes / messages, 1),
     }
-    result.update(window.as_dict())
+    result.update(measured.as_dict())
     if latency:
         result["latency"] = percentiles(samples)
     return result

@@ -94,6 +94,10 @@ def test_small_messages_ran_at_each_scale(smoke):
         assert 64 + 36 < run["wire_bytes_per_message"] < 64 + 36 + 300
         _percentiles_sane(run["latency"])
     assert small["floor_cpu_us_per_message"] > 0
+    (deeper,) = small["window_runs"]
+    assert deeper["window"] == 4 and small["runs"][-1]["window"] == 2
+    assert deeper["in_flight"] == deeper["tunnels"] * 2 * 4
+    assert deeper["messages"] > 0 and "latency" not in deeper
 
 
 def test_handshakes_completed_without_failures(smoke):
