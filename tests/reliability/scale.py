@@ -28,8 +28,10 @@ SHARES = {
     "connect_flood": 0.15,
     "connection_caps": 0.03,
     "idle_tunnels": 0.04,
-    "never_reading": 0.06,
-    "integrity": 0.28,
+    "never_reading": 0.05,
+    "unaccepted": 0.04,
+    "early_data": 0.03,
+    "integrity": 0.22,
     "fd_exhaustion": 0.04,
 }
 

@@ -157,7 +157,9 @@ def _idle_tunnels_round(relay, figures) -> None:
     connectors: list[Session] = []
     for number in range(IDLE_TUNNELS):
         if number % OPEN_WINDOW == 0:
-            swarm.run_until(lambda: all(c.is_open for c in connectors), 60, "connectors")
+            swarm.run_until(lambda: all(c.is_open or c.closed for c in connectors), 60, "opens")
+            lost = [c.close_reason for c in connectors if c.closed]
+            assert not lost, lost[:5]
         connector = swarm.open(source=SOURCE_IPS[100 + number % 50])
         connector.on_open = lambda s: (swarm.send(s, connect), swarm.send(s, b"hi"))
         connectors.append(connector)
@@ -297,6 +299,136 @@ def test_readers_that_never_read_hold_bounded_memory(relay_factory, figures):
         _stuck_round(relay, figures)
         figures.attack_held("never_reading")
     figures.rss("never_reading", rss_start, relay.rss_kib())
+
+
+# ---- connects that are never accepted -----------------------------------------------------
+
+UNACCEPTED = 20
+HALF_TUNNEL_BUFFER = 256 * 1024
+# Data sent before the accept is kept, up to HALF_TUNNEL_BUFFER per half-tunnel; then the
+# relay stops reading the connecting side (plus one read's worth and a message in hand).
+UNACCEPTED_RSS_BOUND = UNACCEPTED * (HALF_TUNNEL_BUFFER + RECV_SIZE + 2 * MESSAGE) // 1024 + (
+    16 * MIB
+)
+
+
+def _unaccepted_round(relay, figures) -> None:
+    swarm = Swarm(relay.address, relay.public_key)
+    listener_id = SigningKey.generate()
+    listener = _listener(swarm, listener_id)
+    announced: list[bytes] = []
+    listener.on_message = lambda s, m: announced.append(incoming_key(m))
+    swarm.run_until(lambda: listener.is_open and not listener.pending, 30, "listener")
+    wait_metrics(relay, lambda v: v["offset_relay_listeners"] == 1, 30, "listening")
+    rss_before = relay.rss_kib()
+    connect = encode_init_connection(Connect(listener.public_key))
+    writers = [swarm.open() for _ in range(UNACCEPTED)]
+    streams = {}
+    for number, writer in enumerate(writers):
+        writer.on_open = lambda s: swarm.send(s, connect)
+        streams[writer.public_key] = Stream(number, 0, number, 1 << 40, MESSAGE)
+
+    def push() -> bool:
+        for writer in writers:
+            stream = streams[writer.public_key]
+            while writer.is_open and writer.pending < 2 * HELD_BACK:
+                swarm.send(writer, stream.next_message())
+        return len(announced) == UNACCEPTED and all(w.pending >= HELD_BACK for w in writers)
+
+    swarm.run_until(push, 60, "every unaccepted writer to be held back")
+    swarm.run_for(2.0)  # unbounded buffering would keep growing meanwhile
+    rss = relay.rss_kib()
+    assert rss - rss_before < UNACCEPTED_RSS_BOUND, (rss_before, rss, UNACCEPTED_RSS_BOUND)
+    assert scrape(relay)["offset_relay_half_tunnels"] == UNACCEPTED
+
+    # Accepted at last, every half-tunnel delivers what was held, whole and in order.
+    for key in announced:
+        acceptor = swarm.open(listener_id)
+        acceptor.on_open = lambda s, key=key: swarm.send(s, encode_init_connection(Accept(key)))
+        acceptor.on_message = lambda s, m, key=key: streams[key].receive(m)
+    swarm.run_until(
+        lambda: all(s.caught_up for s in streams.values()), 120, "the held data to arrive"
+    )
+    errors = [e for s in streams.values() for e in s.errors]
+    assert not errors, errors[:10]
+    assert all(not w.closed for w in writers)
+    figures.add("bytes_checked", sum(s.received_bytes for s in streams.values()))
+    swarm.close_all()
+    wait_metrics(relay, lambda v: open_connections(v) == 0, 60, "all closed")
+    assert_relay_clean(relay)
+
+
+@pytest.mark.slow
+def test_unaccepted_connects_hold_bounded_memory(relay_factory, figures):
+    relay = relay_factory(settings(limits={"half_tunnel_buffer": HALF_TUNNEL_BUFFER}))
+    rss_start = relay.rss_kib()
+    for _ in rounds("unaccepted"):
+        _unaccepted_round(relay, figures)
+        figures.attack_held("unaccepted_connects")
+    figures.rss("unaccepted", rss_start, relay.rss_kib())
+
+
+# ---- early data is let go once delivered ---------------------------------------------------
+
+EARLY_ROUNDS = 4  # all within one half-tunnel lifetime (32 s)
+EARLY_CONNECTS = 40
+EARLY_DATA = 1 << 20  # what each connect sends before it is accepted: a full buffer
+# The relay holds one round's early data (EARLY_CONNECTS MiB) while it is delivered. Were it
+# kept after delivery (by the half-tunnel's expiry timer, as it once was), the rounds would
+# add up to EARLY_ROUNDS times that.
+EARLY_RSS_BOUND = 2 * EARLY_CONNECTS * EARLY_DATA // 1024 + 16 * MIB
+
+
+def _early_data_round(relay, swarm: Swarm, number: int) -> None:
+    listener_id = SigningKey.generate()
+    listener = _listener(swarm, listener_id)
+    announced: list[bytes] = []
+    listener.on_message = lambda s, m: announced.append(incoming_key(m))
+    swarm.run_until(lambda: listener.is_open and not listener.pending, 30, "listener")
+    wait_metrics(relay, lambda v: v["offset_relay_listeners"] == 1, 30, "listening")
+    connect = encode_init_connection(Connect(listener.public_key))
+    streams: dict[bytes, Stream] = {}
+    connectors = []
+    for index in range(EARLY_CONNECTS):
+        stream = Stream(number * EARLY_CONNECTS + index, 0, index, EARLY_DATA, MESSAGE)
+        connector = swarm.open()
+
+        def on_open(session: Session, stream: Stream = stream) -> None:
+            swarm.send(session, connect)
+            while not stream.done_sending:
+                swarm.send(session, stream.next_message())
+
+        connector.on_open = on_open
+        streams[connector.public_key] = stream
+        connectors.append(connector)
+    swarm.run_until(
+        lambda: len(announced) == EARLY_CONNECTS and all(c.is_open for c in connectors),
+        60,
+        "connects",
+    )
+    for key in announced:
+        acceptor = swarm.open(listener_id)
+        acceptor.on_open = lambda s, key=key: swarm.send(s, encode_init_connection(Accept(key)))
+        acceptor.on_message = lambda s, m, key=key: streams[key].receive(m)
+    swarm.run_until(lambda: all(s.complete for s in streams.values()), 60, "early data")
+    errors = [e for s in streams.values() for e in s.errors]
+    assert not errors, errors[:10]
+    swarm.close_all()
+    wait_metrics(relay, lambda v: open_connections(v) == 0, 60, "all closed")
+
+
+@pytest.mark.slow
+def test_early_data_is_let_go_once_delivered(relay_factory, figures):
+    relay = relay_factory(settings())
+    for _ in rounds("early_data"):
+        swarm = Swarm(relay.address, relay.public_key)
+        rss_before = relay.rss_kib()
+        for number in range(EARLY_ROUNDS):
+            _early_data_round(relay, swarm, number)
+        rss = relay.rss_kib()
+        assert rss - rss_before < EARLY_RSS_BOUND, (rss_before, rss, EARLY_RSS_BOUND)
+        assert_relay_clean(relay)
+        figures.add("bytes_checked", EARLY_ROUNDS * EARLY_CONNECTS * EARLY_DATA)
 
 
 # ---- out of file descriptors -------------------------------------------------------------
