@@ -210,6 +210,7 @@ class RelayCore:
 
     def _drop_half_tunnel(self, half: _HalfTunnel, reason: str) -> None:
         del self._half_tunnels[(half.src, half.dst)]
+        half.data = []  # the expiry timer may still refer to it
         sources = self._half_by_listener[half.dst]
         sources.discard(half.src)
         if not sources:
@@ -280,6 +281,9 @@ class RelayCore:
         actions = self.actions
         for data in half.data:
             actions.append((SEND, conn.id, data))
+        # Its expiry timer refers to the half-tunnel until the deadline: drop the data now,
+        # or every accepted connect's early data outlives its delivery by up to 32 s.
+        half.data = []
         other = self._conns.get(half.conn_id) if half.conn_id is not None else None
         if other is None:
             # The connecting side left before the accept: deliver what it sent, then close.
