@@ -35,7 +35,7 @@ class Target:
             return "met"
         if self.at_most:
             return f"missed: {self.gap:.2f}x the limit"
-        return f"missed: {self.value / self.limit * 100:.0f}% of it ({self.gap:.2f}x short)"
+        return f"missed: {self.value / self.limit * 100:.0f}% of the target ({self.gap:.2f}x short)"
 
     def as_dict(self) -> dict:
         return {
