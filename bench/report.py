@@ -336,6 +336,14 @@ def markdown(results: dict) -> str:
         markdown_table(results),
         "",
     ]
+    if run and "latency" in run:
+        parts += [
+            "While test 2 runs the relay is saturated: every tunnel keeps"
+            f" {run['window']} messages in flight each way ({_n(run['in_flight'])} in all),"
+            " so a round trip mostly waits behind them; in flight / rate is"
+            f" {run['in_flight'] / run['messages_per_s'] * 1000:.0f} ms here.",
+            "",
+        ]
     found = targets(results)
     if found:
         met = sum(1 for target in found if target.met)
