@@ -44,6 +44,15 @@ clean:
 bench: venv
 	$(BIN)/python -m bench
 
+# The reliability scenarios of tests/reliability scaled up: each repeats against one relay for
+# its share of OFFSET_SOAK_SECONDS (default 30 minutes; the run takes a few minutes more) and
+# the fuzz targets also run under atheris. Figures: tests/reliability/soak-results.json.
+OFFSET_SOAK_SECONDS ?= 1800
+.PHONY: soak
+soak: venv
+	$(BIN)/pip install -q atheris
+	OFFSET_SOAK_SECONDS=$(OFFSET_SOAK_SECONDS) $(BIN)/pytest -q tests/reliability
+
 # The Debian package, built from a copy of the tree (dpkg-buildpackage writes beside the
 # source and cleans it) with Debian's own python3 first on PATH: pybuild must not see
 # another interpreter. tests/deploy builds it this way too.

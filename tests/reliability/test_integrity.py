@@ -36,6 +36,7 @@ LISTENERS = 20  # each listener key serves ten tunnels
 QUOTA = (1 << 20) if SOAK else 512 * 1024  # bytes each direction of each tunnel carries
 MAX_MESSAGE = 48 * 1024
 ABORT_FRACTION = 0.25
+LEAK_BOUND_KIB = 64 * 1024  # growth allowed between the end of the first and of a later round
 WINDOW = 96 * 1024  # bytes a session may have queued before we stop producing for it
 
 LISTEN = encode_init_connection(Listen())
@@ -187,8 +188,13 @@ def test_200_tunnels_byte_exact_with_abrupt_disconnects(relay_factory, figures):
         )
     )
     rss_start = relay.rss_kib()
+    rss_first = 0
     for round_no in rounds("integrity"):
         _run_round(relay, round_no, figures)
+        # The first round gives the relay its working set; later rounds must not add to it.
+        rss = relay.rss_kib()
+        rss_first = rss_first or rss
+        assert rss - rss_first < LEAK_BOUND_KIB, (rss_first, rss)
         values = wait_metrics(
             relay, lambda v: open_connections(v) == 0, 60, "all connections closed"
         )

@@ -8,8 +8,13 @@ a handshake L once made.
 
 from __future__ import annotations
 
+import base64
+import json
+import signal
+
 from nacl.signing import SigningKey
 
+from offset_appliance.files import b64url_decode
 from offset_appliance.wire.connection import VERSION_FRAME
 from offset_appliance.wire.frames import FrameDecoder, encode_frame
 from offset_appliance.wire.messages import (
@@ -21,6 +26,7 @@ from offset_appliance.wire.messages import (
 )
 
 from .relaylib import (
+    assert_probe_passes,
     assert_relay_clean,
     closed,
     failed,
@@ -132,3 +138,21 @@ def test_only_the_key_holder_can_listen_or_accept(relay_factory):
     assert impostor.inbox == [] and thief.inbox == []
     swarm.close_all()
     assert_relay_clean(relay)
+
+
+def test_private_key_never_reaches_the_log(relay_factory):
+    # At debug level, through handshakes, a tunnel, failures and a reload.
+    relay = relay_factory(settings())
+    assert_probe_passes(relay)
+    swarm = Swarm(relay.address, relay.public_key)
+    junk = swarm.open(raw=True)
+    swarm.send_raw(junk, VERSION_FRAME + encode_frame(b"\x00" * 40))
+    swarm.run_until(lambda: junk.closed, 30, "the junk to be closed")
+    relay.proc.send_signal(signal.SIGHUP)
+    wait_metrics(relay, lambda v: "configuration reloaded" in relay.log_text(), 30, "reload")
+    secret = json.loads(relay.ident.read_text())["privateKey"]
+    seed = b64url_decode(secret, "key")
+    text = relay.log_text()
+    assert "relay public key" in text and " DEBUG " in text
+    for form in (secret, seed.hex(), base64.b64encode(seed).decode(), str(seed)):
+        assert form not in text

@@ -188,7 +188,7 @@ def test_idle_tunnels_cost_little_memory(relay_factory, figures):
 
 # ---- readers that never read -------------------------------------------------------------
 
-STUCK_TUNNELS = 20
+STUCK_TUNNELS = 21
 HIGH_WATER = 256 * 1024
 KEEPALIVE = 6.0
 MESSAGE = 64 * 1024
@@ -197,6 +197,7 @@ RECV_SIZE = 256 * 1024  # the relay reads at most this much at once
 # worth of input and a message being sealed; the kernel's socket buffers are not its memory.
 STUCK_RSS_BOUND = STUCK_TUNNELS * (HIGH_WATER + RECV_SIZE + 2 * MESSAGE) // 1024 + 16 * MIB
 HELD_BACK = 1 << 20  # bytes a writer has queued that the relay would not take
+GROUPS = ("alive", "silent", "abandoned")
 
 
 def _stuck_round(relay, figures) -> None:
@@ -210,8 +211,9 @@ def _stuck_round(relay, figures) -> None:
     def on_incoming(_listener: Session, message: bytes) -> None:
         key = incoming_key(message)
         reader = swarm.open(listener_id, rcvbuf=16 * 1024)
-        # Later, half of the readers go silent as well; the others keep sending keepalives.
-        reader.tag = len(readers) % 2 == 0
+        # Later, a third of the readers go silent as well, a third lose their writer; the
+        # rest keep sending keepalives all along.
+        reader.tag = GROUPS[len(readers) % len(GROUPS)]
 
         def on_open(session: Session) -> None:
             swarm.send(session, encode_init_connection(Accept(key)))
@@ -250,22 +252,31 @@ def _stuck_round(relay, figures) -> None:
     rss = relay.rss_kib()
     assert rss - rss_before < STUCK_RSS_BOUND, (rss_before, rss, STUCK_RSS_BOUND)
 
-    # Silent readers are closed at the keepalive deadline, and their writers after them;
-    # readers that keep sending keepalives keep their tunnel however long they stall.
-    silent = [k for k, r in readers.items() if not r.tag]
-    alive = [k for k, r in readers.items() if r.tag]
+    # Silent readers are closed at the keepalive deadline, and their writers after them.
+    # A reader whose writer is gone is closed once the flush of what it was owed has waited
+    # a keepalive interval. Readers that keep sending keepalives keep their tunnel however
+    # long they stall.
+    group = {tag: [k for k, r in readers.items() if r.tag == tag] for tag in set(GROUPS)}
+    alive, silent, abandoned = (group[tag] for tag in GROUPS)
+    by_key = {w.public_key: w for w in writers}
     for key in silent:
         readers[key].timers = False
-    by_key = {w.public_key: w for w in writers}
+    for key in abandoned:
+        swarm.close(by_key[key], reset=True)
     # (A reader that does not read cannot see its own close; the relay's count shows it.)
     swarm.run_until(lambda: all(by_key[k].closed for k in silent), 60, "writers to be closed")
+
+    def gone(values, reason: str) -> float:
+        return closed(values, reason) - closed(before, reason)
+
     after = wait_metrics(
         relay,
         lambda v: (
-            closed(v, "keepalive_timeout") - closed(before, "keepalive_timeout") == len(silent)
+            gone(v, "keepalive_timeout") == len(silent)
+            and gone(v, "flush_timeout") == len(abandoned)
         ),
-        30,
-        "the silent readers closed at the keepalive deadline",
+        60,
+        "silent readers closed at the keepalive deadline, abandoned ones after the flush",
     )
     assert after["offset_relay_tunnels"] == len(alive)
     assert all(not by_key[k].closed for k in alive)

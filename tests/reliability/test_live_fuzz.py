@@ -58,6 +58,7 @@ TIMEOUTS = {"conn_timeout": 2.0, "relay_conn_timeout": 1.0, "keepalive": 4.0, "h
 # Every fuzz session goes silent after its plan, so the relay must close it within the
 # longest of its deadlines (keepalive) plus the time to flush and notice.
 CLOSE_BOUND = 30.0
+LEAK_BOUND_KIB = 32 * 1024  # growth allowed between the end of the first and of a later round
 
 FRAME_FAULTS = ("flip", "truncate", "length", "reorder", "duplicate", "drop", "inject", "junk")
 PLAIN_FAULTS = (
@@ -349,9 +350,14 @@ def _fuzz_round(relay, round_no: int, figures) -> None:
 def test_fuzzed_sessions_never_hurt_the_relay_or_an_honest_tunnel(relay_factory, figures):
     relay = relay_factory(settings(limits={"max_connections_per_ip": 64}, timeouts=TIMEOUTS))
     rss_start = relay.rss_kib()
+    rss_first = 0
     for round_no in rounds("live_fuzz"):
         _fuzz_round(relay, round_no, figures)
         wait_metrics(relay, lambda v: open_connections(v) == 0, CLOSE_BOUND, "round closed")
+        # The first round gives the relay its working set; later rounds must not add to it.
+        rss = relay.rss_kib()
+        rss_first = rss_first or rss
+        assert rss - rss_first < LEAK_BOUND_KIB, (rss_first, rss)
     figures.rss("live_fuzz", rss_start, relay.rss_kib())
     values = scrape(relay)
     # The fuzz reached every layer: handshakes failed, and opened connections were closed
