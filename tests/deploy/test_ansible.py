@@ -30,7 +30,7 @@ pytestmark = pytest.mark.deploy
 ROOT = Path(__file__).resolve().parents[2]
 ANSIBLE_DIR = ROOT / "ansible"
 TESTINFRA_DIR = Path(__file__).resolve().parent / "testinfra"
-README = ANSIBLE_DIR / "README-deployment.md"
+README = ROOT / "README.md"
 # The controller's tools: the ones installed beside the interpreter running the tests.
 BIN = Path(sys.executable).parent
 PORT = 4567
