@@ -34,11 +34,17 @@ class Session:
     """One client connection: its socket, its protocol stack (None for a raw session) and
     what happened to it."""
 
-    def __init__(self, swarm: Swarm, sock: socket.socket, wire: Connection | None, identity):
+    def __init__(
+        self,
+        swarm: Swarm,
+        sock: socket.socket,
+        wire: Connection | None,
+        identity: SigningKey | None,
+    ) -> None:
         self.swarm = swarm
         self.sock = sock
         self.wire = wire
-        self.identity: SigningKey | None = identity
+        self.identity = identity
         self.public_key = bytes(identity.verify_key) if identity is not None else b""
         self.out: list = []
         self.out_size = 0

@@ -63,9 +63,11 @@ class Tunnel:
 
     @property
     def streams(self) -> tuple[Stream, Stream]:
+        """Both directions."""
         return self.forward, self.backward
 
     def ends(self) -> list[Session]:
+        """The connections that exist so far (the acceptor comes after the notification)."""
         return [s for s in (self.connector, self.acceptor) if s is not None]
 
 

@@ -136,6 +136,13 @@ IDLE_TUNNEL_KIB = 24
 OPEN_WINDOW = 100  # connects under way at once, well below the handshake cap
 
 
+def _settle(swarm: Swarm, connectors: list[Session]) -> None:
+    """Wait until every connector has had its answer through the tunnel, or was closed."""
+    swarm.run_until(lambda: all(c.inbox or c.closed for c in connectors), 120, "tunnels")
+    lost = [c.close_reason for c in connectors if c.closed]
+    assert not lost, lost[:5]
+
+
 def _idle_tunnels_round(relay, figures) -> None:
     swarm = Swarm(relay.address, relay.public_key)
     listener_id = SigningKey.generate()
@@ -157,14 +164,14 @@ def _idle_tunnels_round(relay, figures) -> None:
     connectors: list[Session] = []
     for number in range(IDLE_TUNNELS):
         if number % OPEN_WINDOW == 0:
-            swarm.run_until(lambda: all(c.is_open or c.closed for c in connectors), 60, "opens")
-            lost = [c.close_reason for c in connectors if c.closed]
-            assert not lost, lost[:5]
+            # One window at a time, each spliced before the next, keeps the pending connects
+            # under the listener's cap.
+            _settle(swarm, connectors)
         connector = swarm.open(source=SOURCE_IPS[100 + number % 50])
         connector.on_open = lambda s: (swarm.send(s, connect), swarm.send(s, b"hi"))
         connectors.append(connector)
     # Every tunnel has carried a message each way: both ends have sealed traffic.
-    swarm.run_until(lambda: all(c.inbox for c in connectors), 120, "every tunnel")
+    _settle(swarm, connectors)
     assert all(c.inbox == [b"back"] for c in connectors)
     values = scrape(relay)
     assert values["offset_relay_tunnels"] == IDLE_TUNNELS

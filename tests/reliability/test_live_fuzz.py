@@ -23,6 +23,7 @@ import random
 import pytest
 from nacl.signing import SigningKey
 
+from offset_appliance.errors import ProtocolError
 from offset_appliance.wire.frames import FrameDecoder, encode_frame
 from offset_appliance.wire.messages import (
     Accept,
@@ -31,6 +32,7 @@ from offset_appliance.wire.messages import (
     Listen,
     RejectConnection,
     Rekey,
+    decode_init_connection,
     encode_channel_rekey,
     encode_channel_user,
     encode_init_connection,
@@ -193,8 +195,13 @@ class Plan:
             else:
                 followers.append(_damage(rng, RejectConnection(other).encode()))
         self.messages = [first, *followers]
-        # After a connect to the target listener every later message is tunnel data.
-        self.tunnel_data = followers if name == "connect_target" else []
+        # After a connect to the target listener every later message is tunnel data (and a
+        # damaged first message may still be that connect).
+        try:
+            init = decode_init_connection(first)
+        except ProtocolError:
+            init = None
+        self.tunnel_data = followers if init == Connect(target_key) else []
         self.delivered: list[bytes] = []
         self.frame_fault: FrameFault | None = None
         self.plain_fault: str | None = None
