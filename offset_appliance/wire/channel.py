@@ -125,9 +125,6 @@ class PaddingSource:
 _SHARED_PADDING = PaddingSource()
 
 
-_SHARED_PADDING = PaddingSource()
-
-
 class _Direction:
     """One direction's key and nonce counter (little-endian, as libsodium increments)."""
 
