@@ -111,6 +111,7 @@ class RelayServer:
         self._wakeup_w: socket.socket | None = None
         self._reserve_fd: int | None = None
         self._accept_paused_until = 0.0
+        self._fd_warning_at = 0.0
         self.metrics: MetricsEndpoint | None = None
         self._apply_limits(config)
 
@@ -304,22 +305,34 @@ class RelayServer:
             self._admit(sock, addr, now)
 
     def _shed_on_fd_exhaustion(self, lsock: socket.socket, exc: OSError, now: float) -> None:
-        """Out of descriptors: refuse the waiting connection cleanly and keep serving others."""
-        log.warning("out of file descriptors (%s): shedding new connections", exc.strerror)
+        """Out of descriptors: refuse the waiting connections cleanly, keep serving others."""
+        if now >= self._fd_warning_at:
+            # One line per minute while it lasts, not one per shed.
+            log.warning("out of file descriptors (%s): shedding new connections", exc.strerror)
+            self._fd_warning_at = now + 60.0
         if self._reserve_fd is not None:
+            # The reserve descriptor lets each waiting connection be accepted and closed at
+            # once (a clean refusal) instead of waiting in the backlog until it times out.
             os.close(self._reserve_fd)
             self._reserve_fd = None
-            try:
-                sock, _ = lsock.accept()
+            for _ in range(ACCEPT_BATCH):
+                try:
+                    sock, _ = lsock.accept()
+                except OSError:
+                    break
                 sock.close()
-            except OSError:
-                pass
+                self.stats.refused["file_descriptors"] += 1
             try:
                 self._reserve_fd = os.open(os.devnull, os.O_RDONLY)
             except OSError:
                 pass
-        self.stats.refused["file_descriptors"] += 1
-        # Don't spin on a listening socket we cannot serve; look again shortly.
+        else:
+            self.stats.refused["file_descriptors"] += 1
+        # A listening socket we cannot serve stays readable: stop watching the listening
+        # sockets for a moment rather than spin on them, then look again.
+        if not self._accept_paused_until:
+            for sock in self.listen_sockets:
+                self.selector.unregister(sock)
         self._accept_paused_until = now + 0.1
 
     def _admit(self, sock: socket.socket, addr: tuple, now: float) -> None:
@@ -571,6 +584,8 @@ class RelayServer:
                 self._apply(self.core.actions, now)
         if self._accept_paused_until and now >= self._accept_paused_until:
             self._accept_paused_until = 0.0
+            for sock in self.listen_sockets:
+                self.selector.register(sock, selectors.EVENT_READ, sock)
 
     # ---- closing -----------------------------------------------------------------------
 
@@ -650,7 +665,8 @@ class RelayServer:
     def _shutdown(self) -> None:
         self.notifier.notify("STOPPING=1")
         for sock in self.listen_sockets:
-            self.selector.unregister(sock)
+            if not self._accept_paused_until:  # while shedding they are not registered
+                self.selector.unregister(sock)
             sock.close()
         self.listen_sockets.clear()
         if self.metrics is not None:
