@@ -376,22 +376,19 @@ def _one_run(body: bytes) -> bool:
     return 8 <= len(body) <= _ONE_RUN and 0 not in body[:8]
 
 
+def _run_pieces(body: bytes) -> tuple[bytes, ...]:
+    """The packing of a body that passed ``_one_run``: a single verbatim run."""
+    length = len(body)
+    return (b"\xff", body[:8], _COUNT[(length + 7) // 8 - 1], body[8:], _PAD[-length % 8])
+
+
 def encode_ka_message(payload: bytes) -> bytes:
     """The packed KaMessage ``message`` carrying ``payload``."""
     length = len(payload)
     body_words = (length + 7) // 8
     header = _HEADER_4.pack((3 + body_words) << 32, _KA_ROOT, _KA_MESSAGE, data_pointer(0, length))
     if _one_run(payload):
-        return b"".join(
-            (
-                _packed_header(header),
-                b"\xff",
-                payload[:8],
-                _COUNT[body_words - 1],
-                payload[8:],
-                _PAD[-length % 8],
-            )
-        )
+        return b"".join((_packed_header(header), *_run_pieces(payload)))
     return pack_message(header, (payload,), _packed_header(header))
 
 
@@ -444,17 +441,8 @@ def encode_channel_user(padding: bytes, user: bytes) -> bytes:
     )
     packed_header = _packed_header(header)
     if _one_run(user) and (not padding or _one_run(padding)):
-        pieces = [packed_header]
-        if padding:
-            pieces += (
-                b"\xff",
-                padding[:8],
-                _COUNT[padding_words - 1],
-                padding[8:],
-                _PAD[-len(padding) % 8],
-            )
-        pieces += (b"\xff", user[:8], _COUNT[user_words - 1], user[8:], _PAD[-len(user) % 8])
-        return b"".join(pieces)
+        padding_run = _run_pieces(padding) if padding else ()
+        return b"".join((packed_header, *padding_run, *_run_pieces(user)))
     return pack_message(header, (padding, user), packed_header)
 
 
