@@ -19,7 +19,7 @@ from nacl.bindings import crypto_scalarmult_base
 from nacl.signing import SigningKey
 
 from offset_appliance.errors import ProtocolError
-from offset_appliance.relay.core import CLOSE, SEND, CoreLimits, RelayCore, Role
+from offset_appliance.relay.core import Close, CoreLimits, RelayCore, Role, Send
 from offset_appliance.wire import capnp
 from offset_appliance.wire.channel import SecureChannel
 from offset_appliance.wire.connection import VERSION_FRAME, Connection, State
@@ -237,12 +237,12 @@ def relay_message(data: bytes) -> None:
     core.handle_timer(1e6)
     gone: set[int] = set()
     for action in core.actions:
-        assert action[1] in known and action[1] not in gone, action
-        if action[0] == CLOSE:
-            gone.add(action[1])
+        assert action.conn_id in known and action.conn_id not in gone, action
+        if isinstance(action, Close):
+            gone.add(action.conn_id)
     # Nothing closes the tunnel between 2 and 4: everything 2 sent reaches 4, unchanged and
     # in order, and nothing else does.
-    assert [a[2] for a in core.actions if a[0] == SEND and a[1] == 4] == parts
+    assert [a.payload for a in core.actions if isinstance(a, Send) and a.conn_id == 4] == parts
 
 
 TARGETS: dict[str, Callable[[bytes], None]] = {

@@ -1,6 +1,44 @@
-"""The project's exception hierarchy."""
+"""The project's exception hierarchy, and the typed reasons a connection ends for."""
 
+import enum
 import os
+
+
+class CloseReason(enum.Enum):
+    """Why a connection ended: one member per cause, never matched on English text.
+
+    The value is the label ``/metrics`` counts it under (``connections_closed_total``, or
+    ``handshakes_failed_total`` for a connection that never finished its handshake).
+    """
+
+    # The peer's side of the TCP connection.
+    PEER_CLOSED = "peer_closed"
+    RESET = "reset"
+    # The wire protocol, as the peer broke it (carried by ``ProtocolError``).
+    MALFORMED = "malformed"
+    VERSION = "version"
+    OVERSIZE_FRAME = "oversize_frame"
+    BAD_DH_KEY = "bad_dh_key"
+    BAD_SIGNATURE = "bad_signature"
+    WRONG_NONCE = "wrong_nonce"
+    WRONG_KEY = "wrong_key"
+    DECRYPT_FAILED = "decrypt_failed"
+    SETUP_TIMEOUT = "timeout"
+    KEEPALIVE_TIMEOUT = "keepalive_timeout"
+    # The relay's rules (PROTOCOL.md section 6).
+    FIRST_MESSAGE_TIMEOUT = "first_message_timeout"
+    HALF_TUNNEL_EXPIRED = "half_tunnel_expired"
+    TUNNEL_PEER_CLOSED = "tunnel_peer_closed"
+    LISTENER_CLOSED = "listener_closed"
+    LISTEN_REPLACED = "listen_replaced"
+    RELAY_REFUSED = "relay_refused"
+    HALF_TUNNEL_LIMIT = "half_tunnel_limit"
+    LISTENER_FULL = "listener_full"
+    REJECTED = "rejected"
+    # The relay's own limits and life.
+    EVICTED = "evicted"
+    FLUSH_TIMEOUT = "flush_timeout"
+    SHUTDOWN = "shutdown"
 
 
 class OffsetError(Exception):
@@ -10,7 +48,18 @@ class OffsetError(Exception):
 
 
 class ProtocolError(OffsetError):
-    """The peer broke the wire protocol (PROTOCOL.md); the connection must be closed."""
+    """The peer broke the wire protocol (PROTOCOL.md); the connection must be closed.
+
+    ``reason`` says how, for counting; the message says it in words, for the log.
+    """
+
+    def __init__(self, message: str, reason: CloseReason = CloseReason.MALFORMED) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class LocalProtocolError(OffsetError):
+    """Our own code used a connection in the wrong state (a bug here, not the peer's fault)."""
 
 
 class ConfigError(OffsetError):

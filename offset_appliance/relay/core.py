@@ -2,14 +2,18 @@
 
 Connections are named by integer ids chosen by the IO shell. Events come in as method calls
 (``opened``, ``message``, ``closed``, ``handle_timer``); what the shell must do comes out in
-``actions``, a list of tuples it drains after each call:
+``actions``, a deque of small typed objects that the shell drains from the left, in one
+place, after each call:
 
-- ``(SEND, conn_id, payload)``: send one relay message on that connection;
-- ``(CLOSE, conn_id, reason, flush)``: close it, after flushing its output if ``flush``;
-- ``(PAUSE, conn_id)`` / ``(RESUME, conn_id)``: stop / resume reading it (a half-tunnel's
+- ``Send(conn_id, payload)``: send one relay message on that connection;
+- ``Close(conn_id, reason, flush)``: close it, after flushing its output if ``flush``;
+- ``Pause(conn_id)`` / ``Resume(conn_id)``: stop / resume reading it (a half-tunnel's
   buffer is full / the half-tunnel was accepted).
 
 A connection the core closes is forgotten at once; a later ``closed`` for it is ignored.
+The shell may call ``closed`` while it drains: the actions that causes are appended to the
+same deque and taken in turn, so a batch costs time linear in its size and nothing is
+applied twice.
 """
 
 from __future__ import annotations
@@ -17,10 +21,13 @@ from __future__ import annotations
 import enum
 import heapq
 import itertools
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
-from ..errors import ProtocolError
+from ..config import Limits, Timeouts
+from ..errors import CloseReason, ProtocolError
 from ..wire.messages import (
     Accept,
     Connect,
@@ -30,20 +37,45 @@ from ..wire.messages import (
     decode_init_connection,
 )
 
-SEND = 0
-CLOSE = 1
-PAUSE = 2
-RESUME = 3
+
+class Send(NamedTuple):
+    """Send one relay message on a connection."""
+
+    conn_id: int
+    payload: bytes
+
+
+class Close(NamedTuple):
+    """Close a connection (the core has forgotten it already), flushing its output first."""
+
+    conn_id: int
+    reason: CloseReason
+    flush: bool = False
+
+
+class Pause(NamedTuple):
+    """Stop reading a connection (its half-tunnel buffer is full)."""
+
+    conn_id: int
+
+
+class Resume(NamedTuple):
+    """Read a connection again (its half-tunnel was accepted)."""
+
+    conn_id: int
+
+
+Action = Send | Close | Pause | Resume
 
 
 @dataclass(frozen=True, slots=True)
 class CoreLimits:
-    """The relay-layer limits and timeouts (seconds and bytes)."""
+    """The relay-layer limits and timeouts (seconds and bytes); defaults from ``config``."""
 
-    relay_conn_timeout: float = 4.0
-    half_tunnel_timeout: float = 32.0
-    max_half_tunnels_per_listener: int = 128
-    half_tunnel_buffer: int = 1 << 20
+    relay_conn_timeout: float = Timeouts.relay_conn_timeout
+    half_tunnel_timeout: float = Timeouts.half_tunnel
+    max_half_tunnels_per_listener: int = Limits.max_half_tunnels_per_listener
+    half_tunnel_buffer: int = Limits.half_tunnel_buffer
 
 
 class Role(enum.Enum):
@@ -86,13 +118,13 @@ class RelayCore:
 
     def __init__(
         self,
-        limits: CoreLimits = CoreLimits(),
+        limits: CoreLimits | None = None,
         can_queue: Callable[[int], bool] = lambda conn_id: True,
     ) -> None:
-        self.limits = limits
+        self.limits = limits if limits is not None else CoreLimits()
         # Asks the IO shell whether a connection's output has room (for IncomingConnection).
         self._can_queue = can_queue
-        self.actions: list[tuple] = []
+        self.actions: deque[Action] = deque()
         self._conns: dict[int, _Conn] = {}
         self._listeners: dict[bytes, int] = {}
         self._half_tunnels: dict[tuple[bytes, bytes], _HalfTunnel] = {}
@@ -141,7 +173,7 @@ class RelayCore:
             return
         role = conn.role
         if role is Role.TUNNEL:
-            self.actions.append((SEND, conn.peer, data))
+            self.actions.append(Send(conn.peer, data))  # type: ignore[arg-type]
         elif role is Role.HALF_TUNNEL:
             self._buffer(conn, data)
         elif role is Role.PENDING:
@@ -167,20 +199,20 @@ class RelayCore:
             if kind == "first":
                 conn = self._conns.get(ref)
                 if conn is not None and conn.role is Role.PENDING:
-                    self._close(conn, "no relay message within the time limit")
+                    self._close(conn, CloseReason.FIRST_MESSAGE_TIMEOUT)
             else:
                 half = ref
                 if self._half_tunnels.get((half.src, half.dst)) is half:
-                    self._drop_half_tunnel(half, "half-tunnel not accepted in time")
+                    self._drop_half_tunnel(half, CloseReason.HALF_TUNNEL_EXPIRED)
 
     # ---- internals ---------------------------------------------------------------------
 
     def _push(self, when: float, item: object) -> None:
         heapq.heappush(self._timers, (when, next(self._seq), item))
 
-    def _close(self, conn: _Conn, reason: str, flush: bool = False) -> None:
+    def _close(self, conn: _Conn, reason: CloseReason, flush: bool = False) -> None:
         del self._conns[conn.id]
-        self.actions.append((CLOSE, conn.id, reason, flush))
+        self.actions.append(Close(conn.id, reason, flush))
         self._forget(conn)
 
     def _forget(self, conn: _Conn) -> None:
@@ -194,13 +226,13 @@ class RelayCore:
                 peer.role = Role.PENDING
                 peer.peer = None
                 del self._conns[peer.id]
-                self.actions.append((CLOSE, peer.id, "the other end of the tunnel closed", True))
+                self.actions.append(Close(peer.id, CloseReason.TUNNEL_PEER_CLOSED, True))
         elif role is Role.LISTENER:
             if self._listeners.get(conn.key) == conn.id:
                 del self._listeners[conn.key]
                 for src in list(self._half_by_listener.get(conn.key, ())):
                     self._drop_half_tunnel(
-                        self._half_tunnels[(src, conn.key)], "the listener went away"
+                        self._half_tunnels[(src, conn.key)], CloseReason.LISTENER_CLOSED
                     )
         elif role is Role.HALF_TUNNEL:
             # The half-tunnel outlives its connecting side: an accept still gets its data.
@@ -208,7 +240,7 @@ class RelayCore:
             if half is not None:
                 half.conn_id = None
 
-    def _drop_half_tunnel(self, half: _HalfTunnel, reason: str) -> None:
+    def _drop_half_tunnel(self, half: _HalfTunnel, reason: CloseReason) -> None:
         del self._half_tunnels[(half.src, half.dst)]
         half.data = []  # the expiry timer may still refer to it
         sources = self._half_by_listener[half.dst]
@@ -225,7 +257,7 @@ class RelayCore:
         try:
             init = decode_init_connection(data)
         except ProtocolError as exc:
-            self._close(conn, f"undecodable first message: {exc}")
+            self._close(conn, exc.reason)
             return
         if isinstance(init, Listen):
             self._listen(conn)
@@ -239,25 +271,25 @@ class RelayCore:
         if old_id is not None:
             # Newest listen wins (ours): a node that reconnects need not wait for the old
             # connection's keepalive to expire.
-            self._close(self._conns[old_id], "replaced by a newer listen from the same key")
+            self._close(self._conns[old_id], CloseReason.LISTEN_REPLACED)
         conn.role = Role.LISTENER
         self._listeners[conn.key] = conn.id
 
     def _connect(self, conn: _Conn, dst: bytes, now: float) -> None:
         listener_id = self._listeners.get(dst)
         if listener_id is None:
-            self._close(conn, "connect to a key that is not listening")
+            self._close(conn, CloseReason.RELAY_REFUSED)
             return
         src = conn.key
         if (src, dst) in self._half_tunnels:
-            self._close(conn, "a connect from this key to that listener is already pending")
+            self._close(conn, CloseReason.RELAY_REFUSED)
             return
         sources = self._half_by_listener.setdefault(dst, set())
         if len(sources) >= self.limits.max_half_tunnels_per_listener:
-            self._close(conn, "too many pending connects to that listener")
+            self._close(conn, CloseReason.HALF_TUNNEL_LIMIT)
             return
         if not self._can_queue(listener_id):
-            self._close(conn, "the listener is not reading its notifications")
+            self._close(conn, CloseReason.LISTENER_FULL)
             return
         half = _HalfTunnel(src, dst, conn.id, now + self.limits.half_tunnel_timeout)
         self._half_tunnels[(src, dst)] = half
@@ -265,13 +297,13 @@ class RelayCore:
         conn.role = Role.HALF_TUNNEL
         conn.half = half
         self._push(half.expires, ("half", half))
-        self.actions.append((SEND, listener_id, IncomingConnection(src).encode()))
+        self.actions.append(Send(listener_id, IncomingConnection(src).encode()))
 
     def _accept(self, conn: _Conn, src: bytes) -> None:
         dst = conn.key
         half = self._half_tunnels.get((src, dst))
         if dst not in self._listeners or half is None:
-            self._close(conn, "accept without a pending connect")
+            self._close(conn, CloseReason.RELAY_REFUSED)
             return
         del self._half_tunnels[(src, dst)]
         sources = self._half_by_listener[dst]
@@ -280,7 +312,7 @@ class RelayCore:
             del self._half_by_listener[dst]
         actions = self.actions
         for data in half.data:
-            actions.append((SEND, conn.id, data))
+            actions.append(Send(conn.id, data))
         # Its expiry timer refers to the half-tunnel until the deadline: drop the data now,
         # or every accepted connect's early data outlives its delivery by up to 32 s.
         half.data = []
@@ -288,7 +320,7 @@ class RelayCore:
         if other is None:
             # The connecting side left before the accept: deliver what it sent, then close.
             del self._conns[conn.id]
-            actions.append((CLOSE, conn.id, "the connecting side had already closed", True))
+            actions.append(Close(conn.id, CloseReason.TUNNEL_PEER_CLOSED, True))
             return
         other.role = conn.role = Role.TUNNEL
         other.half = None
@@ -296,7 +328,7 @@ class RelayCore:
         conn.peer = other.id
         self.tunnels += 1
         if half.paused:
-            actions.append((RESUME, other.id))
+            actions.append(Resume(other.id))
 
     def _buffer(self, conn: _Conn, data: bytes) -> None:
         half = conn.half
@@ -305,14 +337,14 @@ class RelayCore:
         half.size += len(data)
         if not half.paused and half.size >= self.limits.half_tunnel_buffer:
             half.paused = True
-            self.actions.append((PAUSE, conn.id))
+            self.actions.append(Pause(conn.id))
 
     def _listener_message(self, conn: _Conn, data: bytes) -> None:
         try:
             reject = RejectConnection.decode(data)
         except ProtocolError as exc:
-            self._close(conn, f"undecodable message on a listen connection: {exc}")
+            self._close(conn, exc.reason)
             return
         half = self._half_tunnels.get((reject.public_key, conn.key))
         if half is not None:
-            self._drop_half_tunnel(half, "rejected by the listener")
+            self._drop_half_tunnel(half, CloseReason.REJECTED)

@@ -14,71 +14,49 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .. import __version__
+from ..errors import CloseReason
 
 log = logging.getLogger("strelay")
 
-# Handshake failures by what went wrong, matched on our own ProtocolError messages.
-_HANDSHAKE_REASONS = (
-    ("version", "version"),
-    ("Diffie-Hellman", "bad_dh_key"),
-    ("signature", "bad_signature"),
-    ("nonce", "wrong_nonce"),
-    ("different public key", "wrong_key"),
-    ("timed out", "timeout"),
-    ("exceeds the maximum", "oversize_frame"),
-    ("decrypt", "decrypt_failed"),
+# The wire protocol's reasons: labelled as such while the handshake runs, counted together
+# as protocol_error once the channel is open (a keepalive timeout has its own label).
+_PROTOCOL = (
+    CloseReason.VERSION,
+    CloseReason.BAD_DH_KEY,
+    CloseReason.BAD_SIGNATURE,
+    CloseReason.WRONG_NONCE,
+    CloseReason.WRONG_KEY,
+    CloseReason.SETUP_TIMEOUT,
+    CloseReason.OVERSIZE_FRAME,
+    CloseReason.DECRYPT_FAILED,
+    CloseReason.MALFORMED,
 )
-HANDSHAKE_FAILURES = (
-    *(label for _, label in _HANDSHAKE_REASONS),
-    "malformed",
-    "peer_closed",
-    "evicted",
-)
+HANDSHAKE_FAILURES = (*(r.value for r in _PROTOCOL), "peer_closed", "evicted")
 
-# Why connections were closed. Every close is counted once, under one of these.
-_CLOSE_REASONS = (
-    ("keepalive timeout", "keepalive_timeout"),
-    ("no relay message", "first_message_timeout"),
-    ("not accepted in time", "half_tunnel_expired"),
-    ("other end of the tunnel", "tunnel_peer_closed"),
-    ("connecting side had already closed", "tunnel_peer_closed"),
-    ("listener went away", "listener_closed"),
-    ("replaced by a newer listen", "listen_replaced"),
-    ("not listening", "relay_refused"),
-    ("already pending", "relay_refused"),
-    ("accept without", "relay_refused"),
-    ("too many pending connects", "half_tunnel_limit"),
-    ("not reading its notifications", "listener_full"),
-    ("rejected by the listener", "rejected"),
-    ("flush before close", "flush_timeout"),
-    ("evicted", "handshake_evicted"),
-    ("shutting down", "shutdown"),
-    ("peer closed", "peer_closed"),
-    ("receive failed", "reset"),
-    ("send failed", "reset"),
-)
+_CLOSE_LABEL = {reason: reason.value for reason in CloseReason}
+_CLOSE_LABEL.update({reason: "protocol_error" for reason in _PROTOCOL})
+_CLOSE_LABEL[CloseReason.EVICTED] = "handshake_evicted"
+# Every close is counted once, under one of these.
 CLOSE_REASONS = (
-    *dict.fromkeys(label for _, label in _CLOSE_REASONS),
+    *(label for label in dict.fromkeys(_CLOSE_LABEL.values()) if label != "protocol_error"),
     "handshake_failed",
     "protocol_error",
 )
 REFUSAL_LIMITS = ("max_connections", "max_connections_per_ip", "max_handshakes", "file_descriptors")
 
 
-def handshake_failure(message: str) -> str:
-    """The label for a handshake that failed with ``message``."""
-    for needle, label in _HANDSHAKE_REASONS:
-        if needle in message:
-            return label
-    return "malformed"
+def close_label(reason: CloseReason) -> str:
+    """The ``connections_closed_total`` label of an open connection closed for ``reason``."""
+    return _CLOSE_LABEL[reason]
 
 
-def close_reason(message: str) -> str:
-    """The label for a connection closed for ``message`` (after the handshake)."""
-    for needle, label in _CLOSE_REASONS:
-        if needle in message:
-            return label
-    return "protocol_error"
+def handshake_label(reason: CloseReason) -> str:
+    """The ``handshakes_failed_total`` label of a handshake that ended for ``reason``."""
+    if reason is CloseReason.PEER_CLOSED or reason is CloseReason.RESET:
+        return "peer_closed"
+    if reason is CloseReason.EVICTED:
+        return "evicted"
+    return reason.value if reason in _PROTOCOL else "malformed"
 
 
 @dataclass
@@ -96,7 +74,6 @@ class Stats:
     messages_relayed: int = 0
     bytes_relayed: int = 0
     rekeys_closed: int = 0  # rekeys of connections already gone; live ones are summed on scrape
-    metrics_requests: int = 0
 
     @property
     def handshakes_failed_total(self) -> int:
@@ -293,8 +270,11 @@ class MetricsEndpoint:
         address: tuple[str, int],
         render_text: Callable[[], str],
         stats: Stats,
+        *,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.selector = selector
+        self.clock = clock
         self.render_text = render_text
         self.stats = stats
         self.exchanges: dict[socket.socket, _Exchange] = {}
@@ -313,7 +293,7 @@ class MetricsEndpoint:
         selector.register(self.sock, selectors.EVENT_READ, self)
 
     def handle(self, mask: int) -> None:
-        now = time.monotonic()
+        now = self.clock()
         for _ in range(MAX_CLIENTS):
             try:
                 sock, _ = self.sock.accept()
@@ -343,7 +323,6 @@ class MetricsEndpoint:
             return 405, b"only GET is served here\n"
         if target != b"/metrics":
             return 404, b"try /metrics\n"
-        self.stats.metrics_requests += 1
         return 200, self.render_text().encode("utf-8"), method == b"HEAD"
 
     def drop(self, exchange: _Exchange) -> None:

@@ -16,7 +16,7 @@ from nacl.bindings import (
 )
 from nacl.signing import SigningKey, VerifyKey
 
-from ..errors import ProtocolError
+from ..errors import CloseReason, ProtocolError
 from .messages import (
     ExchangeDh,
     ExchangeRandNonce,
@@ -81,9 +81,9 @@ def derive_keys(dh_private: bytes, peer_dh_public: bytes, own_salt: bytes, peer_
     try:
         shared = crypto_scalarmult(dh_private, peer_dh_public)
     except (nacl.exceptions.CryptoError, ValueError, TypeError) as exc:
-        raise ProtocolError("invalid Diffie-Hellman public key") from exc
+        raise ProtocolError("invalid Diffie-Hellman public key", CloseReason.BAD_DH_KEY) from exc
     if shared == bytes(32):
-        raise ProtocolError("low-order Diffie-Hellman public key")
+        raise ProtocolError("low-order Diffie-Hellman public key", CloseReason.BAD_DH_KEY)
     return hkdf_sha512_256(own_salt, shared), hkdf_sha512_256(peer_salt, shared)
 
 
@@ -163,11 +163,6 @@ class SecureChannel:
         self.outbox: list[bytes] = []
         self.rekeys = 0  # key switches completed, whoever started them
 
-    @property
-    def rekey_pending(self) -> bool:
-        """Whether we sent a rekey that the peer has not answered yet."""
-        return self._pending is not None
-
     def _seal(self, plaintext: bytes) -> bytes:
         send = self._send
         nonce = send.counter.to_bytes(NONCE_LEN, "little")
@@ -206,7 +201,9 @@ class SecureChannel:
         if plain is None:
             plain = self._try_open(self._recv, nonce, frame)
             if plain is None:
-                raise ProtocolError("frame failed to decrypt (bad nonce or tag)")
+                raise ProtocolError(
+                    "frame failed to decrypt (bad nonce or tag)", CloseReason.DECRYPT_FAILED
+                )
             self._old_recv = None
         content = decode_channel_message(plain)
         if isinstance(content, Rekey):
@@ -284,7 +281,9 @@ class Handshake:
         if self._state is _HandshakeState.AWAIT_NONCE:
             peer = ExchangeRandNonce.decode(frame)
             if self._expected_peer is not None and peer.src_public_key != self._expected_peer:
-                raise ProtocolError("peer proved a different public key than expected")
+                raise ProtocolError(
+                    "peer proved a different public key than expected", CloseReason.WRONG_KEY
+                )
             self.peer_public_key = peer.src_public_key
             private, public, salt = self._dh = _new_dh(self._random)
             signature = self._identity.sign(public + peer.rand_nonce + salt).signature
@@ -293,14 +292,16 @@ class Handshake:
         if self._state is _HandshakeState.AWAIT_DH:
             dh = ExchangeDh.decode(frame)
             if dh.rand_nonce != self._my_nonce:
-                raise ProtocolError("peer echoed the wrong handshake nonce")
+                raise ProtocolError(
+                    "peer echoed the wrong handshake nonce", CloseReason.WRONG_NONCE
+                )
             assert self.peer_public_key is not None and self._dh is not None
             try:
                 VerifyKey(self.peer_public_key).verify(
                     dh.dh_public_key + dh.rand_nonce + dh.key_salt, dh.signature
                 )
             except (nacl.exceptions.CryptoError, ValueError, TypeError) as exc:
-                raise ProtocolError("bad handshake signature") from exc
+                raise ProtocolError("bad handshake signature", CloseReason.BAD_SIGNATURE) from exc
             private, _public, salt = self._dh
             send_key, recv_key = derive_keys(private, dh.dh_public_key, salt, dh.key_salt)
             self._dh = None

@@ -12,17 +12,16 @@ from collections.abc import Callable
 
 from nacl.signing import SigningKey
 
-from ..errors import ProtocolError
+from ..config import Limits, Timeouts
+from ..errors import CloseReason, LocalProtocolError, ProtocolError
 from .channel import Handshake, SecureChannel
-from .frames import HEADER_LEN, MAX_FRAME_LENGTH, FrameDecoder, frame_header
-from .keepalive import KEEPALIVE, Keepalive
+from .frames import HEADER_LEN, FrameDecoder, frame_header
+from .keepalive import Keepalive
 from .messages import KEEPALIVE as KEEPALIVE_MESSAGE
 from .messages import decode_ka_message, encode_ka_message
 
 PROTOCOL_VERSION = 0
 VERSION_FRAME = frame_header(4) + PROTOCOL_VERSION.to_bytes(4, "big")
-CONN_TIMEOUT = 8.0
-TICKS_TO_REKEY = 3600.0
 
 _INF = float("inf")
 
@@ -48,7 +47,6 @@ class Connection:
     __slots__ = (
         "state",
         "peer_public_key",
-        "opened_at",
         "_decoder",
         "_handshake",
         "_channel",
@@ -67,15 +65,14 @@ class Connection:
         now: float,
         *,
         expected_peer: bytes | None = None,
-        conn_timeout: float = CONN_TIMEOUT,
-        keepalive: float = KEEPALIVE,
-        rekey_interval: float = TICKS_TO_REKEY,
-        max_frame_length: int = MAX_FRAME_LENGTH,
+        conn_timeout: float = Timeouts.conn_timeout,
+        keepalive: float = Timeouts.keepalive,
+        rekey_interval: float = Timeouts.rekey_interval,
+        max_frame_length: int = Limits.max_frame_length,
         random: Callable[[int], bytes] = os.urandom,
     ) -> None:
         self.state = State.VERSION
         self.peer_public_key: bytes | None = None
-        self.opened_at: float | None = None
         self._decoder = FrameDecoder(max_frame_length)
         self._handshake: Handshake | None = Handshake(identity, expected_peer, random)
         self._channel: SecureChannel | None = None
@@ -94,7 +91,7 @@ class Connection:
     def receive_data(self, data: bytes, now: float) -> list[bytes]:
         """Feed received bytes; returns the relay messages they complete, in order."""
         if self.state is State.CLOSED:
-            raise ProtocolError("connection already closed")
+            raise LocalProtocolError("connection already closed")
         try:
             frames = self._decoder.feed(data)
             if self.state is State.OPEN:
@@ -108,10 +105,14 @@ class Connection:
         for index, frame in enumerate(frames):
             if self.state is State.VERSION:
                 if len(frame) != 4:
-                    raise ProtocolError(f"version frame of {len(frame)} bytes, expected 4")
+                    raise ProtocolError(
+                        f"version frame of {len(frame)} bytes, expected 4", CloseReason.VERSION
+                    )
                 version = int.from_bytes(frame, "big")
                 if version != PROTOCOL_VERSION:
-                    raise ProtocolError(f"unsupported protocol version {version}")
+                    raise ProtocolError(
+                        f"unsupported protocol version {version}", CloseReason.VERSION
+                    )
                 self.state = State.HANDSHAKE
                 continue
             handshake = self._handshake
@@ -129,7 +130,6 @@ class Connection:
         self.peer_public_key = handshake.peer_public_key
         self._handshake = None
         self.state = State.OPEN
-        self.opened_at = now
         self._keepalive = Keepalive(now, self._keepalive_interval)
         self._next_rekey = now + self._rekey_interval
         self._deadline = _INF
@@ -175,7 +175,7 @@ class Connection:
         """Queue one relay-layer message (a KaMessage.message) for the peer."""
         channel = self._channel
         if channel is None or self.state is not State.OPEN:
-            raise ProtocolError("cannot send before the secure channel is open")
+            raise LocalProtocolError("cannot send before the secure channel is open")
         payload = channel.seal(encode_ka_message(message))
         out = self._out
         out.append(len(payload).to_bytes(HEADER_LEN, "big"))
@@ -187,7 +187,7 @@ class Connection:
         """Start a rekey now (one is started by ``handle_timer`` every rekey interval)."""
         channel = self._channel
         if channel is None or self.state is not State.OPEN:
-            raise ProtocolError("cannot rekey before the secure channel is open")
+            raise LocalProtocolError("cannot rekey before the secure channel is open")
         frame = channel.start_rekey()
         self._next_rekey = now + self._rekey_interval
         if frame is None:
@@ -237,11 +237,13 @@ class Connection:
         if keepalive is None:
             if now >= self._deadline:
                 self.state = State.CLOSED
-                raise ProtocolError("connection set-up timed out")
+                raise ProtocolError("connection set-up timed out", CloseReason.SETUP_TIMEOUT)
             return
         if keepalive.timed_out(now):
             self.state = State.CLOSED
-            raise ProtocolError("keepalive timeout: nothing received")
+            raise ProtocolError(
+                "keepalive timeout: nothing received", CloseReason.KEEPALIVE_TIMEOUT
+            )
         if now >= self._next_rekey:
             self.start_rekey(now)
         if keepalive.keepalive_due(now):

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from ..errors import ProtocolError
+from ..config import Limits
+from ..errors import CloseReason, ProtocolError
 
 HEADER_LEN = 8
-MAX_FRAME_LENGTH = 1 << 20
 
 _from_bytes = int.from_bytes
 
@@ -25,7 +25,7 @@ class FrameDecoder:
 
     __slots__ = ("_chunks", "_have", "_need", "max_length")
 
-    def __init__(self, max_length: int = MAX_FRAME_LENGTH) -> None:
+    def __init__(self, max_length: int = Limits.max_frame_length) -> None:
         # A partial frame is kept as a list of chunks and joined once, when complete, so a
         # large frame arriving in many reads costs one copy rather than a copy per read.
         self._chunks: list[bytes] = []
@@ -57,7 +57,10 @@ class FrameDecoder:
         while end - pos >= HEADER_LEN:
             length = _from_bytes(src[pos : pos + HEADER_LEN], "big")
             if length > max_length:
-                raise ProtocolError(f"frame of {length} bytes exceeds the maximum of {max_length}")
+                raise ProtocolError(
+                    f"frame of {length} bytes exceeds the maximum of {max_length}",
+                    CloseReason.OVERSIZE_FRAME,
+                )
             start = pos + HEADER_LEN
             if end - start < length:
                 need = HEADER_LEN + length

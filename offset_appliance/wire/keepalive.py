@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-KEEPALIVE = 32.0
-
 
 class Keepalive:
     """Tracks when the peer was last heard from and when we last sent anything.
@@ -15,7 +13,7 @@ class Keepalive:
 
     __slots__ = ("interval", "half", "last_recv", "last_send", "paused")
 
-    def __init__(self, now: float, interval: float = KEEPALIVE) -> None:
+    def __init__(self, now: float, interval: float) -> None:
         self.interval = interval
         self.half = interval / 2
         self.last_recv = now

@@ -1,6 +1,7 @@
 """The relay's rules (PROTOCOL.md section 6), driven without sockets or clocks."""
 
-from offset_appliance.relay.core import CLOSE, PAUSE, RESUME, SEND, CoreLimits, RelayCore, Role
+from offset_appliance.errors import CloseReason
+from offset_appliance.relay.core import Close, CoreLimits, Pause, RelayCore, Resume, Role, Send
 from offset_appliance.wire.messages import (
     Accept,
     Connect,
@@ -29,7 +30,7 @@ def take(core):
 
 
 def closed_ids(actions):
-    return [a[1] for a in actions if a[0] == CLOSE]
+    return [a.conn_id for a in actions if isinstance(a, Close)]
 
 
 def setup_listener(core, conn_id=1, key=L):
@@ -44,7 +45,7 @@ def test_connect_notifies_the_listener():
     setup_listener(core)
     core.opened(2, X, 0.0)
     core.message(2, connect(L), 0.0)
-    assert take(core) == [(SEND, 1, IncomingConnection(X).encode())]
+    assert take(core) == [Send(1, IncomingConnection(X).encode())]
     assert core.role(2) is Role.HALF_TUNNEL
 
 
@@ -76,10 +77,10 @@ def test_accept_splices_and_delivers_early_data_in_order():
     take(core)
     core.opened(3, L, 0.0)
     core.message(3, accept(X), 0.0)
-    assert take(core) == [(SEND, 3, b"early-1"), (SEND, 3, b"early-2")]
+    assert take(core) == [Send(3, b"early-1"), Send(3, b"early-2")]
     core.message(2, b"x->l", 0.0)
     core.message(3, b"l->x", 0.0)
-    assert take(core) == [(SEND, 3, b"x->l"), (SEND, 2, b"l->x")]
+    assert take(core) == [Send(3, b"x->l"), Send(2, b"l->x")]
     assert core.tunnels == 1
 
 
@@ -171,7 +172,7 @@ def test_newest_listen_wins_and_drops_the_old_half_tunnels_but_not_tunnels():
     assert sorted(closed_ids(take(core))) == [1, 4]
     assert core.listener_of(L) == 5
     core.message(2, b"still", 0.0)
-    assert take(core) == [(SEND, 3, b"still")]
+    assert take(core) == [Send(3, b"still")]
 
 
 def test_tunnel_close_flushes_then_closes_the_other_side():
@@ -183,7 +184,7 @@ def test_tunnel_close_flushes_then_closes_the_other_side():
     core.message(3, accept(X), 0.0)
     take(core)
     core.closed(2)
-    assert take(core) == [(CLOSE, 3, "the other end of the tunnel closed", True)]
+    assert take(core) == [Close(3, CloseReason.TUNNEL_PEER_CLOSED, True)]
     assert core.tunnels == 0
     core.closed(3)  # already forgotten: nothing more happens
     assert take(core) == []
@@ -200,7 +201,7 @@ def test_listener_close_keeps_established_tunnels():
     core.closed(1)
     assert take(core) == []
     core.message(3, b"go on", 0.0)
-    assert take(core) == [(SEND, 2, b"go on")]
+    assert take(core) == [Send(2, b"go on")]
 
 
 def test_connecting_side_gone_before_accept_delivers_data_then_closes():
@@ -215,8 +216,8 @@ def test_connecting_side_gone_before_accept_delivers_data_then_closes():
     core.opened(3, L, 1.0)
     core.message(3, accept(X), 1.0)
     assert take(core) == [
-        (SEND, 3, b"last words"),
-        (CLOSE, 3, "the connecting side had already closed", True),
+        Send(3, b"last words"),
+        Close(3, CloseReason.TUNNEL_PEER_CLOSED, True),
     ]
 
 
@@ -242,10 +243,10 @@ def test_half_tunnel_buffer_pauses_and_accept_resumes():
     core.message(2, b"a" * 60, 0.0)
     assert take(core) == []
     core.message(2, b"b" * 60, 0.0)
-    assert take(core) == [(PAUSE, 2)]
+    assert take(core) == [Pause(2)]
     core.opened(3, L, 0.0)
     core.message(3, accept(X), 0.0)
-    assert take(core) == [(SEND, 3, b"a" * 60), (SEND, 3, b"b" * 60), (RESUME, 2)]
+    assert take(core) == [Send(3, b"a" * 60), Send(3, b"b" * 60), Resume(2)]
 
 
 def test_half_tunnels_per_listener_are_capped():

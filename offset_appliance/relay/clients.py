@@ -1,0 +1,62 @@
+"""What the IO shell keeps for each accepted TCP connection."""
+
+from __future__ import annotations
+
+import socket
+
+from ..errors import CloseReason
+from ..wire.connection import Connection
+
+# Read sizes adapt per connection, as event loops do: a read that fills the request doubles
+# the next one (bulk streams), a short one halves it. Small reads keep CPython's bytes
+# objects below glibc's mmap threshold, which otherwise costs an mmap, mremap and munmap
+# per read (bench/PROFILE.md); large ones keep a bulk stream to few system calls.
+RECV_MIN = 64 * 1024
+RECV_MAX = 1024 * 1024
+
+# Reasons a connection's reading is paused; reading resumes when none is left.
+PAUSED_BY_PEER = 1  # the connection it feeds has too much queued output
+PAUSED_BY_CORE = 2  # its half-tunnel buffer is full
+PAUSED_BY_CLOSE = 4  # it is closing after a flush
+
+
+def show_address(host: str, port: int) -> str:
+    """``host:port``, with an IPv6 host in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class Client:
+    """One accepted TCP connection: its socket, its protocol stack and its output queue."""
+
+    __slots__ = (
+        "id",
+        "sock",
+        "ip",
+        "label",
+        "wire",
+        "out",
+        "out_size",
+        "paused",
+        "closing",
+        "close_reason",
+        "events",
+        "timer_at",
+        "close_by",
+        "recv_size",
+    )
+
+    def __init__(self, conn_id: int, sock: socket.socket, ip: str, port: int, wire: Connection):
+        self.id = conn_id
+        self.sock = sock
+        self.ip = ip
+        self.label = show_address(ip, port)
+        self.wire = wire
+        self.out: list[bytes | memoryview] = []
+        self.out_size = 0
+        self.paused = 0
+        self.closing = False  # flushing its output before it closes
+        self.close_reason: CloseReason | None = None  # why, while closing
+        self.events = 0
+        self.timer_at = float("inf")
+        self.close_by = float("inf")  # a closing connection's flush must end by then
+        self.recv_size = RECV_MIN

@@ -1,0 +1,166 @@
+"""Output queues and back-pressure: what each connection has to send, when it is written, and
+which connections stop being read while the connection they feed cannot keep up.
+
+A connection's output is taken from its protocol stack into its queue and written once per
+turn of the loop (``flush``), with one ``sendmsg`` of many buffers. A queue above the high
+water mark pauses reading of the tunnel end that feeds it; below the low water mark reading
+resumes. Pausing and resuming for any reason goes through ``pause`` and ``resume``.
+"""
+
+from __future__ import annotations
+
+import selectors
+from collections.abc import Callable
+
+from ..config import Limits
+from ..errors import CloseReason
+from .clients import PAUSED_BY_PEER, Client
+from .core import RelayCore
+
+IOV_MAX = 1024
+
+CloseFn = Callable[[Client, CloseReason, str], None]
+
+
+class Output:
+    """The output side of every connection of one server."""
+
+    def __init__(
+        self,
+        selector: selectors.BaseSelector,
+        clients: dict[int, Client],
+        core: RelayCore,
+        limits: Limits,
+        clock: Callable[[], float],
+        close: CloseFn,
+        schedule: Callable[[Client, float], None],
+    ) -> None:
+        self.selector = selector
+        self.clients = clients
+        self.core = core
+        self.limits = limits
+        self.clock = clock
+        self._close = close  # a write failed, or a closing connection's flush ended
+        self._schedule = schedule  # a resumed connection's idle deadline runs again
+        self.dirty: set[Client] = set()
+
+    # ---- queueing and writing ----------------------------------------------------------
+
+    def take(self, client: Client) -> None:
+        """Move the protocol stack's output to the socket queue; it is written by ``flush``."""
+        chunks = client.wire.data_to_send()
+        if chunks:
+            client.out.extend(chunks)
+            client.out_size += sum(map(len, chunks))
+            self.dirty.add(client)
+
+    def can_queue(self, conn_id: int) -> bool:
+        """Whether a connection's queue has room (below the high water mark)."""
+        client = self.clients.get(conn_id)
+        return client is not None and client.out_size < self.limits.buffer_high_water
+
+    def flush(self) -> None:
+        """Write every connection that got output since the last flush."""
+        dirty = self.dirty
+        self.dirty = set()
+        clients = self.clients
+        for client in dirty:
+            if client.id in clients:
+                self.write(client)
+
+    def forget(self, client: Client) -> None:
+        """The connection is closed: stop watching it and drop what it had queued."""
+        self.dirty.discard(client)
+        if client.events:
+            self.selector.unregister(client.sock)
+            client.events = 0
+        client.out.clear()
+        client.out_size = 0
+
+    def write(self, client: Client) -> None:
+        """Write as much of the queue as the socket takes."""
+        out = client.out
+        try:
+            sent = client.sock.sendmsg(out[:IOV_MAX] if len(out) > IOV_MAX else out)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as exc:
+            self._close(client, CloseReason.RESET, f"send failed: {exc.strerror}")
+            return
+        if sent:
+            client.out_size -= sent
+            # Drop whole chunks sent, keep the unsent tail of a partly sent one.
+            index = 0
+            for chunk in out:
+                size = len(chunk)
+                if sent < size:
+                    break
+                sent -= size
+                index += 1
+            del out[:index]
+            if sent:
+                out[0] = memoryview(out[0])[sent:]
+        if out:
+            self.want_write(client, True)
+        else:
+            self.want_write(client, False)
+            if client.closing:
+                assert client.close_reason is not None
+                self._close(client, client.close_reason, "flushed")
+                return
+        self.balance(client)
+
+    # ---- back-pressure -----------------------------------------------------------------
+
+    def balance(self, client: Client) -> None:
+        """Pause the tunnel peer feeding a full queue; resume it once the queue drained."""
+        size = client.out_size
+        if size > self.limits.buffer_high_water:
+            feeder = self.core.peer_of(client.id)
+            if feeder is not None:
+                other = self.clients.get(feeder)
+                if other is not None and not other.paused & PAUSED_BY_PEER:
+                    self.pause(other, PAUSED_BY_PEER)
+        elif size < self.limits.buffer_low_water:
+            feeder = self.core.peer_of(client.id)
+            if feeder is not None:
+                other = self.clients.get(feeder)
+                if other is not None and other.paused & PAUSED_BY_PEER:
+                    self.resume(other, PAUSED_BY_PEER, self.clock())
+
+    def pause(self, client: Client, reason: int) -> None:
+        """Stop reading ``client`` for ``reason`` (one of the ``PAUSED_BY_*`` flags)."""
+        if not client.paused:
+            client.wire.pause_reading()
+            self.set_events(client, client.events & ~selectors.EVENT_READ)
+        client.paused |= reason
+
+    def resume(self, client: Client, reason: int, now: float) -> None:
+        """Drop ``reason`` for not reading ``client``; read it again if none is left."""
+        if not client.paused & reason:
+            return
+        client.paused &= ~reason
+        if not client.paused:
+            client.wire.resume_reading(now)
+            self.set_events(client, client.events | selectors.EVENT_READ)
+            self._schedule(client, client.wire.next_deadline())
+
+    # ---- the selector's interest -------------------------------------------------------
+
+    def want_write(self, client: Client, on: bool) -> None:
+        """Watch ``client`` for writability (while its queue is not empty) or stop."""
+        events = client.events
+        new = events | selectors.EVENT_WRITE if on else events & ~selectors.EVENT_WRITE
+        self.set_events(client, new)
+
+    def set_events(self, client: Client, events: int) -> None:
+        """Register, modify or unregister ``client`` with the selector."""
+        if events == client.events:
+            return
+        if client.events == 0:
+            self.selector.register(client.sock, events, client)
+        elif events == 0:
+            self.selector.unregister(client.sock)
+        else:
+            self.selector.modify(client.sock, events, client)
+        client.events = events
