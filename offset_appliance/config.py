@@ -19,7 +19,6 @@ from .errors import ConfigError, UsageError
 from .files import split_host_port
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
-DEFAULT_PORT = 4567
 
 
 @dataclass(frozen=True)
@@ -68,7 +67,7 @@ class Config:
 
 
 # Lower bounds that keep the relay working at all (a 4-byte version frame, a handshake).
-_LIMIT_MINIMUM = {
+LIMIT_MINIMUM = {
     "max_connections": 1,
     "max_connections_per_ip": 1,
     "max_handshakes": 1,
@@ -78,6 +77,23 @@ _LIMIT_MINIMUM = {
     "buffer_high_water": 1,
     "buffer_low_water": 0,
 }
+# Upper bounds on how much work one event can cause: a timer pass that expires every
+# connection, a listener whose close drops all its pending connects in one batch, one frame
+# decrypted in one piece, one accept delivering a half-tunnel's whole buffer.
+LIMIT_MAXIMUM = {
+    "max_connections": 1 << 20,
+    "max_connections_per_ip": 1 << 20,
+    "max_handshakes": 1 << 16,
+    "max_frame_length": 16 << 20,
+    "max_half_tunnels_per_listener": 1024,
+    "half_tunnel_buffer": 16 << 20,
+    "buffer_high_water": 64 << 20,
+    "buffer_low_water": 64 << 20,
+}
+# Timers, in seconds: keepalives go out at half the keepalive timeout, on a one-second tick
+# at best; nothing waits longer than a week.
+TIMEOUT_MINIMUM = {"keepalive": 2.0}
+TIMEOUT_MAXIMUM = 7 * 24 * 3600.0
 _TOP_KEYS = ("identity_file", "listen", "log_level", "limits", "timeouts", "metrics")
 _TABLES = ("limits", "timeouts", "metrics")
 
@@ -159,8 +175,9 @@ def _limits(table: dict[str, Any], origin: dict[str, Path]) -> Limits:
         if key not in names:
             raise ConfigError(f"{where}: unknown key")
         number = int(_number(where, value, integer=True))
-        if number < _LIMIT_MINIMUM[key] or number > 2**40:
-            raise ConfigError(f"{where}: must be between {_LIMIT_MINIMUM[key]} and 2^40")
+        low, high = LIMIT_MINIMUM[key], LIMIT_MAXIMUM[key]
+        if not low <= number <= high:
+            raise ConfigError(f"{where}: must be between {low} and {high}, got {number}")
         values[key] = number
     limits = Limits(**values)
     if limits.buffer_low_water >= limits.buffer_high_water:
@@ -184,10 +201,9 @@ def _timeouts(table: dict[str, Any], origin: dict[str, Path]) -> Timeouts:
         if key not in names:
             raise ConfigError(f"{where}: unknown key")
         number = float(_number(where, value, integer=False))
-        # Keepalives go out at half the keepalive timeout, on a one-second tick at best.
-        low = 2.0 if key == "keepalive" else 0.1
-        if not low <= number <= 7 * 24 * 3600:
-            raise ConfigError(f"{where}: must be between {low} and 604800 seconds")
+        low = TIMEOUT_MINIMUM.get(key, 0.1)
+        if not low <= number <= TIMEOUT_MAXIMUM:
+            raise ConfigError(f"{where}: must be between {low:g} and {TIMEOUT_MAXIMUM:g} seconds")
         values[key] = number
     return Timeouts(**values)
 

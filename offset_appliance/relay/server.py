@@ -178,9 +178,10 @@ class RelayServer:
             self.step()
         self.shutdown()
 
-    def step(self, timeout: float = 1.0) -> None:
+    def step(self, timeout: float = 1.0) -> int:
         """One turn of the loop: wait for events (until the next deadline, at most
-        ``timeout`` seconds), handle them, run the timers that are due and write."""
+        ``timeout`` seconds), handle them, run the timers that are due and write. Returns
+        the number of sockets that had events."""
         actions = self.core.actions
         now = self.clock()
         if self.output.dirty or actions:
@@ -188,7 +189,8 @@ class RelayServer:
         else:
             wait = max(0.0, min(self._next_deadline(), now + timeout) - now)
         clients = self.clients
-        for key, mask in self.selector.select(wait):
+        events = self.selector.select(wait)
+        for key, mask in events:
             obj = key.data
             if type(obj) is Client:
                 if mask & selectors.EVENT_WRITE:
@@ -218,6 +220,7 @@ class RelayServer:
             self._next_status = now + STATUS_INTERVAL
             if self.metrics is not None:
                 self.metrics.expire(now)
+        return len(events)
 
     def _next_deadline(self) -> float:
         timers = self._timers

@@ -1,0 +1,339 @@
+"""The IO shell in this process, over real loopback sockets, under a clock the test moves:
+bursts of closes, batches of actions, keepalives, flush timeouts and reload."""
+
+from __future__ import annotations
+
+import logging
+import resource
+import socket
+
+import pytest
+
+from offset_appliance.config import LIMIT_MAXIMUM, Config
+from offset_appliance.errors import CloseReason
+from offset_appliance.relay.core import Close, Send
+from offset_appliance.wire import capnp
+from offset_appliance.wire.connection import VERSION_FRAME, State
+from offset_appliance.wire.frames import FrameDecoder, encode_frame
+from offset_appliance.wire.messages import (
+    Accept,
+    Connect,
+    ExchangeRandNonce,
+    _put_buffer,
+    encode_init_connection,
+)
+
+from .server_rig import Node, Rig
+
+
+@pytest.fixture
+def rigs():
+    made: list[Rig] = []
+
+    def make(**kwargs) -> Rig:
+        rig = Rig(**kwargs)
+        made.append(rig)
+        return rig
+
+    yield make
+    for rig in made:
+        rig.close()
+
+
+def _half_tunnel(rig: Rig, sock: socket.socket, number: int, connect: bytes) -> int:
+    """A connection that has finished its handshake and sent ``connect`` (a Connect).
+
+    The handshake is skipped (the server is told it finished, as its read path does), so
+    that thousands of half-tunnels cost milliseconds, not thousands of key exchanges.
+    """
+    server = rig.server
+    now = rig.clock()
+    address = (f"10.{number >> 16 & 255}.{number >> 8 & 255}.{number & 255}", 40000)
+    client = server.add_connection(sock, address, now)
+    assert client is not None
+    server._opened(client, number.to_bytes(32, "big"), now)
+    server.core.message(client.id, connect, now)
+    return client.id
+
+
+def _raise_fd_limit(needed: int) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < needed <= hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    if max(soft, hard) < needed:
+        pytest.skip(f"needs {needed} file descriptors, the hard limit is {hard}")
+
+
+# ---- bursts of closes ---------------------------------------------------------------------
+
+
+def test_ten_thousand_half_tunnels_expire_in_one_timer_pass(rigs):
+    listeners, per_listener = 10, 1000
+    _raise_fd_limit(listeners * per_listener + 200)
+    rig = rigs(
+        limits={
+            "max_connections": 20000,
+            "max_connections_per_ip": 20000,
+            "max_half_tunnels_per_listener": per_listener,
+        },
+        timeouts={"half_tunnel": 5.0, "keepalive": 60.0, "conn_timeout": 60.0},
+    )
+    nodes = [rig.listener() for _ in range(listeners)]
+    # Datagram sockets stand in for the connecting sides: one descriptor each, writable
+    # (into a sink nobody reads), never readable, closed by the server like any other.
+    sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sink.bind(("127.0.0.1", 0))
+    socks = []
+    for index, node in enumerate(nodes):
+        connect = encode_init_connection(Connect(node.public_key))
+        for n in range(per_listener):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            sock.connect(sink.getsockname())
+            socks.append(sock)
+            _half_tunnel(rig, sock, index * per_listener + n, connect)
+    rig.server._drain()
+    rig.settle()
+    assert len(rig.server.clients) == listeners + 10_000
+    assert rig.server.core.half_tunnel_count == 10_000
+    assert all(len(node.inbox) == per_listener for node in nodes)
+
+    rig.clock.advance(5.0)
+    rig.server.step(0)  # one pass of the timers: every half-tunnel is due in it
+
+    stats = rig.server.stats
+    assert stats.closed["half_tunnel_expired"] == 10_000
+    assert rig.server.core.half_tunnel_count == 0
+    assert all(sock.fileno() == -1 for sock in socks)
+    assert len(rig.server.clients) == listeners
+    rig.settle()
+    assert all(node.is_open for node in nodes)
+    sink.close()
+
+
+def test_closing_a_listener_with_the_most_pending_connects_the_config_allows(rigs):
+    most = LIMIT_MAXIMUM["max_half_tunnels_per_listener"]
+    _raise_fd_limit(2 * most + 200)
+    rig = rigs(limits={"max_connections_per_ip": 20000, "max_half_tunnels_per_listener": most})
+    listener = rig.listener()
+    connect = encode_init_connection(Connect(listener.public_key))
+    far_ends = []
+    for n in range(most):
+        near, far = socket.socketpair()
+        far.setblocking(False)
+        far_ends.append(far)
+        _half_tunnel(rig, near, n, connect)
+    rig.server._drain()
+    # One more is refused: the bound holds.
+    near, far = socket.socketpair()
+    _half_tunnel(rig, near, most, connect)
+    rig.server._drain()
+    assert rig.server.stats.closed["half_tunnel_limit"] == 1
+    rig.settle()
+    assert len(listener.inbox) == most
+
+    listener.close()
+    rig.settle()
+
+    stats = rig.server.stats
+    assert stats.closed["listener_closed"] == most
+    assert stats.closed["peer_closed"] == 1
+    assert rig.server.clients == {}
+    for end in far_ends:
+        while end.recv(65536):  # the relay's hello, then the end of the stream
+            pass
+        end.close()
+    far.close()
+    assert rig.node().is_open  # still serving
+
+
+# ---- one batch, each message once ---------------------------------------------------------
+
+
+def test_a_batch_with_sends_and_a_close_delivers_each_message_exactly_once(rigs):
+    rig = rigs()
+    _listener, connector, acceptor = rig.tunnel()
+    bystander = rig.node()
+    a_id = rig.client_of(acceptor).id
+    x_id = rig.client_of(connector).id
+    b_id = rig.client_of(bystander).id
+    core = rig.server.core
+    # What the core queues when two messages go one way and a connection closes, then more
+    # goes the other way and the tunnel end itself closes (with a flush), in one batch.
+    core.actions.extend(
+        [
+            Send(a_id, b"one"),
+            Send(a_id, b"two"),
+            Close(b_id, CloseReason.RELAY_REFUSED),
+            Send(x_id, b"three"),
+            Send(a_id, b"four"),
+            Close(a_id, CloseReason.TUNNEL_PEER_CLOSED, True),
+        ]
+    )
+    rig.settle()
+    assert acceptor.inbox == [b"one", b"two", b"four"]
+    assert acceptor.eof
+    assert connector.inbox == [b"three"]
+    assert bystander.eof
+    stats = rig.server.stats
+    assert stats.messages_relayed == 1 + 4  # the tunnel's IncomingConnection, then the batch
+    assert stats.closed["relay_refused"] == 1
+
+
+def test_early_data_reaches_an_accept_after_the_connector_left_exactly_once(rigs):
+    rig = rigs()
+    listener = rig.listener()
+    connector = rig.node()
+    connector.send(encode_init_connection(Connect(listener.public_key)))
+    for n in range(5):
+        connector.send(b"early %d" % n)
+    rig.settle()
+    connector.close()
+    rig.settle()
+    acceptor = rig.node(listener.identity)
+    acceptor.send(encode_init_connection(Accept(connector.public_key)))
+    rig.settle()
+    assert acceptor.inbox == [b"early %d" % n for n in range(5)]
+    assert acceptor.eof
+    stats = rig.server.stats
+    assert stats.closed["tunnel_peer_closed"] == 1
+    assert stats.closed["peer_closed"] == 1
+
+
+# ---- each close counted once, for its reason ----------------------------------------------
+
+
+def test_a_flush_that_times_out_is_counted_once_as_flush_timeout(rigs):
+    rig = rigs(timeouts={"keepalive": 30.0})
+    listener, connector, acceptor = rig.tunnel()
+    acceptor.reading = False
+    client = rig.client_of(acceptor)
+    client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    acceptor.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    for _ in range(40):
+        connector.send(b"x" * 16384)
+    rig.settle()
+    assert client.out_size > 0, "the acceptor's queue should hold what it does not read"
+    connector.close()
+    rig.settle()
+    assert client.closing
+    rig.clock.advance(30.0)
+    rig.settle()
+    stats = rig.server.stats
+    assert stats.closed["flush_timeout"] == 1
+    assert stats.closed["tunnel_peer_closed"] == 0
+    assert stats.closed["peer_closed"] == 1
+    assert client.id not in rig.server.clients
+
+
+def test_a_handshake_without_a_signature_is_malformed_not_a_bad_signature(rigs):
+    rig = rigs()
+    sock = socket.create_connection(rig.address)
+    hello = ExchangeRandNonce(bytes(16), bytes(32), None).encode()
+    sock.sendall(VERSION_FRAME + encode_frame(hello))
+    decoder, frames = FrameDecoder(), []
+    while len(frames) < 2:
+        rig.server.step(0)
+        sock.settimeout(0.5)
+        try:
+            frames += decoder.feed(sock.recv(65536))
+        except TimeoutError:
+            pass
+    relay_nonce = ExchangeRandNonce.decode(frames[1]).rand_nonce
+    # An ExchangeDh with every field but the signature.
+    builder = capnp.MessageBuilder()
+    root = builder.set_struct(0, 0, 4)
+    _put_buffer(builder, root, bytes(range(32)))
+    _put_buffer(builder, root + 1, relay_nonce)
+    _put_buffer(builder, root + 2, bytes(32))
+    sock.sendall(encode_frame(builder.finish()))
+    for _ in range(50):
+        rig.server.step(0)
+        if not rig.server.clients:
+            break
+    failed = rig.server.stats.handshakes_failed
+    assert failed["malformed"] == 1
+    assert failed["bad_signature"] == 0
+    sock.close()
+
+
+# ---- time, moved by the test --------------------------------------------------------------
+
+
+def test_keepalives_go_out_and_a_silent_peer_times_out(rigs):
+    rig = rigs(timeouts={"keepalive": 40.0})
+    node = rig.listener()
+    before = node.received
+    rig.clock.advance(20.0)
+    rig.settle()
+    assert node.received > before  # a keepalive, at half the interval
+    assert node.is_open
+    rig.clock.advance(20.0)
+    rig.settle()
+    assert node.eof
+    assert rig.server.stats.closed["keepalive_timeout"] == 1
+
+
+def test_an_unfinished_handshake_times_out_on_the_clock(rigs):
+    rig = rigs(timeouts={"conn_timeout": 8.0})
+    sock = socket.create_connection(rig.address)
+    rig.server.step(0)
+    assert len(rig.server.admission.handshaking) == 1
+    rig.clock.advance(7.9)
+    rig.server.step(0)
+    assert len(rig.server.admission.handshaking) == 1
+    rig.clock.advance(0.1)
+    rig.server.step(0)
+    assert rig.server.clients == {}
+    assert rig.server.stats.handshakes_failed["timeout"] == 1
+    sock.close()
+
+
+def test_a_half_tunnel_expires_on_the_clock(rigs):
+    rig = rigs(timeouts={"half_tunnel": 32.0, "keepalive": 100.0})
+    listener = rig.listener()
+    connector = rig.node()
+    connector.send(encode_init_connection(Connect(listener.public_key)))
+    rig.settle()
+    rig.clock.advance(31.9)
+    rig.settle()
+    assert not connector.eof
+    rig.clock.advance(0.1)
+    rig.settle()
+    assert connector.eof
+    assert rig.server.stats.closed["half_tunnel_expired"] == 1
+
+
+# ---- reload -------------------------------------------------------------------------------
+
+
+def test_reload_says_every_time_what_takes_a_restart_and_keeps_the_running_values(rigs, caplog):
+    changed: list[Config] = []
+    rig = rigs(reload_config=lambda: changed[0])
+    running = rig.server.config
+    changed.append(
+        Config(
+            identity_file=running.identity_file.with_name("other.ident"),
+            listen=(("127.0.0.1", 1),),
+            limits=running.limits.__class__(max_handshakes=7),
+            timeouts=running.timeouts,
+        )
+    )
+    for _ in range(2):
+        rig.server.request_reload()
+        with caplog.at_level(logging.INFO, logger="strelay"):
+            rig.server.step(0)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 2
+    assert all("listen, identity_file" in w and "restart" in w for w in warnings)
+    assert rig.server.config.listen == running.listen
+    assert rig.server.config.identity_file == running.identity_file
+    assert rig.server.limits.max_handshakes == 7  # what can change did
+    assert rig.server.admission.limits.max_handshakes == 7
+    logging.getLogger().setLevel(logging.WARNING)
+
+
+def test_node_end_of_the_rig_is_a_real_client(rigs):
+    rig = rigs()
+    node = Node(rig)
+    rig.settle()
+    assert node.wire.state is State.OPEN
