@@ -13,6 +13,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from offset_appliance.client import RelayClient
 from offset_appliance.probe import HEALTHY, probe
 
 from . import floors
@@ -126,7 +127,12 @@ class Meter:
         self._start: tuple[Usage, float, tuple[int, ...]] | None = None
 
     def _clients_cpu(self) -> float:
-        return sum(sum(cpu_times(worker.proc.pid)) for worker in self.workers)
+        total_seconds = 0.0
+        for worker in self.workers:
+            assert worker.proc.pid is not None  # started in Worker()
+            user, system = cpu_times(worker.proc.pid)
+            total_seconds += user + system
+        return total_seconds
 
     def _counts(self) -> tuple[int, ...]:
         return tuple(total(self.workers, slot) for slot in (MESSAGES, BYTES, FAILED))
@@ -270,7 +276,7 @@ def small(
     window = window or sizes.small_window
     relay = BenchRelay(workdir / f"small-{connections}-{window}", profile=profile)
     workers: list[Worker] = []
-    clients = []
+    clients: list[RelayClient] = []
     try:
         base = _baseline(relay)
         target = _target(relay)
@@ -470,7 +476,7 @@ def idle(workdir: Path, sizes: Sizes) -> dict:
     reports = _finish(relay, workers)
     lost = sum(report["lost"] for report in reports)
     open_at_end = sum(report["open"] for report in reports)
-    result = {
+    summary = {
         "connections": sizes.idle_connections,
         "setup_seconds": round(setup_seconds, 1),
         "hold_seconds": round(window.seconds, 1),
@@ -488,8 +494,8 @@ def idle(workdir: Path, sizes: Sizes) -> dict:
         "probe_handshake": percentiles(probe_handshakes),
         "probe_failures": len(probe_failures),
     }
-    result.update(window.as_dict())
-    return result
+    summary.update(window.as_dict())
+    return summary
 
 
 # ---- 5. latency (idle) ---------------------------------------------------------------------
@@ -505,7 +511,7 @@ def latency(workdir: Path, sizes: Sizes) -> dict:
         for sock in sockets:
             sock.close()
     relay = BenchRelay(workdir / "latency")
-    clients = []
+    clients: list[RelayClient] = []
     try:
         _baseline(relay)
         a, b, clients = floors.relay_pair(relay.address, relay.public_key)

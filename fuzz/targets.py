@@ -110,12 +110,12 @@ def messages(data: bytes) -> None:
         except ProtocolError:
             continue
         assert cls.decode(value.encode()) == value
-    for cls in _INIT_TYPES:
+    for init_cls in _INIT_TYPES:
         try:
-            value = cls.decode(data)
+            variant = init_cls.decode(data)
         except ProtocolError:
             continue
-        assert decode_init_connection(value.encode()) == value
+        assert decode_init_connection(variant.encode()) == variant
     try:
         init = decode_init_connection(data)
     except ProtocolError:

@@ -182,14 +182,14 @@ def _limits(table: dict[str, Any], origin: dict[str, Path]) -> Limits:
     limits = Limits(**values)
     if limits.buffer_low_water >= limits.buffer_high_water:
         key = "buffer_low_water" if "buffer_low_water" in table else "buffer_high_water"
-        where = origin.get(f"limits.{key}", "defaults")
+        source = origin.get(f"limits.{key}", "defaults")
         raise ConfigError(
-            f"{where}: limits.{key}: buffer_low_water ({limits.buffer_low_water}) must be "
+            f"{source}: limits.{key}: buffer_low_water ({limits.buffer_low_water}) must be "
             f"below buffer_high_water ({limits.buffer_high_water})"
         )
     if limits.max_handshakes > limits.max_connections:
-        where = origin.get("limits.max_handshakes", origin.get("limits.max_connections"))
-        raise ConfigError(f"{where}: limits.max_handshakes must not exceed max_connections")
+        culprit = origin.get("limits.max_handshakes", origin.get("limits.max_connections"))
+        raise ConfigError(f"{culprit}: limits.max_handshakes must not exceed max_connections")
     return limits
 
 

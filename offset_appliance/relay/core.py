@@ -129,7 +129,9 @@ class RelayCore:
         self._listeners: dict[bytes, int] = {}
         self._half_tunnels: dict[tuple[bytes, bytes], _HalfTunnel] = {}
         self._half_by_listener: dict[bytes, set[bytes]] = {}
-        self._timers: list[tuple[float, int, object]] = []
+        # (deadline, sequence, what): a connection id is due its first message, a
+        # half-tunnel its accept.
+        self._timers: list[tuple[float, int, int | _HalfTunnel]] = []
         self._seq = itertools.count()
         self.tunnels = 0  # established tunnels (pairs)
 
@@ -164,7 +166,7 @@ class RelayCore:
     def opened(self, conn_id: int, key: bytes, now: float) -> None:
         """A connection finished its handshake as ``key``; its first message is now due."""
         self._conns[conn_id] = _Conn(conn_id, key)
-        self._push(now + self.limits.relay_conn_timeout, ("first", conn_id))
+        self._push(now + self.limits.relay_conn_timeout, conn_id)
 
     def message(self, conn_id: int, data: bytes, now: float) -> None:
         """A relay message arrived on a connection."""
@@ -195,19 +197,19 @@ class RelayCore:
         """Expire overdue first messages and half-tunnels."""
         timers = self._timers
         while timers and timers[0][0] <= now:
-            _, _, (kind, ref) = heapq.heappop(timers)
-            if kind == "first":
-                conn = self._conns.get(ref)
+            _, _, due = heapq.heappop(timers)
+            if isinstance(due, int):
+                conn = self._conns.get(due)
                 if conn is not None and conn.role is Role.PENDING:
                     self._close(conn, CloseReason.FIRST_MESSAGE_TIMEOUT)
             else:
-                half = ref
+                half = due
                 if self._half_tunnels.get((half.src, half.dst)) is half:
                     self._drop_half_tunnel(half, CloseReason.HALF_TUNNEL_EXPIRED)
 
     # ---- internals ---------------------------------------------------------------------
 
-    def _push(self, when: float, item: object) -> None:
+    def _push(self, when: float, item: int | _HalfTunnel) -> None:
         heapq.heappush(self._timers, (when, next(self._seq), item))
 
     def _close(self, conn: _Conn, reason: CloseReason, flush: bool = False) -> None:
@@ -296,7 +298,7 @@ class RelayCore:
         sources.add(src)
         conn.role = Role.HALF_TUNNEL
         conn.half = half
-        self._push(half.expires, ("half", half))
+        self._push(half.expires, half)
         self.actions.append(Send(listener_id, IncomingConnection(src).encode()))
 
     def _accept(self, conn: _Conn, src: bytes) -> None:

@@ -375,19 +375,19 @@ class RelayServer:
             action = popleft()
             kind = type(action)
             if kind is Send:
-                conn_id, payload = action
+                conn_id, payload = action  # type: ignore[misc]  # narrowed by kind
                 target = clients.get(conn_id)
                 if target is None or target.closing:
                     continue
-                target.wire.send_message(payload, now)  # type: ignore[arg-type]
+                target.wire.send_message(payload, now)
                 stats.messages_relayed += 1
-                stats.bytes_relayed += len(payload)  # type: ignore[arg-type]
+                stats.bytes_relayed += len(payload)
                 output.take(target)
             elif kind is Close:
                 conn_id, reason, flush = action  # type: ignore[misc]
                 target = clients.get(conn_id)
                 if target is not None:
-                    self._close(target, reason, flush=flush)  # type: ignore[arg-type]
+                    self._close(target, reason, flush=flush)
             elif kind is Pause:
                 target = clients.get(action[0])
                 if target is not None:

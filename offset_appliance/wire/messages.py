@@ -321,7 +321,7 @@ def decode_init_connection(data: bytes) -> InitConnection:
     raise ProtocolError(f"unknown InitConnection variant {tag}")
 
 
-_Init = TypeVar("_Init", Listen, Accept, Connect)
+_Init = TypeVar("_Init", bound=Listen | Accept | Connect)
 
 
 def _expect_init(cls: type[_Init], data: bytes) -> _Init:

@@ -13,6 +13,7 @@ import shutil
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -59,7 +60,7 @@ def make_rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[...,
         pytest.skip(reason)
     rigs: list[Rig] = []
 
-    def make(count: int = 1, *, name: str = "host", **kwargs: object) -> Rig:
+    def make(count: int = 1, *, name: str = "host", **kwargs: Any) -> Rig:
         rig = Rig(tmp_path_factory.mktemp(f"rig-{name}"), count, name=name, **kwargs)
         rigs.append(rig)
         rig.start()

@@ -130,7 +130,7 @@ def test_promtool_accepts_the_exposition(relay_factory, tmp_path):
 def raw_http(address, request: bytes) -> bytes:
     with socket.create_connection(address, timeout=5) as s:
         s.sendall(request)
-        chunks = []
+        chunks: list[bytes] = []
         while True:
             data = s.recv(65536)
             if not data:

@@ -31,7 +31,8 @@ SHARES = {
     "never_reading": 0.05,
     "unaccepted": 0.04,
     "early_data": 0.03,
-    "integrity": 0.22,
+    "integrity": 0.17,
+    "bursts": 0.05,
     "fd_exhaustion": 0.04,
 }
 

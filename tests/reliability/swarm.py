@@ -14,6 +14,7 @@ import socket
 import struct
 import time
 from collections.abc import Callable
+from typing import Any
 
 from nacl.signing import SigningKey
 
@@ -61,7 +62,7 @@ class Session:
         self.on_message: Callable[[Session, bytes], None] | None = None
         self.on_close: Callable[[Session], None] | None = None
         self.output_filter: OutputFilter | None = None
-        self.tag: object = None  # whatever the scenario wants to remember
+        self.tag: Any = None  # whatever the scenario wants to remember
 
     @property
     def is_open(self) -> bool:
@@ -177,6 +178,11 @@ class Swarm:
         assert session.wire is not None
         session.wire.send_message(message, time.monotonic())
         self._take(session)
+
+    def send_all(self, session: Session, messages: list[bytes]) -> None:
+        """Queue several relay messages on an open session, in order."""
+        for message in messages:
+            self.send(session, message)
 
     def rekey(self, session: Session) -> None:
         """Start a rekey from our side of an open session."""

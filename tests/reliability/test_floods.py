@@ -209,7 +209,7 @@ def _connect_flood_round(relay, round_no: int, rss_start: int, figures) -> None:
     acceptor.on_open = lambda s: swarm.send(s, encode_init_connection(Accept(chosen.public_key)))
     swarm.run_until(lambda: acceptor.is_open and not acceptor.pending, 30, "accept")
     swarm.send(chosen, b"through the flood")
-    swarm.run_until(lambda: acceptor.inbox, 30, "tunnel data")
+    swarm.run_until(lambda: bool(acceptor.inbox), 30, "tunnel data")
     assert acceptor.inbox == [b"through the flood"]
     swarm.send(listener, RejectConnection(rejected.public_key).encode())
     swarm.run_until(lambda: rejected.closed, 30, "the rejected connect to close")

@@ -140,6 +140,7 @@ def _run_round(relay, round_no: int, figures) -> None:
             # The surviving end is closed by the relay once it has had what was relayed.
             tunnel.finished = all(s.closed for s in tunnel.ends())
         elif all(s.complete for s in tunnel.streams):
+            assert tunnel.connector is not None
             swarm.close(tunnel.connector)  # the relay must then close the acceptor
             tunnel.finished = tunnel.acceptor is not None and tunnel.acceptor.closed
 
@@ -167,6 +168,7 @@ def _run_round(relay, round_no: int, figures) -> None:
             assert session.protocol_error is None, (tunnel.number, session.protocol_error)
         if not tunnel.aborted:
             assert all(s.complete for s in tunnel.streams), tunnel.number
+            assert tunnel.acceptor is not None
             assert tunnel.acceptor.close_reason != "closed by us"
         else:
             survivor = tunnel.acceptor if tunnel.abort_side == "connector" else tunnel.connector

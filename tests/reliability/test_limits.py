@@ -168,7 +168,7 @@ def _idle_tunnels_round(relay, figures) -> None:
             # under the listener's cap.
             _settle(swarm, connectors)
         connector = swarm.open(source=SOURCE_IPS[100 + number % 50])
-        connector.on_open = lambda s: (swarm.send(s, connect), swarm.send(s, b"hi"))
+        connector.on_open = lambda s: swarm.send_all(s, [connect, b"hi"])
         connectors.append(connector)
     # Every tunnel has carried a message each way: both ends have sealed traffic.
     _settle(swarm, connectors)

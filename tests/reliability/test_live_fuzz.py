@@ -235,7 +235,9 @@ class Plan:
     def _plain_fault(self, swarm: Swarm, session: Session) -> None:
         # Below the public API on purpose: the point is to reach the relay's decoders with
         # frames that decrypt correctly but carry hostile plaintext.
+        assert session.wire is not None
         channel = session.wire._channel  # noqa: SLF001
+        assert channel is not None
         rng = self.rng
         kind = self.plain_fault
         zero_key = bytes(32)
@@ -280,10 +282,12 @@ def _fuzz_round(relay, round_no: int, figures) -> None:
         key = incoming_key(message)
         plan = plans_by_key[key]
         acceptor = swarm.open(target_id)
-        acceptor.on_open = lambda s: (
-            swarm.send(s, encode_init_connection(Accept(key))),
-            swarm.send(s, b"welcome"),
-        )
+
+        def accept(s: Session) -> None:
+            swarm.send(s, encode_init_connection(Accept(key)))
+            swarm.send(s, b"welcome")
+
+        acceptor.on_open = accept
         acceptor.on_message = lambda s, m: plan.delivered.append(m)
         acceptors.append(acceptor)
 
