@@ -14,6 +14,7 @@ import time
 
 from nacl.signing import SigningKey
 
+from .config import Limits, Timeouts
 from .errors import OffsetError, ProtocolError
 from .wire.connection import Connection, State
 from .wire.messages import (
@@ -48,8 +49,8 @@ class RelayClient:
         *,
         expected_key: bytes | None = None,
         timeout: float = 10.0,
-        keepalive: float = 32.0,
-        max_frame_length: int = 1 << 20,
+        keepalive: float = Timeouts.keepalive,
+        max_frame_length: int = Limits.max_frame_length,
     ) -> None:
         self.sock = sock
         self.identity = identity

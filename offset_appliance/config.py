@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import tomli_w
+
 from .errors import ConfigError, UsageError
 from .files import split_host_port
 
@@ -115,12 +117,23 @@ def parse_listen_address(text: str) -> tuple[str, int]:
     return host, port
 
 
-def drop_in_files(path: Path) -> list[Path]:
-    """The drop-ins that belong to ``path``: ``<dir>/<stem>.d/*.toml``, in name order."""
+def format_address(host: str, port: int) -> str:
+    """``host:port``, with an IPv6 host in brackets (as ``parse_listen_address`` reads it)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def drop_in_files(path: Path, replace: dict[str, Path] | None = None) -> list[Path]:
+    """The drop-ins that belong to ``path``: ``<dir>/<stem>.d/*.toml``, in name order.
+
+    ``replace`` maps drop-in names to files read in their place (or added, if there is no
+    such drop-in yet): a candidate is checked where it will go before it is installed.
+    """
     directory = path.parent / (path.stem + ".d")
-    if not directory.is_dir():
-        return []
-    return sorted(p for p in directory.glob("*.toml") if p.is_file())
+    found = {}
+    if directory.is_dir():
+        found = {p.name: p for p in directory.glob("*.toml") if p.is_file()}
+    found.update(replace or {})
+    return [found[name] for name in sorted(found)]
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -232,13 +245,17 @@ def load_config(
     identity_file: Path | None = None,
     listen: list[str] | None = None,
     log_level: str | None = None,
+    replace_drop_ins: dict[str, Path] | None = None,
 ) -> Config:
-    """Read ``path`` and its drop-ins (if a path is given), then apply command-line overrides."""
+    """Read ``path`` and its drop-ins (if a path is given), then apply command-line overrides.
+
+    ``replace_drop_ins`` reads other files in place of some drop-ins (see ``drop_in_files``).
+    """
     merged: dict[str, Any] = {}
     origin: dict[str, Path] = {}
     if path is not None:
         path = Path(path)
-        merged, origin = _merge([path, *drop_in_files(path)])
+        merged, origin = _merge([path, *drop_in_files(path, replace_drop_ins)])
 
     if identity_file is not None:
         ident = Path(identity_file)
@@ -291,3 +308,19 @@ def load_config(
         timeouts=_timeouts(merged.get("timeouts", {}), origin),
         metrics=_metrics(merged.get("metrics", {}), origin),
     )
+
+
+def dump_config(config: Config) -> str:
+    """``config`` as TOML, every setting spelled out: read back, it gives the same config."""
+    doc = {
+        "identity_file": str(config.identity_file.absolute()),
+        "listen": [format_address(host, port) for host, port in config.listen],
+        "log_level": config.log_level,
+        "limits": dataclasses.asdict(config.limits),
+        "timeouts": dataclasses.asdict(config.timeouts),
+        "metrics": {
+            "enabled": config.metrics.enabled,
+            "listen": format_address(*config.metrics.listen),
+        },
+    }
+    return tomli_w.dumps(doc)

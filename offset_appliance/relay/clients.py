@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 
+from ..config import format_address
 from ..errors import CloseReason
 from ..wire.connection import Connection
 
@@ -18,11 +19,6 @@ RECV_MAX = 1024 * 1024
 PAUSED_BY_PEER = 1  # the connection it feeds has too much queued output
 PAUSED_BY_CORE = 2  # its half-tunnel buffer is full
 PAUSED_BY_CLOSE = 4  # it is closing after a flush
-
-
-def show_address(host: str, port: int) -> str:
-    """``host:port``, with an IPv6 host in brackets."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class Client:
@@ -49,7 +45,7 @@ class Client:
         self.id = conn_id
         self.sock = sock
         self.ip = ip
-        self.label = show_address(ip, port)
+        self.label = format_address(ip, port)
         self.wire = wire
         self.out: list[bytes | memoryview] = []
         self.out_size = 0

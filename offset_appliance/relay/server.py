@@ -23,13 +23,13 @@ from collections.abc import Callable
 
 from nacl.signing import SigningKey
 
-from ..config import Config
+from ..config import Config, format_address
 from ..errors import CloseReason, ProtocolError
 from ..files import b64url_encode
 from ..wire.connection import Connection, State
 from .accounting import CloseAccounting
 from .admission import Admission
-from .clients import PAUSED_BY_CLOSE, PAUSED_BY_CORE, RECV_MAX, RECV_MIN, Client, show_address
+from .clients import PAUSED_BY_CLOSE, PAUSED_BY_CORE, RECV_MAX, RECV_MIN, Client
 from .core import Close, CoreLimits, Pause, RelayCore, Role, Send
 from .metrics import MetricsEndpoint, Snapshot, Stats, render
 from .notify import Notifier
@@ -519,7 +519,7 @@ class BindError(OSError):
     """A listening socket could not be opened; names the address."""
 
     def __init__(self, host: str, port: int, cause: OSError) -> None:
-        shown = show_address(host, port)
+        shown = format_address(host, port)
         super().__init__(cause.errno, f"cannot listen on {shown}: {cause.strerror or cause}")
 
     def __str__(self) -> str:
@@ -537,9 +537,9 @@ def run(
         log.error("%s", exc)
         return os.EX_UNAVAILABLE
     for host, port in bound:
-        log.info("listening on %s", show_address(host, port))
+        log.info("listening on %s", format_address(host, port))
     if server.metrics is not None:
-        log.info("metrics on http://%s/metrics", show_address(*server.metrics.address))
+        log.info("metrics on http://%s/metrics", format_address(*server.metrics.address))
     log.info("relay public key %s", b64url_encode(server.public_key))
     server.notifier.notify("READY=1\nSTATUS=" + server.status_line())
     server.serve_forever()

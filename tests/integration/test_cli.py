@@ -135,3 +135,65 @@ def test_probe_bad_ticket(tmp_path):
     result = run(BIN / "stmgr", "probe", tmp_path / "t.relay")
     assert result.returncode == os.EX_DATAERR
     one_line_error(result)
+
+
+def _relay_config(tmp_path, extra: str = "") -> Path:
+    ident = tmp_path / "relay.ident"
+    if not ident.exists():
+        run(BIN / "stmgr", "gen-ident", "--output", ident)
+    config = tmp_path / "relay.toml"
+    config.write_text(f'identity_file = "{ident}"\nlisten = ["127.0.0.1:0"]\n' + extra)
+    return config
+
+
+def test_strelay_check_config_exits_0_or_78_naming_the_key(tmp_path):
+    config = _relay_config(tmp_path)
+    result = run(BIN / "strelay", "--check-config", "--config", config)
+    assert result.returncode == 0, result.stderr
+    assert "valid" in result.stdout
+    dropins = tmp_path / "relay.d"
+    dropins.mkdir()
+    (dropins / "50-x.toml").write_text("[limits]\nmax_half_tunnels_per_listener = 1025\n")
+    result = run(BIN / "strelay", "--check-config", "--config", config)
+    assert result.returncode == os.EX_CONFIG
+    assert "50-x.toml: limits.max_half_tunnels_per_listener" in one_line_error(result)
+
+
+def test_strelay_check_config_reads_a_candidate_in_place_of_a_drop_in(tmp_path):
+    config = _relay_config(tmp_path)
+    (tmp_path / "relay.d").mkdir()
+    (tmp_path / "relay.d" / "50-ansible.toml").write_text("[limits]\nmax_handshakes = 1\n")
+    candidate = tmp_path / "candidate"
+    candidate.write_text("[limits]\nmax_handshakes = 0\n")
+    args = ["--check-config", "--config", config, "--drop-in", f"50-ansible.toml={candidate}"]
+    result = run(BIN / "strelay", *args)
+    assert result.returncode == os.EX_CONFIG
+    assert f"{candidate}: limits.max_handshakes" in one_line_error(result)
+    result = run(BIN / "strelay", "--check-config", "--config", config)
+    assert result.returncode == 0, result.stderr
+
+
+def test_strelay_check_config_refuses_a_missing_identity(tmp_path):
+    result = run(
+        BIN / "strelay", "--check-config", "--idfile", tmp_path / "no.ident", "--laddr", "[::]:1"
+    )
+    assert result.returncode == os.EX_CONFIG
+    assert "no.ident" in one_line_error(result)
+
+
+def test_strelay_print_config_prints_the_effective_config_as_toml(tmp_path):
+    import tomllib
+
+    config = _relay_config(tmp_path, "[limits]\nmax_connections = 1000\n")
+    result = run(BIN / "strelay", "--print-config", "--config", config, "--log-level", "debug")
+    assert result.returncode == 0, result.stderr
+    doc = tomllib.loads(result.stdout)
+    assert doc["log_level"] == "debug"
+    assert doc["listen"] == ["127.0.0.1:0"]
+    assert doc["limits"]["max_connections"] == 1000
+    assert doc["limits"]["max_handshakes"] == 512
+    assert doc["timeouts"]["keepalive"] == 32.0
+    assert doc["metrics"] == {"enabled": False, "listen": "127.0.0.1:9477"}
+    printed = tmp_path / "printed.toml"
+    printed.write_text(result.stdout)
+    assert run(BIN / "strelay", "--check-config", "--config", printed).returncode == 0

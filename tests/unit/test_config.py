@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
 
 import pytest
 
-from offset_appliance.config import Limits, Timeouts, load_config
+from offset_appliance.config import LIMIT_MAXIMUM, Limits, Timeouts, dump_config, load_config
 from offset_appliance.errors import ConfigError, UsageError
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "relay.toml"
@@ -98,3 +99,49 @@ def test_missing_file_and_missing_settings(tmp_path):
         load_config(None, identity_file=Path("x"))
     with pytest.raises(UsageError, match="--laddr"):
         load_config(None, identity_file=Path("x"), listen=["nothing"])
+
+
+# ---- upper bounds, and the effective config as TOML ----------------------------------------
+
+
+@pytest.mark.parametrize("key", sorted(LIMIT_MAXIMUM))
+def test_a_limit_above_its_upper_bound_is_an_error_naming_the_key(tmp_path, key):
+    high = LIMIT_MAXIMUM[key]
+    room = "max_connections = 1048576\n" if key == "max_handshakes" else ""
+    main = write(
+        tmp_path / "relay.toml",
+        f'identity_file = "id"\nlisten = ["0.0.0.0:4567"]\n[limits]\n{room}{key} = {high}\n',
+    )
+    if key != "buffer_low_water":  # it must stay below the high water mark
+        assert getattr(load_config(main).limits, key) == high
+    write(main, main.read_text().replace(f"{key} = {high}", f"{key} = {high + 1}"))
+    with pytest.raises(ConfigError, match=rf"limits\.{key}: must be between .* and {high}"):
+        load_config(main)
+
+
+def test_the_printed_config_reads_back_as_the_same_config(tmp_path):
+    main = write(
+        tmp_path / "relay.toml",
+        'identity_file = "id"\nlisten = ["0.0.0.0:4567", "[::1]:0"]\n'
+        '[limits]\nmax_connections = 1000\n[metrics]\nenabled = true\nlisten = "[::1]:9"\n',
+    )
+    write(tmp_path / "relay.d" / "50-a.toml", "[timeouts]\nkeepalive = 20\n")
+    config = load_config(main)
+    text = dump_config(config)
+    again = write(tmp_path / "elsewhere" / "printed.toml", text)
+    assert load_config(again) == config
+    doc = tomllib.loads(text)
+    assert doc["limits"]["max_handshakes"] == Limits().max_handshakes  # defaults spelled out
+    assert doc["timeouts"]["keepalive"] == 20.0
+
+
+def test_a_candidate_drop_in_is_read_in_place_of_the_installed_one(tmp_path):
+    main = write(tmp_path / "relay.toml", 'identity_file = "id"\nlisten = ["0.0.0.0:4567"]\n')
+    write(tmp_path / "relay.d" / "50-ansible.toml", "[limits]\nmax_handshakes = 7\n")
+    write(tmp_path / "relay.d" / "90-local.toml", "[limits]\nmax_connections = 900\n")
+    candidate = write(tmp_path / "tmp" / "candidate", "[limits]\nmax_handshakes = 9\n")
+    config = load_config(main, replace_drop_ins={"50-ansible.toml": candidate})
+    assert config.limits.max_handshakes == 9
+    assert config.limits.max_connections == 900
+    added = load_config(main, replace_drop_ins={"60-new.toml": candidate})
+    assert added.limits.max_handshakes == 9

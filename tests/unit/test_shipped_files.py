@@ -1,0 +1,70 @@
+"""What the unit and the Ansible role promise about checking a configuration and probing,
+read from the shipped files and run against the real command."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+UNIT = ROOT / "systemd" / "offset-relay.service"
+ROLE = ROOT / "ansible" / "roles" / "offset_relay"
+STRELAY = Path(sys.executable).parent / "strelay"
+
+
+def test_reload_checks_the_configuration_before_it_signals_the_relay():
+    reloads = [
+        line.split("=", 1)[1]
+        for line in UNIT.read_text().splitlines()
+        if line.startswith("ExecReload=")
+    ]
+    assert reloads == [
+        "/usr/bin/strelay --check-config --config /etc/offset-relay/relay.toml",
+        "/bin/kill -HUP $MAINPID",
+    ]
+    start = next(line for line in UNIT.read_text().splitlines() if line.startswith("ExecStart="))
+    assert start.endswith("--config /etc/offset-relay/relay.toml")
+
+
+def test_the_role_validates_its_drop_in_with_check_config(tmp_path):
+    variables = yaml.safe_load((ROLE / "vars" / "main.yml").read_text())
+    command = variables["__offset_relay_validate_command"]
+    argv = shlex.split(command)
+    assert argv[:2] == ["/usr/bin/strelay", "--check-config"]
+    # The same command against a copy of the tree, with a candidate the relay refuses.
+    etc = tmp_path / "etc"
+    (etc / "relay.d").mkdir(parents=True)
+    subprocess.run(
+        [STRELAY.with_name("stmgr"), "gen-ident", "--output", tmp_path / "id"], check=True
+    )
+    (etc / "relay.toml").write_text(
+        f'identity_file = "{tmp_path / "id"}"\nlisten = ["[::]:4567"]\n'
+    )
+    candidate = tmp_path / "candidate"
+    candidate.write_text("[limits]\nmax_connections = 100\n")
+    local = [
+        str(STRELAY) if a == "/usr/bin/strelay" else a.replace("/etc/offset-relay", str(etc))
+        for a in argv
+    ]
+    local = [a.replace("%s", str(candidate)) for a in local]
+    refused = subprocess.run(local, capture_output=True, text=True)
+    assert refused.returncode == 78
+    assert "limits.max_handshakes must not exceed max_connections" in refused.stderr
+    candidate.write_text("[limits]\nmax_connections = 1000\n")
+    assert subprocess.run(local, capture_output=True).returncode == 0
+
+
+def test_a_failing_probe_is_tried_three_times_as_the_defaults_say():
+    defaults = (ROLE / "defaults" / "main.yml").read_text()
+    assert re.search(r"a failing probe is tried three times", defaults)
+    tasks = yaml.safe_load((ROLE / "tasks" / "verify.yml").read_text())
+    probes = [t for t in tasks if "ansible.builtin.command" in t]
+    assert len(probes) == 2
+    for task in probes:
+        assert task["retries"] + 1 == 3, task["name"]
+        assert task["until"] == f"{task['register']}.rc == 0", task["name"]
