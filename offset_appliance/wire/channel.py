@@ -18,6 +18,8 @@ from nacl.signing import SigningKey, VerifyKey
 
 from ..errors import CloseReason, ProtocolError
 from .messages import (
+    RAND_NONCE_LEN,
+    SALT_LEN,
     ExchangeDh,
     ExchangeRandNonce,
     Rekey,
@@ -28,8 +30,6 @@ from .messages import (
 
 NONCE_LEN = 12
 TAG_LEN = 16
-RAND_NONCE_LEN = 16
-SALT_LEN = 32
 
 Random = Callable[[int], bytes]
 
