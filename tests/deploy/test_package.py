@@ -388,6 +388,23 @@ def test_reload_applies_a_new_log_level(
     )
 
 
+def test_reload_with_a_bad_config_fails_and_leaves_the_relay_running(
+    host: Host, ticket: Path, drop_in: Callable[[str, str], None]
+) -> None:
+    pid = unit(host, "MainPID")["MainPID"]
+    cursor = journal_cursor(host)
+    drop_in("90-test-bad.toml", "[limits]\nmax_half_tunnels_per_listener = 5000\n")
+    reload = host.ssh("systemctl reload offset-relay", check=False)
+    assert reload.returncode != 0  # ExecReload's strelay --check-config refused it
+    messages = journal_since(host, cursor)
+    assert any("limits.max_half_tunnels_per_listener: must be between" in m for m in messages)
+    # The relay never got the signal: nothing reloaded, nothing restarted.
+    assert not any("reload" in m for m in journal_since(host, cursor, "strelay"))
+    props = unit(host, "MainPID", "ActiveState")
+    assert props == {"MainPID": pid, "ActiveState": "active"}
+    assert_probe_ok(ticket)
+
+
 def test_unknown_key_fails_once_without_a_restart_loop(
     host: Host, drop_in: Callable[[str, str], None]
 ) -> None:
