@@ -284,7 +284,11 @@ class RelayServer:
     def _on_acceptable(self, lsock: socket.socket) -> None:
         now = self.clock()
         for sock, addr in self.admission.accept(lsock, now):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:  # reset before we got to it
+                sock.close()
+                continue
             self.add_connection(sock, addr, now)
 
     def add_connection(
