@@ -377,27 +377,25 @@ class RelayServer:
         now = self.clock()
         while actions:
             action = popleft()
-            kind = type(action)
-            if kind is Send:
-                conn_id, payload = action  # type: ignore[misc]  # narrowed by kind
-                target = clients.get(conn_id)
+            if type(action) is Send:
+                target = clients.get(action.conn_id)
                 if target is None or target.closing:
                     continue
+                payload = action.payload
                 target.wire.send_message(payload, now)
                 stats.messages_relayed += 1
                 stats.bytes_relayed += len(payload)
                 output.take(target)
-            elif kind is Close:
-                conn_id, reason, flush = action  # type: ignore[misc]
-                target = clients.get(conn_id)
+            elif type(action) is Close:
+                target = clients.get(action.conn_id)
                 if target is not None:
-                    self._close(target, reason, flush=flush)
-            elif kind is Pause:
-                target = clients.get(action[0])
+                    self._close(target, action.reason, flush=action.flush)
+            elif type(action) is Pause:
+                target = clients.get(action.conn_id)
                 if target is not None:
                     output.pause(target, PAUSED_BY_CORE)
             else:
-                target = clients.get(action[0])
+                target = clients.get(action.conn_id)
                 if target is not None:
                     output.resume(target, PAUSED_BY_CORE, now)
 
