@@ -4,6 +4,7 @@ bursts of closes, batches of actions, keepalives, flush timeouts and reload."""
 from __future__ import annotations
 
 import logging
+import os
 import resource
 import socket
 
@@ -301,6 +302,48 @@ def test_a_half_tunnel_expires_on_the_clock(rigs):
     rig.settle()
     assert connector.eof
     assert rig.server.stats.closed["half_tunnel_expired"] == 1
+
+
+def test_out_of_descriptors_sheds_and_pauses_accepting_until_the_clock_moves(rigs):
+    rig = rigs()
+    server = rig.server
+    server.admission.start()  # the reserve descriptor, as serve_forever takes it
+    waiting = [socket.create_connection(rig.address) for _ in range(10)]
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # No descriptor left: the limit just above the highest one in use, every hole filled.
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(map(int, os.listdir("/proc/self/fd"))), hard))
+    fillers = []
+    try:
+        while True:
+            try:
+                fillers.append(os.open(os.devnull, os.O_RDONLY))
+            except OSError:
+                break
+        server.step(0)
+    finally:
+        for fd in fillers:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    # Each waiting connection was accepted on the reserve descriptor and closed at once.
+    assert server.stats.refused["file_descriptors"] == len(waiting)
+    assert server.clients == {}
+    for sock in waiting:
+        sock.settimeout(5)
+        assert sock.recv(1) == b""
+        sock.close()
+    # The listening socket is left alone for 0.1 s of the relay's clock, not of ours.
+    late = socket.create_connection(rig.address)
+    for _ in range(5):
+        server.step(0)
+    assert server.clients == {}
+    rig.clock.advance(0.1)
+    for _ in range(50):
+        server.step(0.01)
+        if server.clients:
+            break
+    assert len(server.clients) == 1
+    assert server.admission.paused_until == 0.0
+    late.close()
 
 
 # ---- reload -------------------------------------------------------------------------------
