@@ -416,8 +416,8 @@ class RelayCore:
                 self._push(now + float(record["first_message_in"]), cid)
             conns[cid] = conn
         for key, cid in state["listeners"]:
-            conn = conns.get(cid)
-            if conn is None or conn.role is not Role.LISTENER or conn.key != key:
+            listening = conns.get(cid)
+            if listening is None or listening.role is not Role.LISTENER or listening.key != key:
                 raise ValueError("a listener that is not a listening connection")
             self._listeners[key] = cid
         for conn in conns.values():
@@ -439,12 +439,12 @@ class RelayCore:
             half.size = sum(map(len, data))
             half.paused = bool(record["paused"])
             if cid is not None:
-                conn = conns.get(cid)
-                if conn is None or conn.role is not Role.HALF_TUNNEL or conn.key != src:
+                side = conns.get(cid)
+                if side is None or side.role is not Role.HALF_TUNNEL or side.key != src:
                     raise ValueError("a half-tunnel whose connecting side is not one")
-                if conn.half is not None:
+                if side.half is not None:
                     raise ValueError("a connection with two half-tunnels")
-                conn.half = half
+                side.half = half
             self._half_tunnels[(src, dst)] = half
             self._half_by_listener.setdefault(dst, set()).add(src)
             self._push(half.expires, half)

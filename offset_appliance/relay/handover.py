@@ -209,6 +209,21 @@ class ServiceManager:
 # ---- what a start inherits ---------------------------------------------------------------
 
 
+def close_quietly(sock: socket.socket, limit: int = 1 << 22) -> None:
+    """Close a connection with a FIN: the kernel answers a close with unread bytes waiting
+    with a reset, so read (and drop) up to ``limit`` bytes first."""
+    try:
+        sock.setblocking(False)
+        while limit > 0:
+            data = sock.recv(min(limit, 1 << 16))
+            if not data:
+                break
+            limit -= len(data)
+    except OSError:
+        pass
+    sock.close()
+
+
 def _address(sock: socket.socket, peer: bool) -> tuple[str, int] | None:
     try:
         address = sock.getpeername() if peer else sock.getsockname()
@@ -286,8 +301,11 @@ class Inherited:
         return sock
 
     def close_rest(self) -> None:
-        """Close whatever was not used."""
-        for sock in itertools.chain(self.listen.values(), self.conns.values()):
+        """Close whatever was not used (a connection after reading what waits in it, so
+        that its peer sees a close, not a reset)."""
+        for sock in self.conns.values():
+            close_quietly(sock)
+        for sock in self.listen.values():
             sock.close()
         for fd in self.state_fds:
             os.close(fd)
@@ -425,7 +443,7 @@ def export_server(server: RelayServer, clients: Iterable[Client], now: float) ->
                 "wire": client.wire.export_state(now),
                 "out": out,
                 "paused": client.paused,
-                "closing": client.close_reason.value if client.closing else None,
+                "closing": client.close_reason.value if client.close_reason else None,
                 "close_in": None if client.close_by == float("inf") else client.close_by - now,
                 "recv_size": client.recv_size,
             }
@@ -479,11 +497,11 @@ def restore_server(
         server.core.restore_state(core_state, now, opened)
     except ValueError as exc:
         for client in restored.values():
-            client.sock.close()
+            close_quietly(client.sock)
         raise StateError(f"relay state unusable: {exc}") from None
     unused = len(sockets)
     for sock in sockets.values():
-        sock.close()
+        close_quietly(sock)
     sockets.clear()
     # Register what came back; connections the core does not know (and that are neither
     # closing nor in their handshake) cannot be placed: closed.
@@ -543,7 +561,7 @@ def _restore_client(
         if not isinstance(out, bytes):
             raise ValueError("output of the wrong type")
     except BaseException:
-        sock.close()
+        close_quietly(sock)
         raise
     sock.setblocking(False)
     client = Client(cid, sock, remote[0], remote[1], wire)

@@ -250,10 +250,13 @@ class SecureChannel:
     def restore_state(cls, state: dict, random: Random = os.urandom) -> SecureChannel:
         """Rebuild a channel from ``export_state``; ``ValueError`` if anything is off."""
 
-        def direction(value: object) -> _Direction | None:
+        def direction(value: list | None) -> _Direction | None:
             if value is None:
                 return None
-            key, counter = value  # type: ignore[misc]
+            key: object = value[0]
+            counter: object = value[1]
+            if len(value) != 2:
+                raise ValueError("channel direction of the wrong shape")
             if not (isinstance(key, bytes) and len(key) == 32):
                 raise ValueError("channel key of the wrong length")
             if not (isinstance(counter, int) and 0 <= counter < 1 << (8 * NONCE_LEN)):
