@@ -144,6 +144,34 @@ def journal_since(host: Host, cursor: str) -> list[str]:
     return out.splitlines()
 
 
+def relay_timings(host: Host) -> dict[str, list[float]]:
+    """Where a pause goes, from the journal's monotonic stamps of each hand-over: SIGTERM to
+    handed over (serializing), handed over to the new process starting (systemd), and its
+    start to every connection restored (interpreter start-up and restoring)."""
+    out = host.ssh("journalctl -u offset-relay -o short-monotonic --no-pager").stdout
+    marks = {
+        "Stopping offset-relay": "stopping",
+        "handed over": "handed",
+        "Starting offset-relay": "starting",
+        "connections restored": "restored",
+    }
+    events = []
+    for line in out.splitlines():
+        match = re.match(r"\[\s*(\d+\.\d+)\]", line)
+        kind = next((k for text, k in marks.items() if text in line), None)
+        if match and kind:
+            events.append((kind, float(match.group(1))))
+    timings: dict[str, list[float]] = {"serialize": [], "systemd": [], "start_and_restore": []}
+    for index in range(len(events) - 3):
+        window = events[index : index + 4]
+        if [kind for kind, _ in window] == ["stopping", "handed", "starting", "restored"]:
+            (_, stop), (_, handed), (_, start), (_, restored) = window
+            timings["serialize"].append(round(handed - stop, 3))
+            timings["systemd"].append(round(start - handed, 3))
+            timings["start_and_restore"].append(round(restored - start, 3))
+    return timings
+
+
 def test_restarts_upgrade_and_config_change_drop_no_tunnel(
     rig: Rig, host: Host, deb_package: Path
 ) -> None:
@@ -197,6 +225,7 @@ def test_restarts_upgrade_and_config_change_drop_no_tunnel(
             for phase in phases
         },
     }
+    results["relay_side_s"] = relay_timings(host)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
 
@@ -211,6 +240,7 @@ def test_damaged_state_closes_connections_cleanly_and_the_relay_runs(host: Host)
         load.sending = False  # so that a close is seen as one, not as a reset of a send
         time.sleep(1)
         host.write("/usr/local/lib/offset-damage-state.py", DAMAGE)
+        host.ssh(f"mkdir -p {dropin}")
         host.write(
             f"{dropin}/90-test-damage.conf",
             "[Service]\nNotifyAccess=all\n"
