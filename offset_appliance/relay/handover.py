@@ -349,6 +349,11 @@ class Handover:
             manager.barrier()
         except OSError as exc:
             log.warning("cannot use the service manager's descriptor store: %s", exc.strerror)
+        if inherited.unknown:
+            log.warning(
+                "%d stored descriptors unusable (unnamed, or reset while stored): closed",
+                inherited.unknown,
+            )
         self.restore(server, inherited)
         inherited.close_rest()
 
