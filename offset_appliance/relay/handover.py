@@ -523,11 +523,6 @@ def restore_server(
             server._close(client, CloseReason.SHUTDOWN)
             continue
         _watch(server, client)
-    for client in list(server.clients.values()):
-        # Back-pressure as the queues now stand: a feeder paused for a queue that has
-        # drained is resumed, one feeding a full queue is paused.
-        if client.id in server.clients:
-            server.output.balance(client)
     server.stats.accepted += len(server.clients)
     server._ids = itertools.count(max(restored, default=0) + 1)
     if server.core.actions:

@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 from nacl.signing import SigningKey
 
+from offset_appliance.errors import CloseReason
 from offset_appliance.relay import handover
+from offset_appliance.relay.clients import PAUSED_BY_PEER
 from offset_appliance.relay.core import CoreLimits, RelayCore, Role, Send
 from offset_appliance.relay.server import RelayServer
 from offset_appliance.wire.connection import Connection, State
@@ -438,5 +440,64 @@ def test_damaged_state_closes_connections_cleanly_and_the_relay_serves(store, ca
         connector.send(b"fresh")
         rig.settle()
         assert acceptor.inbox == [b"fresh"]
+    finally:
+        rig.close()
+
+
+def MESSAGE(n: int) -> bytes:  # noqa: N802
+    return b"%04d" % n + b"x" * 60000
+
+
+def _stalled_tunnel(rig: Rig, count: int = 40):
+    """A tunnel whose acceptor stopped reading: its queue in the relay fills up."""
+    listener, connector, acceptor = rig.tunnel()
+    acceptor.reading = False
+    client = rig.client_of(acceptor)
+    # Buffers small enough to fill, large enough (over twice loopback's 64 KiB segment)
+    # that the window reopens as soon as the acceptor reads.
+    client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 17)
+    acceptor.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 17)
+    for n in range(count):
+        connector.send(MESSAGE(n))
+    rig.settle()
+    assert client.out_size > 0
+    return listener, connector, acceptor
+
+
+def test_back_pressure_travels_and_lets_go_after_the_hand_over(store):
+    rig = Rig(limits={"buffer_high_water": 65536, "buffer_low_water": 16384})
+    try:
+        _, connector, acceptor = _stalled_tunnel(rig)
+        assert rig.client_of(connector).paused & PAUSED_BY_PEER
+        _restart(rig, store)
+        assert rig.client_of(connector).paused & PAUSED_BY_PEER  # still held back
+        assert rig.client_of(acceptor).out_size > 65536
+        acceptor.reading = True
+        rig.settle()
+        assert acceptor.inbox == [MESSAGE(n) for n in range(40)]
+        assert rig.client_of(connector).paused == 0
+        connector.send(b"after")
+        rig.settle()
+        assert acceptor.inbox[-1] == b"after"
+    finally:
+        rig.close()
+
+
+def test_a_closing_connection_finishes_its_flush_after_the_hand_over(store):
+    rig = Rig(timeouts={"keepalive": 30.0})
+    try:
+        # Below the high water mark: the relay keeps reading the connector, sees it close.
+        _, connector, acceptor = _stalled_tunnel(rig, 12)
+        connector.close()
+        rig.settle()
+        assert rig.client_of(acceptor).closing
+        _restart(rig, store)
+        restored = rig.client_of(acceptor)
+        assert restored.closing and restored.close_reason is CloseReason.TUNNEL_PEER_CLOSED
+        acceptor.reading = True
+        rig.settle()
+        assert acceptor.inbox == [MESSAGE(n) for n in range(12)]
+        assert acceptor.eof
+        assert rig.server.stats.closed["tunnel_peer_closed"] == 1
     finally:
         rig.close()
