@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from ..config import Limits, Timeouts
-from ..errors import CloseReason, ProtocolError
+from ..errors import CloseReason, LocalProtocolError, ProtocolError
 from ..wire.messages import (
     Accept,
     Connect,
@@ -350,3 +350,109 @@ class RelayCore:
         half = self._half_tunnels.get((reject.public_key, conn.key))
         if half is not None:
             self._drop_half_tunnel(half, CloseReason.REJECTED)
+
+    # ---- hand-over (relay/handover.py) -------------------------------------------------
+
+    def export_state(self, now: float) -> dict:
+        """Listeners, half-tunnels (with their early data) and pairings, as plain data;
+        deadlines as durations from ``now``. Nothing in it is secret but who talks to whom."""
+        first_message_in: dict[int, float] = {}
+        for when, _, due in self._timers:
+            if isinstance(due, int):
+                conn = self._conns.get(due)
+                if conn is not None and conn.role is Role.PENDING:
+                    first_message_in[due] = when - now
+        conns = []
+        for conn in self._conns.values():
+            record: dict = {"id": conn.id, "key": conn.key, "role": conn.role.name}
+            if conn.role is Role.TUNNEL:
+                record["peer"] = conn.peer
+            elif conn.role is Role.PENDING and conn.id in first_message_in:
+                record["first_message_in"] = first_message_in[conn.id]
+            conns.append(record)
+        halves = [
+            {
+                "src": half.src,
+                "dst": half.dst,
+                "conn": half.conn_id,
+                "data": list(half.data),
+                "expires_in": half.expires - now,
+                "paused": half.paused,
+            }
+            for half in self._half_tunnels.values()
+        ]
+        listeners = [[key, cid] for key, cid in self._listeners.items()]
+        return {"conns": conns, "listeners": listeners, "half_tunnels": halves}
+
+    def restore_state(self, state: dict, now: float, alive: set[int]) -> list[int]:
+        """Take back what ``export_state`` gave, into an empty core, keeping only the
+        connections in ``alive`` (the ones whose socket and stack came back). The others
+        are gone: what they took part in ends as if they had closed (actions queued).
+        Returns the ids restored. ``ValueError`` if the state does not hold together."""
+        if self._conns or self._half_tunnels:
+            raise LocalProtocolError("restore into a core that already serves connections")
+        try:
+            return self._restore(state, now, alive)
+        except (KeyError, TypeError, IndexError) as exc:
+            self.__init__(self.limits, self._can_queue)  # type: ignore[misc]
+            raise ValueError(f"relay state incomplete or of the wrong type: {exc!r}") from None
+        except ValueError:
+            self.__init__(self.limits, self._can_queue)  # type: ignore[misc]
+            raise
+
+    def _restore(self, state: dict, now: float, alive: set[int]) -> list[int]:
+        conns = self._conns
+        for record in state["conns"]:
+            cid, key = record["id"], record["key"]
+            if not isinstance(cid, int) or not (isinstance(key, bytes) and len(key) == 32):
+                raise ValueError("connection record of the wrong type")
+            if cid in conns:
+                raise ValueError(f"connection {cid} recorded twice")
+            conn = _Conn(cid, key)
+            conn.role = Role[record["role"]]
+            if conn.role is Role.TUNNEL:
+                conn.peer = int(record["peer"])
+            elif conn.role is Role.PENDING:
+                self._push(now + float(record["first_message_in"]), cid)
+            conns[cid] = conn
+        for key, cid in state["listeners"]:
+            listening = conns.get(cid)
+            if listening is None or listening.role is not Role.LISTENER or listening.key != key:
+                raise ValueError("a listener that is not a listening connection")
+            self._listeners[key] = cid
+        for conn in conns.values():
+            if conn.role is Role.TUNNEL:
+                other = conns.get(conn.peer)  # type: ignore[arg-type]
+                if other is None or other.role is not Role.TUNNEL or other.peer != conn.id:
+                    raise ValueError("a tunnel end without its other end")
+            elif conn.role is Role.LISTENER and self._listeners.get(conn.key) != conn.id:
+                raise ValueError("a listening connection not among the listeners")
+        for record in state["half_tunnels"]:
+            src, dst, cid = record["src"], record["dst"], record["conn"]
+            if dst not in self._listeners or (src, dst) in self._half_tunnels:
+                raise ValueError("a half-tunnel without its listener, or recorded twice")
+            data = record["data"]
+            if not all(isinstance(chunk, bytes) for chunk in data):
+                raise ValueError("half-tunnel data of the wrong type")
+            half = _HalfTunnel(src, dst, cid, now + float(record["expires_in"]))
+            half.data = list(data)
+            half.size = sum(map(len, data))
+            half.paused = bool(record["paused"])
+            if cid is not None:
+                side = conns.get(cid)
+                if side is None or side.role is not Role.HALF_TUNNEL or side.key != src:
+                    raise ValueError("a half-tunnel whose connecting side is not one")
+                if side.half is not None:
+                    raise ValueError("a connection with two half-tunnels")
+                side.half = half
+            self._half_tunnels[(src, dst)] = half
+            self._half_by_listener.setdefault(dst, set()).add(src)
+            self._push(half.expires, half)
+        for conn in conns.values():
+            if conn.role is Role.HALF_TUNNEL and conn.half is None:
+                raise ValueError("a connecting side without its half-tunnel")
+        self.tunnels = sum(1 for conn in conns.values() if conn.role is Role.TUNNEL) // 2
+        # The connections that did not come back end as if they had closed just now.
+        for cid in [cid for cid in conns if cid not in alive]:
+            self.closed(cid)
+        return list(conns)

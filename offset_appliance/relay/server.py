@@ -31,6 +31,7 @@ from .accounting import CloseAccounting
 from .admission import Admission
 from .clients import PAUSED_BY_CLOSE, PAUSED_BY_CORE, RECV_MAX, RECV_MIN, Client
 from .core import Close, CoreLimits, Pause, RelayCore, Role, Send
+from .handover import Handover, Inherited, ServiceManager
 from .metrics import MetricsEndpoint, Snapshot, Stats, render
 from .notify import Notifier
 from .output import Output
@@ -89,6 +90,8 @@ class RelayServer:
         self._next_watchdog = 0.0
         self._next_status = 0.0
         self.metrics: MetricsEndpoint | None = None
+        # Run by systemd: hand connections over on stop instead of closing them.
+        self.handover: Handover | None = None
 
     # ---- set-up ------------------------------------------------------------------------
 
@@ -107,10 +110,18 @@ class RelayServer:
         self.timeouts = config.timeouts
         self.core.limits = self._core_limits(config)
 
-    def bind(self) -> list[tuple[str, int]]:
-        """Open the listening sockets; returns the bound addresses (ports resolved)."""
+    def bind(self, inherited: Inherited | None = None) -> list[tuple[str, int]]:
+        """Open the listening sockets, or take them from ``inherited`` (the service
+        manager's store); returns the bound addresses (ports resolved)."""
         bound = []
         for host, port in self.config.listen:
+            sock = inherited.take_listen(host, port) if inherited is not None else None
+            if sock is not None:
+                sock.setblocking(False)
+                self.listen_sockets.append(sock)
+                self.selector.register(sock, selectors.EVENT_READ, sock)
+                bound.append(sock.getsockname()[:2])
+                continue
             family = socket.AF_INET6 if ":" in host else socket.AF_INET
             sock = socket.socket(family, socket.SOCK_STREAM)
             try:
@@ -176,6 +187,10 @@ class RelayServer:
         self._watchdog = self.notifier.watchdog_interval() or 0.0
         while not self._stopping:
             self.step()
+        if self.handover is not None:
+            self.notifier.notify("STOPPING=1")
+            if self.handover.hand_over(self):
+                return
         self.shutdown()
 
     def step(self, timeout: float = 1.0) -> int:
@@ -533,11 +548,19 @@ def run(
 ) -> int:
     """Serve with ``config`` until SIGTERM or SIGINT; returns the process exit code."""
     server = RelayServer(config, identity, reload_config=reload_config)
+    manager = ServiceManager.from_environment()
+    inherited = Inherited.from_environment()
     try:
-        bound = server.bind()
+        bound = server.bind(inherited)
     except BindError as exc:
+        inherited.close_rest()
         log.error("%s", exc)
         return os.EX_UNAVAILABLE
+    if manager is not None:
+        server.handover = Handover(manager)
+        server.handover.started(server, inherited)
+    else:
+        inherited.close_rest()  # nothing to hand back to without a service manager
     for host, port in bound:
         log.info("listening on %s", format_address(host, port))
     if server.metrics is not None:

@@ -229,6 +229,63 @@ class SecureChannel:
         self._recv = _Direction(recv_key)
         self.rekeys += 1
 
+    # ---- hand-over (relay/handover.py) ------------------------------------------------
+
+    def export_state(self) -> dict:
+        """Keys, nonce counters and rekey state, as plain data (secret: see SECURITY.md)."""
+
+        def direction(d: _Direction | None) -> list | None:
+            return None if d is None else [d.key, d.counter]
+
+        return {
+            "send": direction(self._send),
+            "recv": direction(self._recv),
+            "old_recv": direction(self._old_recv),
+            "pending": None if self._pending is None else list(self._pending),
+            "outbox": list(self.outbox),
+            "rekeys": self.rekeys,
+        }
+
+    @classmethod
+    def restore_state(cls, state: dict, random: Random = os.urandom) -> SecureChannel:
+        """Rebuild a channel from ``export_state``; ``ValueError`` if anything is off."""
+
+        def direction(value: list | None) -> _Direction | None:
+            if value is None:
+                return None
+            key: object = value[0]
+            counter: object = value[1]
+            if len(value) != 2:
+                raise ValueError("channel direction of the wrong shape")
+            if not (isinstance(key, bytes) and len(key) == 32):
+                raise ValueError("channel key of the wrong length")
+            if not (isinstance(counter, int) and 0 <= counter < 1 << (8 * NONCE_LEN)):
+                raise ValueError("nonce counter out of range")
+            d = _Direction(key)
+            d.counter = counter
+            return d
+
+        send, recv = direction(state["send"]), direction(state["recv"])
+        if send is None or recv is None:
+            raise ValueError("channel without keys")
+        channel = cls(send.key, recv.key, random)
+        channel._send, channel._recv = send, recv
+        channel._old_recv = direction(state["old_recv"])
+        pending = state["pending"]
+        if pending is not None:
+            private, salt = pending
+            if not (isinstance(private, bytes) and len(private) == 32):
+                raise ValueError("pending rekey key of the wrong length")
+            if not (isinstance(salt, bytes) and len(salt) == SALT_LEN):
+                raise ValueError("pending rekey salt of the wrong length")
+            channel._pending = (private, salt)
+        outbox = state["outbox"]
+        if not all(isinstance(frame, bytes) for frame in outbox):
+            raise ValueError("channel outbox of the wrong type")
+        channel.outbox = list(outbox)
+        channel.rekeys = int(state["rekeys"])
+        return channel
+
 
 class _HandshakeState(enum.Enum):
     AWAIT_NONCE = enum.auto()
@@ -309,3 +366,51 @@ class Handshake:
             self._state = _HandshakeState.DONE
             return None
         raise ProtocolError("handshake frame after the handshake ended")
+
+    # ---- hand-over (relay/handover.py) ------------------------------------------------
+
+    def export_state(self) -> dict:
+        """Where the handshake stands, as plain data (its DH private key is secret)."""
+        return {
+            "state": self._state.name,
+            "public_key": self._public_key,
+            "expected_peer": self._expected_peer,
+            "my_nonce": self._my_nonce,
+            "dh": None if self._dh is None else list(self._dh),
+            "peer_public_key": self.peer_public_key,
+        }
+
+    @classmethod
+    def restore_state(
+        cls, state: dict, identity: SigningKey, random: Random = os.urandom
+    ) -> Handshake:
+        """Rebuild a handshake under way; ``ValueError`` if it was another identity's."""
+        if state["public_key"] != bytes(identity.verify_key):
+            raise ValueError("handshake under way as another identity")
+        try:
+            phase = _HandshakeState[state["state"]]
+        except KeyError:
+            raise ValueError(f"unknown handshake state {state['state']!r}") from None
+        if phase is _HandshakeState.DONE:
+            raise ValueError("a finished handshake is not restored")
+        my_nonce = state["my_nonce"]
+        if not (isinstance(my_nonce, bytes) and len(my_nonce) == RAND_NONCE_LEN):
+            raise ValueError("handshake nonce of the wrong length")
+        handshake = cls(identity, state["expected_peer"], random)
+        handshake._state = phase
+        handshake._my_nonce = my_nonce
+        dh = state["dh"]
+        if phase is _HandshakeState.AWAIT_DH:
+            private, public, salt = dh
+            if not all(isinstance(x, bytes) for x in (private, public, salt)):
+                raise ValueError("handshake key exchange of the wrong type")
+            if len(private) != 32 or len(public) != 32 or len(salt) != SALT_LEN:
+                raise ValueError("handshake key exchange of the wrong length")
+            peer = state["peer_public_key"]
+            if not (isinstance(peer, bytes) and len(peer) == 32):
+                raise ValueError("handshake peer key of the wrong length")
+            handshake._dh = (private, public, salt)
+            handshake.peer_public_key = peer
+        elif dh is not None:
+            raise ValueError("key exchange before the peer's nonce")
+        return handshake

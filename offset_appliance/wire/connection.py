@@ -26,6 +26,10 @@ VERSION_FRAME = frame_header(4) + PROTOCOL_VERSION.to_bytes(4, "big")
 _INF = float("inf")
 
 
+# The layout of ``Connection.export_state``; a restore refuses any other.
+STATE_VERSION = 1
+
+
 class State(enum.Enum):
     """Where a connection stands in the stack of PROTOCOL.md."""
 
@@ -249,3 +253,95 @@ class Connection:
         if keepalive.keepalive_due(now):
             self._queue(self._channel.seal(KEEPALIVE_MESSAGE))  # type: ignore[union-attr]
             keepalive.last_send = now
+
+    # ---- hand-over (relay/handover.py) -------------------------------------------------
+
+    def export_state(self, now: float) -> dict:
+        """Everything this connection is, as plain data: keys, nonce counters, rekey state,
+        deadlines (as durations from ``now``), the partial frame received and the output
+        not yet taken. Secret: it holds the channel keys (docs/SECURITY.md)."""
+        if self.state is State.CLOSED:
+            raise LocalProtocolError("a closed connection has no state to hand over")
+        return {
+            "v": STATE_VERSION,
+            "state": self.state.name,
+            "peer_public_key": self.peer_public_key,
+            "decoder": self._decoder.export_state(),
+            "handshake": None if self._handshake is None else self._handshake.export_state(),
+            "channel": None if self._channel is None else self._channel.export_state(),
+            "keepalive": None if self._keepalive is None else self._keepalive.export_state(now),
+            "keepalive_interval": self._keepalive_interval,
+            "rekey_interval": self._rekey_interval,
+            "rekey_in": None if self._next_rekey == _INF else self._next_rekey - now,
+            "setup_in": None if self._deadline == _INF else self._deadline - now,
+            "out": b"".join(self._out),
+        }
+
+    @classmethod
+    def restore_state(
+        cls,
+        state: dict,
+        identity: SigningKey,
+        now: float,
+        *,
+        downtime: float = 0.0,
+        max_frame_length: int = Limits.max_frame_length,
+        random: Callable[[int], bytes] = os.urandom,
+    ) -> Connection:
+        """The connection ``export_state`` described, carrying on at ``now``.
+
+        ``downtime`` is how long no process served it: it counts against our own deadlines
+        (keepalive to send, rekey), not against the peer's. Anything that does not fit
+        exactly raises ``ValueError``: nothing is guessed.
+        """
+        try:
+            return cls._restore(state, identity, now, downtime, max_frame_length, random)
+        except (KeyError, TypeError, IndexError) as exc:
+            raise ValueError(f"connection state incomplete or of the wrong type: {exc!r}") from None
+
+    @classmethod
+    def _restore(cls, state, identity, now, downtime, max_frame_length, random) -> Connection:
+        if state.get("v") != STATE_VERSION:
+            raise ValueError(f"connection state version {state.get('v')!r} is not known")
+        try:
+            phase = State[state["state"]]
+        except KeyError:
+            raise ValueError(f"unknown connection state {state['state']!r}") from None
+        if phase is State.CLOSED:
+            raise ValueError("a closed connection is not restored")
+        self = cls.__new__(cls)
+        self.state = phase
+        peer = state["peer_public_key"]
+        if peer is not None and not (isinstance(peer, bytes) and len(peer) == 32):
+            raise ValueError("peer public key of the wrong length")
+        self.peer_public_key = peer
+        self._decoder = FrameDecoder(max_frame_length)
+        self._decoder.restore_state(state["decoder"])
+        self._keepalive_interval = float(state["keepalive_interval"])
+        self._rekey_interval = float(state["rekey_interval"])
+        self._handshake = None
+        self._channel = None
+        self._keepalive = None
+        self._next_rekey = _INF
+        self._deadline = _INF
+        if phase is State.OPEN:
+            if peer is None or state["handshake"] is not None or state["channel"] is None:
+                raise ValueError("an open connection without its channel")
+            self._channel = SecureChannel.restore_state(state["channel"], random)
+            if state["keepalive"] is None or state["rekey_in"] is None:
+                raise ValueError("an open connection without its deadlines")
+            self._keepalive = Keepalive.restore_state(state["keepalive"], now, downtime)
+            self._next_rekey = now + float(state["rekey_in"]) - downtime
+        else:
+            if state["handshake"] is None or state["channel"] is not None:
+                raise ValueError("a connection in set-up without its handshake")
+            self._handshake = Handshake.restore_state(state["handshake"], identity, random)
+            if state["setup_in"] is None:
+                raise ValueError("a connection in set-up without its deadline")
+            self._deadline = now + float(state["setup_in"])
+        out = state["out"]
+        if not isinstance(out, bytes):
+            raise ValueError("output of the wrong type")
+        self._out = [out] if out else []
+        self._out_size = len(out)
+        return self

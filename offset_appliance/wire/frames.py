@@ -75,3 +75,20 @@ class FrameDecoder:
         else:
             self._have = 0
         return frames
+
+    # ---- hand-over (relay/handover.py) ------------------------------------------------
+
+    def export_state(self) -> dict:
+        """The partial frame received so far, as plain data."""
+        return {"partial": b"".join(self._chunks), "need": self._need}
+
+    def restore_state(self, state: dict) -> None:
+        """Take back what ``export_state`` gave; raises ``ValueError`` if it does not fit."""
+        partial, need = state["partial"], state["need"]
+        if not isinstance(partial, bytes) or not isinstance(need, int):
+            raise ValueError("partial frame state of the wrong type")
+        if partial and not (len(partial) < need <= HEADER_LEN + self.max_length):
+            raise ValueError("partial frame longer than announced or over the frame limit")
+        self._chunks = [partial] if partial else []
+        self._have = len(partial)
+        self._need = need if partial else 0

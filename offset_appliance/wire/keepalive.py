@@ -48,3 +48,32 @@ class Keepalive:
     def keepalive_due(self, now: float) -> bool:
         """Whether we must send a keepalive now."""
         return now >= self.last_send + self.half
+
+    # ---- hand-over (relay/handover.py) ------------------------------------------------
+
+    def export_state(self, now: float) -> dict:
+        """The deadlines as time already elapsed (a clock's origin does not travel)."""
+        return {
+            "interval": self.interval,
+            "since_recv": now - self.last_recv,
+            "since_send": now - self.last_send,
+            "paused": self.paused,
+        }
+
+    @classmethod
+    def restore_state(cls, state: dict, now: float, downtime: float) -> Keepalive:
+        """Rebuild from ``export_state``. ``downtime`` (the seconds no process served the
+        connection) counts against what we owe the peer, not against the peer: its bytes
+        of that time wait in the socket and are read first."""
+        interval, since_recv, since_send = (
+            float(state["interval"]),
+            float(state["since_recv"]),
+            float(state["since_send"]),
+        )
+        if not interval > 0 or since_recv < 0 or since_send < 0:
+            raise ValueError("keepalive state out of range")
+        keepalive = cls(now, interval)
+        keepalive.last_recv = now - since_recv
+        keepalive.last_send = now - since_send - downtime
+        keepalive.paused = bool(state["paused"])
+        return keepalive

@@ -68,3 +68,11 @@ def test_a_failing_probe_is_tried_three_times_as_the_defaults_say():
     for task in probes:
         assert task["retries"] + 1 == 3, task["name"]
         assert task["until"] == f"{task['register']}.rc == 0", task["name"]
+
+
+def test_the_store_holds_a_hand_over_of_as_many_connections_as_descriptors_allow():
+    settings = dict(
+        line.split("=", 1) for line in UNIT.read_text().splitlines() if re.match(r"^\w+=", line)
+    )
+    assert settings["NotifyAccess"] == "main"  # no other process adds to or takes from it
+    assert int(settings["FileDescriptorStoreMax"]) >= int(settings["LimitNOFILE"])

@@ -1,0 +1,331 @@
+"""Restarts and upgrades on a booted bookworm host drop no tunnel (issue 15).
+
+One host: the package of this tree built under a lower version ("the previous release") is
+installed; 100 tunnels stream checksummed data both ways and 20 idle listeners that keep the
+original node's keepalive rule wait, from the controller over the rig's network, while the
+relay is restarted five times, upgraded to this version and restarted with a changed
+configuration. Then: a damaged hand-over state, a crash, and a stop.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from offset_appliance import __version__
+from offset_appliance.files import b64url_decode
+
+from .restart_load import KEEPALIVE, Load, percentiles
+from .rig import Host, Rig
+
+pytestmark = pytest.mark.deploy
+
+ROOT = Path(__file__).resolve().parents[2]
+PORT = 4567
+APT = "DEBIAN_FRONTEND=noninteractive apt-get -q -y -o Dpkg::Use-Pty=0"
+DROP_INS = "/etc/offset-relay/relay.d"
+TUNNELS = int(os.environ.get("OFFSET_RESTART_TUNNELS", "100"))
+IDLE = int(os.environ.get("OFFSET_RESTART_IDLE", "20"))
+RESTARTS = 5
+RESULTS = ROOT / "tests" / "deploy" / "restart-results.json"
+PREVIOUS = f"{__version__}~handover0"
+
+# Run inside the unit (ExecStartPre, with NotifyAccess=all): replaces the state in the store
+# with one of a format version no relay writes, sealed as a real one would be.
+DAMAGE = """
+from offset_appliance.relay import handover
+manager = handover.ServiceManager.from_environment()
+fd = handover.sealed_memfd(handover.MAGIC + (99).to_bytes(4, "big") + bytes(64))
+manager.remove(handover.NAME_STATE)
+manager.store(handover.NAME_STATE, [fd])
+assert manager.barrier()
+"""
+
+
+def build_previous(workdir: Path) -> Path:
+    """This tree's package under a lower version: the release an upgrade starts from."""
+    src = workdir / f"offset-relay-{PREVIOUS}"
+    shutil.copytree(
+        ROOT,
+        src,
+        ignore=shutil.ignore_patterns(
+            ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".*cache"
+        ),
+    )
+    shutil.copytree(ROOT / "packaging" / "debian", src / "debian")
+    changelog = src / "debian" / "changelog"
+    text = changelog.read_text()
+    changelog.write_text(re.sub(r"\(([^)]*)\)", f"({PREVIOUS})", text, count=1))
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    env["PATH"] = "/usr/bin:/bin"
+    result = subprocess.run(
+        ["dpkg-buildpackage", "-us", "-uc", "-b"],
+        cwd=src,
+        env=env,
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=900,
+    )
+    assert result.returncode == 0, f"building {PREVIOUS} failed:\n{result.stdout[-3000:]}"
+    deb = workdir / f"offset-relay_{PREVIOUS}_all.deb"
+    assert deb.is_file()
+    return deb
+
+
+@pytest.fixture(scope="module")
+def rig(make_rig: Callable[..., Rig], tmp_path_factory: pytest.TempPathFactory) -> Rig:
+    previous = build_previous(tmp_path_factory.mktemp("previous"))
+    return make_rig(1, name="restart", repo_debs=[previous])
+
+
+@pytest.fixture(scope="module")
+def host(rig: Rig) -> Host:
+    host = rig.hosts[0]
+    host.ssh(f"{APT} update")
+    result = host.ssh(f"{APT} install offset-relay 2>&1", check=False, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert installed_version(host) == PREVIOUS
+    # 100 tunnels are 300 connections from the controller's one address.
+    host.write(f"{DROP_INS}/50-test-load.toml", "[limits]\nmax_connections_per_ip = 2048\n")
+    host.ssh("systemctl restart offset-relay")
+    wait_active(host)
+    return host
+
+
+def installed_version(host: Host) -> str:
+    return host.ssh("dpkg-query -W -f '${Version}' offset-relay").stdout
+
+
+def unit(host: Host, *props: str) -> dict[str, str]:
+    args = " ".join(f"-p {p}" for p in props)
+    out = host.ssh(f"systemctl show offset-relay.service {args}").stdout
+    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+
+def wait_for(what: str, check: Callable[[], bool], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"gave up waiting for {what} after {timeout:.0f} s")
+        time.sleep(0.2)
+
+
+def wait_active(host: Host) -> None:
+    wait_for(
+        "offset-relay to be active", lambda: unit(host, "ActiveState")["ActiveState"] == "active"
+    )
+
+
+def relay_key(host: Host) -> bytes:
+    line = host.ssh(
+        "journalctl -u offset-relay -o cat --no-pager | grep 'relay public key' | tail -1"
+    ).stdout.split()
+    return b64url_decode(line[-1], "relay public key")
+
+
+def journal_cursor(host: Host) -> str:
+    out = host.ssh("journalctl -n 0 --show-cursor --no-pager").stdout
+    match = re.search(r"-- cursor: (\S+)", out)
+    assert match, out
+    return match.group(1)
+
+
+def journal_since(host: Host, cursor: str) -> list[str]:
+    out = host.ssh(f"journalctl -u offset-relay -o cat --no-pager --after-cursor '{cursor}'").stdout
+    return out.splitlines()
+
+
+def relay_timings(host: Host) -> dict[str, list[float]]:
+    """Where a pause goes, from the journal's monotonic stamps of each hand-over: SIGTERM to
+    handed over (serializing), handed over to the new process starting (systemd), and its
+    start to every connection restored (interpreter start-up and restoring)."""
+    out = host.ssh("journalctl -u offset-relay -o short-monotonic --no-pager").stdout
+    marks = {
+        "Stopping offset-relay": "stopping",
+        "handed over": "handed",
+        "Starting offset-relay": "starting",
+        "connections restored": "restored",
+    }
+    events = []
+    for line in out.splitlines():
+        match = re.match(r"\[\s*(\d+\.\d+)\]", line)
+        kind = next((k for text, k in marks.items() if text in line), None)
+        if match and kind:
+            events.append((kind, float(match.group(1))))
+    timings: dict[str, list[float]] = {"serialize": [], "systemd": [], "start_and_restore": []}
+    for index in range(len(events) - 3):
+        window = events[index : index + 4]
+        if [kind for kind, _ in window] == ["stopping", "handed", "starting", "restored"]:
+            (_, stop), (_, handed), (_, start), (_, restored) = window
+            timings["serialize"].append(round(handed - stop, 3))
+            timings["systemd"].append(round(start - handed, 3))
+            timings["start_and_restore"].append(round(restored - start, 3))
+    return timings
+
+
+def test_restarts_upgrade_and_config_change_drop_no_tunnel(
+    rig: Rig, host: Host, deb_package: Path
+) -> None:
+    load = Load((host.address, PORT), relay_key(host))
+    phases: list[str] = []
+    try:
+        load.set_up(TUNNELS, IDLE)
+        load.start()
+        time.sleep(2)
+
+        def restart(phase: str, command: str) -> None:
+            load.mark(phase)
+            phases.append(phase)
+            host.ssh(command, timeout=600)
+            wait_active(host)
+            time.sleep(3)
+            closed = [(p.name, p.closed) for p in load.peers if p.closed]
+            assert not closed, f"{phase}: {len(closed)} closed, first {closed[:3]}"
+
+        for n in range(RESTARTS):
+            restart(f"restart-{n + 1}", "systemctl restart offset-relay")
+        rig.publish([deb_package])
+        restart("upgrade", f"{APT} update >/dev/null && {APT} install offset-relay >/dev/null")
+        assert installed_version(host) == __version__
+        host.write(f"{DROP_INS}/60-test-changed.toml", 'log_level = "debug"\n')
+        restart("config", "systemctl restart offset-relay")
+        assert host.ssh("strelay --print-config --config /etc/offset-relay/relay.toml").stdout
+        # Past the original's keepalive time after the last restart: every idle listener
+        # must have had a KaMessage in time, from the new process.
+        load.mark("after")
+        time.sleep(KEEPALIVE + 5)
+        load.finish()
+    finally:
+        load.close()
+        host.ssh(f"rm -f {DROP_INS}/60-test-changed.toml")
+    closed = [(p.name, p.closed) for p in load.peers if p.closed]
+    assert not closed, f"{len(closed)} connections closed, first {closed[:3]}"
+    bad = [(p.name, p.bad[:2]) for p in load.peers if p.bad]
+    assert not bad, f"lost, duplicated or reordered messages: {bad[:3]}"
+    for a, b in load.ends:
+        assert a.sent == b.expected and b.sent == a.expected, f"tunnel {a.tunnel} short"
+    assert max(p.longest_ka_gap for p in load.idle) < KEEPALIVE
+    results = {
+        "tunnels": TUNNELS,
+        "idle_listeners": IDLE,
+        "messages": sum(a.sent + b.sent for a, b in load.ends),
+        "bytes_each_message": 1024,
+        "longest_keepalive_gap_idle_s": round(max(p.longest_ka_gap for p in load.idle), 3),
+        "pause_s": {
+            phase: {k: round(v, 3) for k, v in percentiles(load.pauses(phase)).items()}
+            for phase in phases
+        },
+    }
+    results["relay_side_s"] = relay_timings(host)
+    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps(results, indent=2))
+
+
+def test_damaged_state_closes_connections_cleanly_and_the_relay_runs(host: Host) -> None:
+    load = Load((host.address, PORT), relay_key(host))
+    dropin = "/run/systemd/system/offset-relay.service.d"
+    try:
+        load.set_up(3, 2)
+        load.start()
+        time.sleep(1)
+        load.sending = False  # so that a close is seen as one, not as a reset of a send
+        time.sleep(1)
+        host.write("/usr/local/lib/offset-damage-state.py", DAMAGE)
+        host.ssh(f"mkdir -p {dropin}")
+        host.write(
+            f"{dropin}/90-test-damage.conf",
+            "[Service]\nNotifyAccess=all\n"
+            "ExecStartPre=+/usr/bin/python3 /usr/local/lib/offset-damage-state.py\n",
+        )
+        host.ssh("systemctl daemon-reload")
+        cursor = journal_cursor(host)
+        host.ssh("systemctl restart offset-relay")
+        wait_active(host)
+        wait_for(
+            "every peer to see its connection closed", lambda: all(p.closed for p in load.peers), 30
+        )
+        load.finish(timeout=1)
+    finally:
+        load.close()
+        host.ssh(
+            f"rm -rf {dropin} /usr/local/lib/offset-damage-state.py && systemctl daemon-reload"
+        )
+    assert all(p.closed == "closed by the relay" for p in load.peers)  # a FIN, no reset
+    lines = journal_since(host, cursor)
+    unusable = [line for line in lines if "hand-over state unusable" in line]
+    assert len(unusable) == 1, lines
+    assert "version 99" in unusable[0] and "11 connections closed" in unusable[0]
+    assert not any("Traceback" in line for line in lines)
+    # The relay serves: a new tunnel carries data.
+    fresh = Load((host.address, PORT), relay_key(host))
+    try:
+        fresh.set_up(1, 0)
+        fresh.start()
+        time.sleep(1)
+        fresh.finish()
+        ((a, b),) = fresh.ends
+        assert a.expected > 0 and b.expected > 0 and not any(p.closed for p in fresh.peers)
+    finally:
+        fresh.close()
+
+
+def test_crash_keeps_the_listening_sockets_and_closes_live_connections(host: Host) -> None:
+    key = relay_key(host)
+    load = Load((host.address, PORT), key)
+    try:
+        load.set_up(1, 1)
+        load.start()
+        assert unit(host, "NFileDescriptorStore")["NFileDescriptorStore"] == "2"  # listen
+        restarts = int(unit(host, "NRestarts")["NRestarts"])
+        host.ssh("systemctl kill -s SIGKILL offset-relay", check=False)
+        wait_for(
+            "the crash restart", lambda: unit(host, "SubState")["SubState"] == "auto-restart", 10
+        )
+        # While no process runs, connects wait in the kept listening socket's backlog.
+        assert unit(host, "NFileDescriptorStore")["NFileDescriptorStore"] == "2"
+        probe = subprocess.run(
+            [
+                "python3",
+                "-c",
+                "import sys, socket\n"
+                f"s = socket.create_connection(('{host.address}', {PORT}), timeout=30)\n"
+                "s.settimeout(30)\n"
+                "sys.exit(0 if len(s.recv(12)) > 0 else 1)\n",
+            ],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=60,
+        )
+        assert probe.returncode == 0, probe.stderr  # answered once the relay was back
+        wait_active(host)
+        assert int(unit(host, "NRestarts")["NRestarts"]) == restarts + 1
+        wait_for("live connections to be closed", lambda: all(p.closed for p in load.peers), 30)
+        load.finish(timeout=1)
+    finally:
+        load.close()
+
+
+def test_stop_empties_the_store(host: Host) -> None:
+    load = Load((host.address, PORT), relay_key(host))
+    try:
+        load.set_up(1, 0)
+        load.start()
+        host.ssh("systemctl stop offset-relay")
+        assert unit(host, "NFileDescriptorStore")["NFileDescriptorStore"] == "0"
+        wait_for("connections to be closed", lambda: all(p.closed for p in load.peers), 10)
+        load.finish(timeout=1)
+    finally:
+        load.close()
+        host.ssh("systemctl start offset-relay")
+    wait_active(host)
+    assert unit(host, "NFileDescriptorStore")["NFileDescriptorStore"] == "2"
