@@ -8,6 +8,7 @@ import ipaddress
 import json
 import os
 import re
+import socket
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,6 @@ KEY_LEN = 32
 MAX_ADDRESS_LEN = 256
 # An identity or ticket is a few dozen bytes; refuse to read anything absurd.
 _MAX_FILE_SIZE = 64 * 1024
-_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 
 
 class InsecureFileError(DataError):
@@ -99,9 +99,15 @@ def _key_field(doc: dict, name: str, path: Path, what: str) -> bytes:
 # -- identity ---------------------------------------------------------------------------------
 
 
+def _pretty(doc: dict) -> str:
+    """JSON exactly as the original writes its files (serde_json's ``to_string_pretty``):
+    two-space indent, fields in declaration order, UTF-8 unescaped, no final newline."""
+    return json.dumps(doc, indent=2, ensure_ascii=False)
+
+
 def identity_text(identity: SigningKey) -> str:
-    """The identity file's content, pretty-printed JSON as the original writes it."""
-    return json.dumps({"privateKey": b64url_encode(bytes(identity))}, indent=2) + "\n"
+    """The identity file's content, byte for byte as the original's ``stmgr gen-ident``."""
+    return _pretty({"privateKey": b64url_encode(bytes(identity))})
 
 
 def generate_identity(path: Path) -> SigningKey:
@@ -122,12 +128,28 @@ def load_identity(path: Path, *, check_permissions: bool = True) -> SigningKey:
         except OSError as exc:
             raise NoInputError(f"cannot read identity file {path}: {exc.strerror}") from None
         if stat.S_ISREG(mode) and mode & 0o077:
+            _refuse_ticket_as_identity(path)
             raise InsecureFileError(
                 f"identity file {path} is accessible by group or others "
                 f"(mode {stat.S_IMODE(mode):04o}); run: chmod 600 {path}"
             )
     doc = _read_json(path, "identity file")
+    if "privateKey" not in doc and "publicKey" in doc:
+        _refuse_ticket_as_identity(path)
     return SigningKey(_key_field(doc, "privateKey", path, "identity file"))
+
+
+def _refuse_ticket_as_identity(path: Path) -> None:
+    """A relay ticket given where the identity belongs gets an error that says so."""
+    try:
+        doc = _read_json(path, "identity file")
+    except (DataError, NoInputError):
+        return
+    if "privateKey" not in doc and "publicKey" in doc and "address" in doc:
+        raise DataError(
+            f"{path} is a relay ticket (public key and address), not an identity; "
+            "give the identity file (the one made by stmgr gen-ident, e.g. relay.ident)"
+        )
 
 
 # -- ticket -----------------------------------------------------------------------------------
@@ -142,11 +164,29 @@ class Ticket:
 
 
 def split_host_port(address: str) -> tuple[str, int]:
-    """Split ``HOST:PORT`` (IPv6 in brackets) into a host without brackets and a port."""
+    """Split ``HOST:PORT`` into a host (IPv6 without brackets) and a port.
+
+    The rules are the original node's (Rust's ``ToSocketAddrs`` for a string): an IP socket
+    address, or else everything before the last colon is a host name for the resolver, so a
+    name such as ``relay_1.lan`` or an unbracketed IPv6 address works. What is refused here
+    is what no node can dial; each error says why.
+    """
     if not isinstance(address, str) or not address:
         raise UsageError("address is empty; expected HOST:PORT")
-    if len(address) > MAX_ADDRESS_LEN:
-        raise UsageError(f"address is longer than {MAX_ADDRESS_LEN} characters")
+    size = len(address.encode("utf-8"))
+    if size > MAX_ADDRESS_LEN:
+        raise UsageError(
+            f"address is {size} bytes; an Offset address holds at most {MAX_ADDRESS_LEN}"
+        )
+    scheme = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*)://([^/]*)", address)
+    if scheme:
+        raise UsageError(
+            f"invalid address {address!r}: nodes dial HOST:PORT, not a URL; "
+            f"drop {scheme.group(1)}:// and any path (HOST:PORT, IPv6 as [2001:db8::1]:4567)"
+        )
+    bad = next((c for c in address if c.isspace() or not c.isprintable()), None)
+    if bad is not None:
+        raise UsageError(f"invalid address {address!r}: it contains {bad!r}")
     if address.startswith("["):
         end = address.find("]")
         if end < 0 or address[end + 1 : end + 2] != ":":
@@ -158,38 +198,80 @@ def split_host_port(address: str) -> tuple[str, int]:
             raise UsageError(f"invalid IPv6 address {host!r} in {address!r}") from None
     else:
         host, sep, port_text = address.rpartition(":")
-        if not sep or not host:
-            raise UsageError(f"invalid address {address!r}; expected HOST:PORT")
+        if not sep:
+            raise UsageError(f"invalid address {address!r}: no port; expected HOST:PORT")
+        if not host:
+            raise UsageError(f"invalid address {address!r}: no host; expected HOST:PORT")
         if ":" in host:
-            raise UsageError(f"invalid address {address!r}; put an IPv6 address in brackets")
-        if not _valid_host(host):
-            raise UsageError(f"invalid host {host!r} in {address!r}")
-    if not port_text.isascii() or not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+            try:
+                ipaddress.IPv6Address(host)
+            except ValueError:
+                raise UsageError(
+                    f"invalid address {address!r}; put an IPv6 address in brackets: "
+                    "[2001:db8::1]:4567"
+                ) from None
+        elif re.fullmatch(r"[0-9.]+", host) and not _inet_aton(host):
+            raise UsageError(f"invalid address {address!r}: {host!r} is not an IPv4 address")
+    # Rust's u16 parser, which the original uses, also takes a leading "+".
+    digits = port_text[1:] if port_text.startswith("+") else port_text
+    if not digits.isascii() or not digits.isdigit() or not 1 <= int(digits) <= 65535:
         raise UsageError(f"invalid port {port_text!r} in {address!r}; expected 1-65535")
-    return host, int(port_text)
+    return host, int(digits)
 
 
-def _valid_host(host: str) -> bool:
-    if re.fullmatch(r"[0-9.]+", host):
-        try:
-            ipaddress.IPv4Address(host)
-        except ValueError:
-            return False
-        return True
-    name = host[:-1] if host.endswith(".") else host
-    return bool(name) and len(name) <= 253 and all(_LABEL.match(p) for p in name.split("."))
+def _inet_aton(host: str) -> bytes | None:
+    """The IPv4 address the resolver reads in ``host`` (also ``10.1`` forms), if any."""
+    try:
+        return socket.inet_aton(host)
+    except OSError:
+        return None
+
+
+def _host_address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The IP address a host stands for without asking DNS, if it is one."""
+    try:
+        return ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        pass
+    packed = _inet_aton(host) if re.fullmatch(r"[0-9A-Fa-fXx.]+", host) else None
+    return ipaddress.IPv4Address(packed) if packed is not None else None
 
 
 def validate_address(address: str) -> str:
     """Return ``address`` if nodes can dial it as given, else raise :class:`UsageError`."""
-    split_host_port(address)
+    host, _port = split_host_port(address)
+    ip = _host_address(host)
+    if ip is not None and ip.is_unspecified:
+        raise UsageError(
+            f"invalid address {address!r}: {host} means 'every local address' to a listening "
+            "socket; no node can dial it. Give the relay's public name or address"
+        )
     return address
+
+
+def address_warnings(address: str) -> list[str]:
+    """Why nodes elsewhere may be unable to dial a valid ``address`` (no DNS is asked)."""
+    host, _port = split_host_port(address)
+    name = host.rstrip(".").lower()
+    if name == "localhost" or name.endswith(".localhost"):
+        return [f"{host} is this machine: only nodes on this machine can dial {address}"]
+    ip = _host_address(host)
+    if ip is None:
+        return []
+    if ip.is_loopback:
+        return [f"{host} is a loopback address: only nodes on this machine can dial {address}"]
+    if not ip.is_global:
+        return [
+            f"{host} is a private or reserved address: nodes on the Internet cannot dial "
+            f"{address}; give the relay's public name or address"
+        ]
+    return []
 
 
 def ticket_text(ticket: Ticket) -> str:
     """The ticket file's content, with the exact key names the Offset app imports."""
     doc = {"publicKey": b64url_encode(ticket.public_key), "address": ticket.address}
-    return json.dumps(doc, indent=2) + "\n"
+    return _pretty(doc)
 
 
 def write_ticket(path: Path, ticket: Ticket) -> None:

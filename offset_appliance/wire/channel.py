@@ -339,7 +339,9 @@ class Handshake:
             peer = ExchangeRandNonce.decode(frame)
             if self._expected_peer is not None and peer.src_public_key != self._expected_peer:
                 raise ProtocolError(
-                    "peer proved a different public key than expected", CloseReason.WRONG_KEY
+                    f"peer proved a different public key than expected: "
+                    f"{_b64(peer.src_public_key)}, expected {_b64(self._expected_peer)}",
+                    CloseReason.WRONG_KEY,
                 )
             self.peer_public_key = peer.src_public_key
             private, public, salt = self._dh = _new_dh(self._random)
@@ -414,3 +416,10 @@ class Handshake:
         elif dh is not None:
             raise ValueError("key exchange before the peer's nonce")
         return handshake
+
+
+def _b64(key: bytes) -> str:
+    """A key as the identity and ticket files write it (base64url, no padding)."""
+    import base64
+
+    return base64.urlsafe_b64encode(key).rstrip(b"=").decode("ascii")

@@ -107,6 +107,15 @@ def test_ticket_format(tmp_path):
         ("relay:65535", ("relay", 65535)),
         ("[::1]:4567", ("::1", 4567)),
         ("[2001:db8::5]:80", ("2001:db8::5", 80)),
+        # What the original node dials too: everything before the last colon is handed to
+        # the resolver (Rust's ToSocketAddrs), so these are not refused.
+        ("::1:4567", ("::1", 4567)),
+        ("bad_host:4567", ("bad_host", 4567)),
+        ("-lead.example:4567", ("-lead.example", 4567)),
+        ("relais.bücher.example:4567", ("relais.bücher.example", 4567)),
+        ("127.1:4567", ("127.1", 4567)),
+        ("host:+4567", ("host", 4567)),
+        ("a" * 252 + ":1", ("a" * 252, 1)),
     ],
 )
 def test_valid_addresses(address, expected):
@@ -122,14 +131,16 @@ def test_valid_addresses(address, expected):
         "127.0.0.1:65536",
         "127.0.0.1:-1",
         "256.1.1.1:4567",
-        "::1:4567",
+        "2001:db8::zz:4567",
         "[::1:4567",
         "[nothex]:4567",
-        "bad_host:4567",
-        "-lead.example:4567",
+        "http://host:4567",
+        "a b:4567",
+        "tab\there:4567",
         ":4567",
         "host:port",
         "a" * 250 + ".com:4567",
+        "é" * 128 + ":1",  # 258 bytes, though 130 characters
         "host:４５",
     ],
 )
