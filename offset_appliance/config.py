@@ -201,8 +201,14 @@ def _limits(table: dict[str, Any], origin: dict[str, Path]) -> Limits:
             f"below buffer_high_water ({limits.buffer_high_water})"
         )
     if limits.max_handshakes > limits.max_connections:
-        culprit = origin.get("limits.max_handshakes", origin.get("limits.max_connections"))
-        raise ConfigError(f"{culprit}: limits.max_handshakes must not exceed max_connections")
+        if "max_handshakes" not in table:
+            # Unset, it follows a max_connections lowered below its default.
+            return dataclasses.replace(limits, max_handshakes=limits.max_connections)
+        where = origin["limits.max_handshakes"]
+        raise ConfigError(
+            f"{where}: limits.max_handshakes ({limits.max_handshakes}) must not exceed "
+            f"max_connections ({limits.max_connections}); lower max_handshakes too"
+        )
     return limits
 
 
@@ -324,3 +330,23 @@ def dump_config(config: Config) -> str:
         },
     }
     return tomli_w.dumps(doc)
+
+
+def config_sources(path: Path) -> tuple[list[Path], dict[str, Path]]:
+    """The files ``load_config(path)`` reads, in order, and which file set each key
+    (``"listen"``, ``"metrics.listen"``, ...)."""
+    files = [Path(path), *drop_in_files(Path(path))]
+    return files, _merge(files)[1]
+
+
+def listen_set_by(path: Path) -> list[Path]:
+    """Every file, in order, that gives ``listen``: more than one means a drop-in replaced
+    the address list of a file read before it."""
+    found = []
+    for file in [Path(path), *drop_in_files(Path(path))]:
+        try:
+            if "listen" in _read_toml(file):
+                found.append(file)
+        except ConfigError:
+            continue
+    return found

@@ -90,3 +90,9 @@ class CantCreateError(OffsetError):
     """An output file cannot be created (for example it exists already)."""
 
     exit_code = os.EX_CANTCREAT  # 73
+
+
+class UnavailableError(OffsetError):
+    """A service the program needs cannot be had (for example, its port is taken)."""
+
+    exit_code = os.EX_UNAVAILABLE  # 69

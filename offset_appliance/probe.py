@@ -120,10 +120,22 @@ def format_prometheus(result: ProbeResult) -> str:
     return "\n".join(lines)
 
 
-def run_probe(ticket_path: Path, timeout: float, fmt: str) -> int:
-    """Probe the relay a ticket names; prints the result; returns the exit code."""
-    ticket = load_ticket(ticket_path)
-    result = probe(ticket.address, ticket.public_key, timeout)
+def run_probe(
+    ticket_path: Path | None,
+    timeout: float,
+    fmt: str,
+    *,
+    address: str | None = None,
+    public_key: bytes | None = None,
+) -> int:
+    """Probe the relay a ticket names (or ``address`` and ``public_key``, which override
+    the ticket's); prints the result; returns the exit code."""
+    if ticket_path is not None:
+        ticket = load_ticket(ticket_path)
+        address = address or ticket.address
+        public_key = public_key or ticket.public_key
+    assert address is not None and public_key is not None
+    result = probe(address, public_key, timeout)
     if fmt == "prometheus":
         print(format_prometheus(result))
     else:

@@ -7,28 +7,91 @@ import sys
 from pathlib import Path
 
 from ..errors import UsageError
-from ..files import Ticket, generate_identity, load_identity, validate_address, write_ticket
+from ..files import (
+    Ticket,
+    address_warnings,
+    b64url_decode,
+    generate_identity,
+    load_identity,
+    ticket_text,
+    validate_address,
+    write_ticket,
+)
 from .common import ArgumentParser, add_version, run_main
+
+_GEN_EXAMPLE = """example:
+  stmgr gen-ident --output relay/relay.ident"""
+_TICKET_EXAMPLE = """examples:
+  stmgr relay-ticket --address relay.example.org:4567 \\
+      --idfile relay/relay.ident --output relay/relay.relay
+  stmgr relay-ticket -a [2001:db8::1]:4567 -i relay/relay.ident -o -   # to standard output"""
+_PROBE_EXAMPLE = """examples:
+  stmgr probe relay/relay.relay
+  stmgr probe relay/relay.relay --address 203.0.113.7:4567   # before DNS points at it
+  stmgr probe --address 203.0.113.7:4567 --idfile /var/lib/offset-relay/relay.ident
+  stmgr probe relay/relay.relay --format prometheus > relay_probe.prom"""
+_MAIN_EXAMPLE = f"""{_GEN_EXAMPLE}
+  stmgr relay-ticket --address relay.example.org:4567 \\
+      --idfile relay/relay.ident --output relay/relay.relay
+  stmgr probe relay/relay.relay
+
+Run 'stmgr COMMAND --help' for a command's options."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(prog="stmgr", description="Offset relay management.")
+    raw = argparse.RawDescriptionHelpFormatter
+    parser = ArgumentParser(
+        prog="stmgr",
+        description="Offset relay management.",
+        epilog=_MAIN_EXAMPLE.replace("example:\n", "examples:\n", 1),
+        formatter_class=raw,
+    )
     add_version(parser)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
     commands.required = True
 
-    gen = commands.add_parser("gen-ident", help="generate a new identity (private key) file")
-    gen.add_argument("--output", required=True, type=Path, help="identity file to create")
+    gen = commands.add_parser(
+        "gen-ident",
+        help="generate a new identity (private key) file",
+        description="Generate a new identity (private key) file, mode 0600.",
+        epilog=_GEN_EXAMPLE,
+        formatter_class=raw,
+    )
+    gen.add_argument("-o", "--output", required=True, type=Path, help="identity file to create")
 
-    ticket = commands.add_parser("relay-ticket", help="make a relay ticket from an identity")
-    ticket.add_argument("--address", required=True, help="public HOST:PORT nodes will dial")
-    ticket.add_argument("--idfile", required=True, type=Path, help="the relay's identity file")
-    ticket.add_argument("--output", required=True, type=Path, help="ticket file to create")
+    ticket = commands.add_parser(
+        "relay-ticket",
+        help="make a relay ticket from an identity",
+        description="Make the ticket (public key and address) that nodes import.",
+        epilog=_TICKET_EXAMPLE,
+        formatter_class=raw,
+    )
+    ticket.add_argument("-a", "--address", required=True, help="public HOST:PORT nodes will dial")
+    ticket.add_argument("-i", "--idfile", required=True, type=Path, help="the relay's identity file")
+    ticket.add_argument(
+        "-o", "--output", required=True, help="ticket file to create ('-': standard output)"
+    )
+    ticket.add_argument(
+        "--allow-private",
+        action="store_true",
+        help="do not warn about a loopback or private address (a relay for a private network)",
+    )
 
     probe = commands.add_parser(
-        "probe", help="check a relay end to end through its ticket (exit 0 ok, 1 bad, 2 down)"
+        "probe",
+        help="check a relay end to end through its ticket (exit 0 ok, 1 bad, 2 down)",
+        description="Prove the relay's key and carry a message both ways through a real "
+        "tunnel. Exit 0 healthy, 1 misbehaving or another key, 2 unreachable.",
+        epilog=_PROBE_EXAMPLE,
+        formatter_class=raw,
     )
-    probe.add_argument("ticket", type=Path, help="the relay's ticket file")
+    probe.add_argument("ticket", type=Path, nargs="?", help="the relay's ticket file")
+    probe.add_argument(
+        "-a", "--address", help="dial HOST:PORT instead of the ticket's address"
+    )
+    key = probe.add_mutually_exclusive_group()
+    key.add_argument("-i", "--idfile", type=Path, help="take the relay's key from its identity")
+    key.add_argument("--public-key", help="the relay's public key (base64url, as in tickets)")
     probe.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
     probe.add_argument("--format", choices=("text", "prometheus"), default="text")
     return parser
@@ -41,18 +104,49 @@ def _gen_ident(args: argparse.Namespace) -> int:
 
 def _relay_ticket(args: argparse.Namespace) -> int:
     address = validate_address(args.address)
+    if not args.allow_private:
+        for warning in address_warnings(address):
+            print(f"stmgr: warning: {warning} (--allow-private to silence)", file=sys.stderr)
     # The permission check protects the relay; making a ticket only needs the public half.
     identity = load_identity(args.idfile, check_permissions=False)
-    write_ticket(args.output, Ticket(bytes(identity.verify_key), address))
+    ticket = Ticket(bytes(identity.verify_key), address)
+    if args.output == "-":
+        # The file's exact bytes; a final newline only for a person at a terminal.
+        sys.stdout.write(ticket_text(ticket) + ("\n" if sys.stdout.isatty() else ""))
+        sys.stdout.flush()
+    else:
+        write_ticket(Path(args.output), ticket)
     return 0
 
 
 def _probe(args: argparse.Namespace) -> int:
+    from ..files import KEY_LEN
     from ..probe import run_probe
 
     if not 0 < args.timeout <= 3600:
         raise UsageError("--timeout must be between 0 and 3600 seconds")
-    return run_probe(args.ticket, args.timeout, args.format)
+    if args.ticket is not None and (args.idfile or args.public_key):
+        raise UsageError("the ticket gives the relay's key; drop --idfile / --public-key")
+    if args.ticket is None:
+        if not args.address or not (args.idfile or args.public_key):
+            raise UsageError(
+                "give the relay's ticket, or --address HOST:PORT with its key "
+                "(--idfile IDENTITY or --public-key KEY)"
+            )
+    public_key = None
+    if args.idfile:
+        public_key = bytes(load_identity(args.idfile, check_permissions=False).verify_key)
+    elif args.public_key:
+        try:
+            public_key = b64url_decode(args.public_key, "--public-key")
+        except Exception as exc:  # noqa: BLE001 - DataError: a bad argument here
+            raise UsageError(str(exc)) from None
+        if len(public_key) != KEY_LEN:
+            raise UsageError(f"--public-key must be {KEY_LEN} bytes, not {len(public_key)}")
+    address = validate_address(args.address) if args.address else None
+    return run_probe(
+        args.ticket, args.timeout, args.format, address=address, public_key=public_key
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

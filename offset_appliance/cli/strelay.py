@@ -3,27 +3,40 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import sys
 from pathlib import Path
 
-from ..config import LOG_LEVELS, Config, dump_config, load_config
-from ..errors import ConfigError, OffsetError, UsageError
-from ..files import load_identity
+from ..config import LOG_LEVELS, Config, config_sources, dump_config, listen_set_by, load_config
+from ..errors import ConfigError, OffsetError, UnavailableError, UsageError
+from ..files import b64url_encode, load_identity, load_ticket
 from ..logs import setup_logging
 from .common import ArgumentParser, add_version, run_main
+
+log = logging.getLogger("strelay")
+
+_EXAMPLES = """examples:
+  strelay --idfile relay/relay.ident --laddr 0.0.0.0:4567
+  strelay -i relay/relay.ident -l 0.0.0.0:4567 -l [::]:4567
+  strelay --config /etc/offset-relay/relay.toml   # and /etc/offset-relay/relay.d/*.toml
+  strelay --config /etc/offset-relay/relay.toml --check-config"""
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
         prog="strelay",
-        description="Offset relay server. Settings come from --config (and its .d directory); "
-        "--idfile, --laddr and --log-level override them, and work without a config.",
+        description="Offset relay server.\n\nSettings come from --config, then the *.toml "
+        "files of the directory <config stem>.d/\nbeside it (relay.d/ for relay.toml); "
+        "--idfile, --laddr and --log-level override them,\nand work without a config.",
+        epilog=_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_version(parser)
     parser.add_argument("--config", type=Path, help="TOML configuration file")
-    parser.add_argument("--idfile", type=Path, help="the relay's identity file")
+    parser.add_argument("-i", "--idfile", type=Path, help="the relay's identity file")
     parser.add_argument(
+        "-l",
         "--laddr",
         action="append",
         metavar="HOST:PORT",
@@ -76,6 +89,79 @@ def _load(args: argparse.Namespace) -> Config:
     )
 
 
+def _log_sources(args: argparse.Namespace, when: str) -> None:
+    """Which files were read, in order; a drop-in that replaces ``listen`` is worth a warning."""
+    if args.config is None:
+        return
+    files, _origin = config_sources(args.config)
+    log.info("%s: configuration read from %s", when, ", ".join(str(f) for f in files))
+    setters = listen_set_by(args.config)
+    if len(setters) > 1 and not args.laddr:
+        log.warning(
+            "listen of %s replaces the listen of %s (a list is replaced, not extended)",
+            setters[-1],
+            ", ".join(str(f) for f in setters[:-1]),
+        )
+
+
+def _announce_ticket(config: Config, public_key: bytes) -> None:
+    """Say where the ticket nodes need is, and whether it matches this relay's key."""
+    ticket_path = config.identity_file.with_suffix(".relay")
+    key = b64url_encode(public_key)
+    if not ticket_path.exists():
+        log.info(
+            "no ticket at %s yet; make it: stmgr relay-ticket --address HOST:PORT "
+            "--idfile %s --output %s",
+            ticket_path,
+            config.identity_file,
+            ticket_path,
+        )
+        return
+    try:
+        ticket = load_ticket(ticket_path)
+    except OffsetError as exc:
+        log.warning("ticket %s is unusable: %s", ticket_path, exc)
+        return
+    if ticket.public_key != public_key:
+        log.warning(
+            "ticket %s carries public key %s, not this relay's %s; nodes using it will "
+            "refuse the relay: remake it",
+            ticket_path,
+            b64url_encode(ticket.public_key),
+            key,
+        )
+    else:
+        log.info("ticket %s: address %s, public key %s", ticket_path, ticket.address, key)
+
+
+def _where(args: argparse.Namespace, kind: str) -> str:
+    """Which argument or file set the address of the ``relay`` or ``metrics`` socket."""
+    if kind == "relay" and args.laddr:
+        return "set by --laddr"
+    if args.config is None:
+        return "the default"
+    _files, origin = config_sources(args.config)
+    key = "listen" if kind == "relay" else "metrics.listen"
+    if key in origin:
+        return f"set by {key} in {origin[key]}"
+    return "the default of metrics.listen"
+
+
+def _bind_error(exc, args: argparse.Namespace) -> UnavailableError:
+    where = _where(args, exc.kind)
+    message = f"cannot open the {exc.kind} socket: {exc} ({where})"
+    if exc.errno == errno.EADDRINUSE:
+        message += f"; another strelay? see: ss -ltnp 'sport = :{exc.port}'"
+    elif exc.errno == errno.EACCES and exc.port < 1024:
+        message += (
+            "; ports below 1024 need CAP_NET_BIND_SERVICE "
+            "(AmbientCapabilities=CAP_NET_BIND_SERVICE in the unit), or use a port above 1023"
+        )
+    elif exc.errno == errno.EADDRNOTAVAIL:
+        message += "; that address is not on this machine (0.0.0.0 or [::] means all)"
+    return UnavailableError(message)
+
+
 def _identity(config: Config):
     try:
         return load_identity(config.identity_file)
@@ -102,13 +188,28 @@ def _serve(args: argparse.Namespace) -> int:
     config = _load(args)
     setup_logging(config.log_level)
     identity = _identity(config)
-    from ..relay.server import run
+    from ..relay.server import BindError, run
 
     def reload_config() -> Config:
-        return _load(args)
+        config = _load(args)
+        _log_sources(args, "reload")
+        return config
 
-    logging.getLogger("strelay").debug("identity loaded from %s", config.identity_file)
-    return run(config, identity, reload_config=reload_config if args.config else None)
+    def announce() -> None:
+        # Once the sockets are open: a relay that cannot start says one line only.
+        _log_sources(args, "start")
+        log.debug("identity loaded from %s", config.identity_file)
+        _announce_ticket(config, bytes(identity.verify_key))
+
+    try:
+        return run(
+            config,
+            identity,
+            reload_config=reload_config if args.config else None,
+            announce=announce,
+        )
+    except BindError as exc:
+        raise _bind_error(exc, args) from None
 
 
 def main(argv: list[str] | None = None) -> int:

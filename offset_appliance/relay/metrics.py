@@ -321,8 +321,11 @@ class MetricsEndpoint:
         method, target = parts[0], parts[1].split(b"?", 1)[0]
         if method not in (b"GET", b"HEAD"):
             return 405, b"only GET is served here\n"
+        if target == b"/healthz":
+            # Answered by the relay's own loop: an answer means the loop is serving.
+            return 200, b"ok\n", method == b"HEAD"
         if target != b"/metrics":
-            return 404, b"try /metrics\n"
+            return 404, b"try /metrics or /healthz\n"
         return 200, self.render_text().encode("utf-8"), method == b"HEAD"
 
     def drop(self, exchange: _Exchange) -> None:

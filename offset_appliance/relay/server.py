@@ -14,7 +14,6 @@ import dataclasses
 import heapq
 import itertools
 import logging
-import os
 import selectors
 import signal
 import socket
@@ -145,7 +144,7 @@ class RelayServer:
                     self.selector, (host, port), self.metrics_text, self.stats, clock=self.clock
                 )
             except OSError as exc:
-                raise BindError(host, port, exc) from None
+                raise BindError(host, port, exc, kind="metrics") from None
         return bound
 
     def _install_signals(self) -> None:
@@ -535,16 +534,21 @@ class RelayServer:
 class BindError(OSError):
     """A listening socket could not be opened; names the address."""
 
-    def __init__(self, host: str, port: int, cause: OSError) -> None:
+    def __init__(self, host: str, port: int, cause: OSError, *, kind: str = "relay") -> None:
         shown = format_address(host, port)
         super().__init__(cause.errno, f"cannot listen on {shown}: {cause.strerror or cause}")
+        self.host, self.port, self.kind = host, port, kind
 
     def __str__(self) -> str:
         return self.strerror or ""
 
 
 def run(
-    config: Config, identity: SigningKey, *, reload_config: Callable[[], Config] | None = None
+    config: Config,
+    identity: SigningKey,
+    *,
+    reload_config: Callable[[], Config] | None = None,
+    announce: Callable[[], None] | None = None,
 ) -> int:
     """Serve with ``config`` until SIGTERM or SIGINT; returns the process exit code."""
     server = RelayServer(config, identity, reload_config=reload_config)
@@ -552,15 +556,16 @@ def run(
     inherited = Inherited.from_environment()
     try:
         bound = server.bind(inherited)
-    except BindError as exc:
+    except BindError:
         inherited.close_rest()
-        log.error("%s", exc)
-        return os.EX_UNAVAILABLE
+        raise  # the caller explains it, in one line
     if manager is not None:
         server.handover = Handover(manager)
         server.handover.started(server, inherited)
     else:
         inherited.close_rest()  # nothing to hand back to without a service manager
+    if announce is not None:
+        announce()  # more start-up lines, once the sockets are open
     for host, port in bound:
         log.info("listening on %s", format_address(host, port))
     if server.metrics is not None:

@@ -46,7 +46,7 @@ def test_the_role_validates_its_drop_in_with_check_config(tmp_path):
         f'identity_file = "{tmp_path / "id"}"\nlisten = ["[::]:4567"]\n'
     )
     candidate = tmp_path / "candidate"
-    candidate.write_text("[limits]\nmax_connections = 100\n")
+    candidate.write_text("[limits]\nmax_connections = 100\nmax_handshakes = 512\n")
     local = [
         str(STRELAY) if a == "/usr/bin/strelay" else a.replace("/etc/offset-relay", str(etc))
         for a in argv
@@ -54,7 +54,7 @@ def test_the_role_validates_its_drop_in_with_check_config(tmp_path):
     local = [a.replace("%s", str(candidate)) for a in local]
     refused = subprocess.run(local, capture_output=True, text=True)
     assert refused.returncode == 78
-    assert "limits.max_handshakes must not exceed max_connections" in refused.stderr
+    assert "limits.max_handshakes (512) must not exceed max_connections (100)" in refused.stderr
     candidate.write_text("[limits]\nmax_connections = 1000\n")
     assert subprocess.run(local, capture_output=True).returncode == 0
 
