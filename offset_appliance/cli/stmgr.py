@@ -67,7 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=raw,
     )
     ticket.add_argument("-a", "--address", required=True, help="public HOST:PORT nodes will dial")
-    ticket.add_argument("-i", "--idfile", required=True, type=Path, help="the relay's identity file")
+    ticket.add_argument(
+        "-i", "--idfile", required=True, type=Path, help="the relay's identity file"
+    )
     ticket.add_argument(
         "-o", "--output", required=True, help="ticket file to create ('-': standard output)"
     )
@@ -86,9 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=raw,
     )
     probe.add_argument("ticket", type=Path, nargs="?", help="the relay's ticket file")
-    probe.add_argument(
-        "-a", "--address", help="dial HOST:PORT instead of the ticket's address"
-    )
+    probe.add_argument("-a", "--address", help="dial HOST:PORT instead of the ticket's address")
     key = probe.add_mutually_exclusive_group()
     key.add_argument("-i", "--idfile", type=Path, help="take the relay's key from its identity")
     key.add_argument("--public-key", help="the relay's public key (base64url, as in tickets)")
@@ -144,9 +144,7 @@ def _probe(args: argparse.Namespace) -> int:
         if len(public_key) != KEY_LEN:
             raise UsageError(f"--public-key must be {KEY_LEN} bytes, not {len(public_key)}")
     address = validate_address(args.address) if args.address else None
-    return run_probe(
-        args.ticket, args.timeout, args.format, address=address, public_key=public_key
-    )
+    return run_probe(args.ticket, args.timeout, args.format, address=address, public_key=public_key)
 
 
 def main(argv: list[str] | None = None) -> int:
