@@ -236,6 +236,20 @@ def test_deploy_succeeds_on_bare_hosts(deployment: Deployment) -> None:
         assert (name, "Fetch the ticket to the controller") in run_.changed
 
 
+def test_relays_change_one_at_a_time_and_are_probed_from_the_controller(
+    deployment: Deployment,
+) -> None:
+    output = deployment.first_run.output
+    # serial: 1 by default, one play batch per relay.
+    assert output.count("PLAY [Deploy Offset relays]") == len(deployment.hosts), output
+    for host in deployment.hosts:
+        assert f"ok: [{host.name} -> localhost]" in output
+    assert "Probe the relay through its ticket, from the host" in output
+    at_once = deployment.controller.playbook("-e", "offset_relay_serial=100%")
+    at_once.assert_clean(deployment.controller.names)
+    assert at_once.output.count("PLAY [Deploy Offset relays]") == 1, at_once.tail()
+
+
 def test_second_run_changes_nothing(deployment: Deployment) -> None:
     deployment.controller.playbook().assert_clean(deployment.controller.names)
 
@@ -409,8 +423,10 @@ def test_settings_change_restarts_only_that_relay(deployment: Deployment) -> Non
     run_ = controller.playbook()
 
     assert run_.returncode == 0, run_.tail() + relay_journals([changed])
+    # The metrics endpoint needs a restart; the other settings alone would be reloaded.
     assert run_.changed == {
         (changed.name, "Write the relay's settings drop-in"),
+        (changed.name, "Restart instead of reload when the listen addresses or metrics change"),
         (changed.name, "Restart offset-relay"),
     }, run_.tail()
     drop_in = changed.read("/etc/offset-relay/relay.d/50-ansible.toml")
@@ -428,6 +444,30 @@ def test_settings_change_restarts_only_that_relay(deployment: Deployment) -> Non
     assert "# TYPE offset_relay_" in metrics
 
 
+def test_limits_and_log_level_change_by_reload(deployment: Deployment) -> None:
+    """What SIGHUP applies is reloaded: the relay keeps its process and its connections."""
+    controller = deployment.controller
+    changed = deployment.hosts[0]
+    settings = controller.host_vars.get(changed.name, {})
+    unit = unit_state(changed)
+    controller.host_vars[changed.name] = {
+        **settings,
+        "offset_relay_log_level": "info",
+        "offset_relay_limits": {"max_connections_per_ip": 32},
+    }
+
+    run_ = controller.playbook("--limit", changed.name)
+
+    assert run_.returncode == 0, run_.tail()
+    assert run_.changed == {
+        (changed.name, "Write the relay's settings drop-in"),
+        (changed.name, "Reload offset-relay"),
+    }, run_.tail()
+    assert unit_state(changed)["MainPID"] == unit["MainPID"]
+    journal = changed.ssh("journalctl -u offset-relay.service -n 30 --no-pager -o cat").stdout
+    assert "configuration reloaded" in journal, journal
+
+
 def test_bad_settings_never_reach_the_relay(deployment: Deployment) -> None:
     """A value the relay would refuse fails the play before the drop-in is replaced."""
     controller = deployment.controller
@@ -435,17 +475,72 @@ def test_bad_settings_never_reach_the_relay(deployment: Deployment) -> None:
     drop_in = host.read("/etc/offset-relay/relay.d/50-ansible.toml")
     unit = unit_state(host)
     settings = controller.host_vars.get(host.name, {})
-    # Fewer connections than the default number of concurrent handshakes: refused by strelay.
-    controller.host_vars[host.name] = {"offset_relay_limits": {"max_connections": 100}}
+    # More concurrent handshakes than connections: refused by strelay.
+    controller.host_vars[host.name] = {
+        "offset_relay_limits": {"max_connections": 100, "max_handshakes": 512}
+    }
 
     run_ = controller.playbook("--limit", host.name)
 
     assert run_.returncode != 0
     assert run_.recap[host.name]["failed"] == 1, run_.tail()
-    assert "limits.max_handshakes must not exceed max_connections" in run_.output, run_.tail()
+    assert "lower max_handshakes too" in run_.output, run_.tail()
     assert host.read("/etc/offset-relay/relay.d/50-ansible.toml") == drop_in
     assert unit_state(host) == unit
     controller.host_vars[host.name] = settings
+
+
+def test_identity_from_the_controller_in_a_vault(deployment: Deployment, tmp_path: Path) -> None:
+    """A relay moved from elsewhere keeps its identity: installed from an ansible-vault file
+    on the controller (made 0644, as the original stmgr leaves it), 0600 on the host, owned
+    by the service user, never shown in the output, and the relay's ticket carries its key."""
+    controller = deployment.controller
+    host = deployment.hosts[0]
+    ident = tmp_path / "moved.ident"
+    run([BIN / "stmgr", "gen-ident", "--output", ident])
+    ident.chmod(0o644)
+    plain = ident.read_text()
+    key = json.loads(
+        run([BIN / "stmgr", "relay-ticket", "-a", "h:1", "-i", ident, "-o", "-"]).stdout
+    )
+    password = tmp_path / "vault-password"
+    password.write_text("correct horse battery staple\n")
+    run(
+        [BIN / "ansible-vault", "encrypt", "--vault-password-file", password, ident],
+        env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"},
+    )
+    assert ident.read_text().startswith("$ANSIBLE_VAULT")
+    unit = unit_state(host)
+
+    run_ = controller.playbook(
+        "--limit",
+        host.name,
+        "--vault-password-file",
+        str(password),
+        "-e",
+        f"offset_relay_identity_src={ident}",
+    )
+
+    assert run_.returncode == 0, run_.tail()
+    assert (host.name, "Install the relay's identity from the controller") in run_.changed
+    assert (host.name, "Restart offset-relay") in run_.changed
+    private = json.loads(plain)["privateKey"]
+    assert private not in run_.output
+    assert host.read(IDENTITY_ON_HOST) == plain
+    owner = host.ssh(f"stat -c '%U %a' {IDENTITY_ON_HOST}").stdout.split()
+    assert owner == ["offset-relay", "600"]
+    assert unit_state(host)["MainPID"] != unit["MainPID"]
+    assert json.loads(controller.ticket(host).read_text())["publicKey"] == key["publicKey"]
+    assert_probe_passes(controller.ticket(host))
+    again = controller.playbook(
+        "--limit",
+        host.name,
+        "--vault-password-file",
+        str(password),
+        "-e",
+        f"offset_relay_identity_src={ident}",
+    )
+    again.assert_clean([host.name])
 
 
 def test_reinstall_from_a_deb_file(deployment: Deployment, deb_package: Path) -> None:
