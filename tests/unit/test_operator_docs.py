@@ -1,0 +1,160 @@
+"""What an operator reads and installs agrees with what the code does: README sections, man
+pages, the package, the example inventory, the Makefile, the Ansible role, bash completion."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+README = (ROOT / "README.md").read_text()
+ROLE = ROOT / "ansible" / "roles" / "offset_relay"
+COMPLETION = ROOT / "packaging" / "bash-completion"
+BASH_COMPLETION = Path("/usr/share/bash-completion/bash_completion")
+
+
+@pytest.mark.parametrize(
+    "heading",
+    [
+        "## Moving a relay from the original `strelay`",
+        "### Is it reachable from outside?",
+        "## Firewall",
+        "### Getting the package",
+        "### Upgrades",
+        "### Backing up and restoring the identity",
+        "### Sizing",
+        "### Installing just `stmgr` on a monitoring host",
+    ],
+)
+def test_readme_has_the_operator_sections(heading):
+    assert re.search(rf"^{re.escape(heading)}$", README, re.M)
+
+
+def test_readme_says_exactly_where_drop_ins_are():
+    assert "`<stem>.d/`" in README
+    assert "`relay.d/` beside it" not in README
+
+
+def test_sizing_names_memory_max_and_bench_figures():
+    section = README.split("### Sizing", 1)[1].split("\n## ", 1)[0]
+    assert "MemoryMax=" in section and "one core" in section.lower()
+
+
+def test_bench_duration_agrees():
+    makefile = (ROOT / "Makefile").read_text()
+    in_make = re.search(r"about (\d+) minutes", makefile.split(".PHONY: bench")[0]).group(1)
+    in_readme = re.search(r"`make bench` \(about (\d+) minutes", README).group(1)
+    assert in_make == in_readme
+
+
+def test_package_needs_python_3_11():
+    control = (ROOT / "packaging" / "debian" / "control").read_text()
+    assert re.search(r"^Depends: python3 \(>= 3\.11\),", control, re.M)
+
+
+def test_example_inventory_and_readme_use_the_same_ports():
+    example = yaml.safe_load((ROOT / "ansible" / "inventory" / "relays.example.yml").read_text())
+    block = re.search(r"# ansible/inventory/relays.yml\n(.*?)```", README, re.S).group(1)
+    shown = yaml.safe_load(block)
+    port = example["relays"]["vars"]["offset_relay_port"]
+    for inventory in (example, shown):
+        for name, host in inventory["relays"]["hosts"].items():
+            host = host or {}
+            assert host.get("offset_relay_port", port) == port, name
+            address = host.get("offset_relay_public_address", f"x:{port}")
+            assert address.endswith(f":{port}"), (name, address)
+    assert example["relays"]["hosts"]["relay3"] == shown["relays"]["hosts"]["relay3"]
+
+
+def test_strelay_man_page_documents_metrics():
+    page = (ROOT / "man" / "strelay.1").read_text()
+    assert ".B [metrics]" in page and "/healthz" in page and "\\-l" in page
+
+
+def test_stmgr_man_page_makes_the_ticket_as_the_readme_does():
+    page = (ROOT / "man" / "stmgr.1").read_text()
+    assert "runuser \\-u offset\\-relay \\-\\- stmgr relay\\-ticket" in page
+    assert "\\-\\-output /var/lib/offset\\-relay/relay.relay" in page
+    assert "runuser -u offset-relay -- stmgr relay-ticket" in README
+
+
+def test_make_run_installs_only_the_runtime():
+    result = subprocess.run(
+        ["make", "-n", "-B", "run"], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert "pip install -q -e ." in result.stdout
+    assert "[test]" not in result.stdout
+
+
+def test_package_installs_bash_completion():
+    install = (ROOT / "packaging" / "debian" / "offset-relay.install").read_text()
+    for command in ("stmgr", "strelay"):
+        assert f"packaging/bash-completion/{command} usr/share/bash-completion/completions/" in (
+            install
+        )
+
+
+@pytest.mark.skipif(not BASH_COMPLETION.exists(), reason="bash-completion not installed")
+@pytest.mark.parametrize(
+    "line, expected",
+    [
+        ("stmgr ", {"gen-ident", "relay-ticket", "probe", "--help", "--version"}),
+        ("stmgr relay-ticket --a", {"--address", "--allow-private"}),
+        ("stmgr probe --format ", {"text", "prometheus"}),
+        ("strelay --log-level ", {"debug", "info", "warning", "error"}),
+        ("strelay -", {"--config", "--idfile", "--laddr", "--log-level", "--help", "--version"}),
+    ],
+)
+def test_bash_completion(line, expected):
+    command = line.split()[0]
+    words = line.split() + ([""] if line.endswith(" ") else [])
+    script = (
+        f"source {BASH_COMPLETION}; source {COMPLETION / command}; "
+        f"COMP_WORDS=({' '.join(repr(w) for w in words)}); COMP_CWORD={len(words) - 1}; "
+        f"COMP_LINE={line!r}; COMP_POINT={len(line)}; _{command}; "
+        'printf "%s\\n" "${COMPREPLY[@]}"'
+    )
+    out = subprocess.run(
+        [shutil.which("bash") or "bash", "-c", script], capture_output=True, text=True, check=True
+    )
+    assert set(out.stdout.split()) == expected
+
+
+# -- the Ansible role ----------------------------------------------------------------------
+
+
+def _tasks(name: str) -> list[dict]:
+    return yaml.safe_load((ROLE / "tasks" / name).read_text())
+
+
+def test_playbook_rolls_out_one_relay_at_a_time():
+    play = yaml.safe_load((ROOT / "ansible" / "deploy-relay.yml").read_text())[0]
+    assert play["serial"] == "{{ offset_relay_serial | default(1) }}"
+    assert play["max_fail_percentage"] == 0
+
+
+def test_settings_reload_and_only_listen_metrics_identity_restart():
+    handlers = {h["name"]: h for h in yaml.safe_load((ROLE / "handlers/main.yml").read_text())}
+    assert handlers["Reload offset-relay"]["ansible.builtin.systemd_service"]["state"] == "reloaded"
+    configure = {t["name"]: t for t in _tasks("configure.yml")}
+    assert configure["Write the relay's settings drop-in"]["notify"] == "Reload offset-relay"
+    restart = configure["Restart instead of reload when the listen addresses or metrics change"]
+    assert restart["notify"] == "Restart offset-relay"
+    assert "listen" in restart["vars"]["__offset_relay_listen_line"]
+    assert "[metrics]" in restart["vars"]["__offset_relay_metrics_block"]
+
+
+def test_role_installs_an_identity_from_the_controller():
+    task = next(t for t in _tasks("identity.yml") if "from the controller" in t["name"])
+    copy = task["ansible.builtin.copy"]
+    assert copy["src"] == "{{ offset_relay_identity_src }}"
+    assert copy["mode"] == "0600" and copy["owner"] == "{{ __offset_relay_user }}"
+    assert task["no_log"] is True
+    defaults = yaml.safe_load((ROLE / "defaults/main.yml").read_text())
+    assert defaults["offset_relay_identity_src"] == ""
+    assert defaults["offset_relay_verify_from_controller"] is True
