@@ -2,7 +2,8 @@
 
 ``relay.toml`` is read first, then every ``<stem>.d/*.toml`` beside it (``relay.d/`` for
 ``relay.toml``) in name order (the way ``sshd_config.d`` works), so that packages own the
-main file and local changes or Ansible live in drop-ins. Later files override single keys; tables merge key by key.
+main file and local changes or Ansible live in drop-ins. Later files override single keys;
+tables merge key by key.
 """
 
 from __future__ import annotations

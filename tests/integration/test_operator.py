@@ -31,11 +31,10 @@ def run(*args, cwd=None, env=None) -> subprocess.CompletedProcess:
 
 
 def one_line_error(result: subprocess.CompletedProcess) -> str:
-    """The one error line (start-up info lines of strelay may come before it)."""
     assert "Traceback" not in result.stderr, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert lines and all(" INFO " in line for line in lines[:-1]), result.stderr
-    return lines[-1]
+    assert len(lines) == 1, result.stderr
+    return lines[0]
 
 
 def wait_for(condition, what: str, timeout: float = 15.0):
