@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -332,7 +334,10 @@ def _start(directory: Path, settings: str = "", dropins: dict[str, str] | None =
         (directory / "relay.d").mkdir()
         for name, text in dropins.items():
             (directory / "relay.d" / name).write_text(text)
-    return RelayProcess(directory, settings)
+    relay = RelayProcess(directory, settings)
+    # A handshake proves the loop runs, so its signal handlers are in place for SIGHUP.
+    relay.client().close()
+    return relay
 
 
 @pytest.fixture
@@ -438,3 +443,33 @@ def test_help_has_an_example(command):
     assert re.search(r"^examples?:\n  \S", result.stdout, re.M), result.stdout
     tail = result.stdout.split("example", 1)[1]
     assert f"{command[0]} {command[1]}" in tail if len(command) > 1 else command[0] in tail
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root and setpriv"
+)
+def test_low_port_without_the_capability_names_it():
+    """As an unprivileged user (what the unit runs as), port 1000 needs CAP_NET_BIND_SERVICE."""
+    directory = Path(tempfile.mkdtemp(prefix="offset-lowport-"))
+    try:
+        directory.chmod(0o755)
+        ident = directory / "relay.ident"
+        run(BIN / "stmgr", "gen-ident", "--output", ident)
+        os.chown(ident, 65534, 65534)
+        result = run(
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+            BIN / "strelay",
+            "-i",
+            ident,
+            "-l",
+            "127.0.0.1:1000",
+        )
+        assert result.returncode == os.EX_UNAVAILABLE
+        line = one_line_error(result)
+        assert "127.0.0.1:1000" in line and "CAP_NET_BIND_SERVICE" in line
+    finally:
+        shutil.rmtree(directory)
