@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
         "probe",
         help="check a relay end to end through its ticket (exit 0 ok, 1 bad, 2 down)",
         description="Prove the relay's key and carry a message both ways through a real "
-        "tunnel. Exit 0 healthy, 1 misbehaving or another key, 2 unreachable.",
+        "tunnel.\nExit 0 healthy, 1 misbehaving or another key, 2 unreachable.",
         epilog=_PROBE_EXAMPLE,
         formatter_class=raw,
     )
