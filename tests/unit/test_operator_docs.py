@@ -3,9 +3,11 @@ pages, the package, the example inventory, the Makefile, the Ansible role, bash 
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -145,16 +147,76 @@ def test_settings_reload_and_only_listen_metrics_identity_restart():
     assert configure["Write the relay's settings drop-in"]["notify"] == "Reload offset-relay"
     restart = configure["Restart instead of reload when the listen addresses or metrics change"]
     assert restart["notify"] == "Restart offset-relay"
-    assert "listen" in restart["vars"]["__offset_relay_listen_line"]
-    assert "[metrics]" in restart["vars"]["__offset_relay_metrics_block"]
 
 
-def test_role_installs_an_identity_from_the_controller():
-    task = next(t for t in _tasks("identity.yml") if "from the controller" in t["name"])
-    copy = task["ansible.builtin.copy"]
-    assert copy["src"] == "{{ offset_relay_identity_src }}"
-    assert copy["mode"] == "0600" and copy["owner"] == "{{ __offset_relay_user }}"
-    assert task["no_log"] is True
+OLD_DROP_IN = """log_level = "debug"
+listen = ["0.0.0.0:4567", "[::]:4567"]
+
+[limits]
+max_connections_per_ip = 64
+
+[metrics]
+enabled = true
+listen = "127.0.0.1:9477"
+"""
+
+
+RESTART_CASES = [
+    ({}, False),  # only limits or log level changed: reload
+    ({"offset_relay_metrics_port": 9478}, True),
+    ({"offset_relay_metrics_enabled": False}, True),
+    ({"offset_relay_listen": ["0.0.0.0:4567"]}, True),
+    ({"offset_relay_port": 4568}, True),
+]
+
+
+def test_restart_decision_of_the_role(tmp_path):
+    """The role's own task, run by ansible-playbook on a drop-in as the role wrote it: only
+    listen and metrics changes restart the relay."""
+    playbook_bin = Path(sys.executable).parent / "ansible-playbook"
+    if not playbook_bin.exists():
+        pytest.skip("ansible-core is not installed")
+    task = next(
+        t for t in _tasks("configure.yml") if t["name"].startswith("Restart instead of reload")
+    )
+    task.pop("notify")
+    old = tmp_path / "50-ansible.toml"
+    old.write_text(OLD_DROP_IN)
     defaults = yaml.safe_load((ROLE / "defaults/main.yml").read_text())
-    assert defaults["offset_relay_identity_src"] == ""
-    assert defaults["offset_relay_verify_from_controller"] is True
+    base = {
+        "offset_relay_port": 4567,
+        "offset_relay_listen": defaults["offset_relay_listen"],
+        "offset_relay_metrics_enabled": True,
+        "offset_relay_metrics_port": 9477,
+    }
+    tasks = [
+        {"ansible.builtin.slurp": {"src": str(old)}, "register": "__offset_relay_dropin_before"},
+        {"ansible.builtin.set_fact": {"__offset_relay_dropin_written": {"changed": True}}},
+    ]
+    for number, (settings, _restart) in enumerate(RESTART_CASES):
+        case = dict(task, name=f"case {number}")
+        case["vars"] = {**task["vars"], **settings}
+        tasks.append(case)
+    play = [{"hosts": "localhost", "gather_facts": False, "vars": base, "tasks": tasks}]
+    (tmp_path / "play.yml").write_text(yaml.safe_dump(play, sort_keys=False))
+    result = subprocess.run(
+        [
+            playbook_bin,
+            "-i",
+            "localhost,",
+            "-c",
+            "local",
+            "-e",
+            f"ansible_python_interpreter={sys.executable}",
+            "play.yml",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "ANSIBLE_NOCOLOR": "1", "ANSIBLE_LOCALHOST_WARNING": "0"},
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    for number, (settings, restart) in enumerate(RESTART_CASES):
+        outcome = re.search(rf"TASK \[case {number}\] \**\n(\w+):", result.stdout).group(1)
+        assert outcome == ("changed" if restart else "skipping"), (settings, result.stdout)
