@@ -205,9 +205,9 @@ def _limits(table: dict[str, Any], origin: dict[str, Path]) -> Limits:
         if "max_handshakes" not in table:
             # Unset, it follows a max_connections lowered below its default.
             return dataclasses.replace(limits, max_handshakes=limits.max_connections)
-        where = origin["limits.max_handshakes"]
+        culprit = origin["limits.max_handshakes"]
         raise ConfigError(
-            f"{where}: limits.max_handshakes ({limits.max_handshakes}) must not exceed "
+            f"{culprit}: limits.max_handshakes ({limits.max_handshakes}) must not exceed "
             f"max_connections ({limits.max_connections}); lower max_handshakes too"
         )
     return limits
