@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 
 from ..errors import CloseReason
+from ..files import b64url_encode
 from .clients import Client
 from .metrics import Stats, close_label, handshake_label
 
@@ -23,7 +24,13 @@ class CloseAccounting:
         self.stats = stats
 
     def closed(
-        self, client: Client, reason: CloseReason, *, handshaking: bool, detail: str = ""
+        self,
+        client: Client,
+        reason: CloseReason,
+        *,
+        handshaking: bool,
+        detail: str = "",
+        now: float | None = None,
     ) -> None:
         """``client`` is gone for ``reason``; ``handshaking`` if its channel never opened."""
         stats = self.stats
@@ -36,7 +43,18 @@ class CloseAccounting:
         else:
             stats.closed[close_label(reason)] += 1
         stats.rekeys_closed += client.wire.rekeys
-        if detail:
-            log.debug("%s: closed: %s (%s)", client.label, reason.value, detail)
-        else:
-            log.debug("%s: closed: %s", client.label, reason.value)
+        if log.isEnabledFor(logging.DEBUG):
+            # From these lines alone an operator finds the client that misbehaves: who (the
+            # address and key prefix), as what, for how long, how much, and why it ended.
+            key = client.wire.peer_public_key
+            log.debug(
+                "%s: close, key %s, %s, after %.1f s, %d B in, %d B out: %s%s",
+                client.label,
+                b64url_encode(key)[:8] if key else "-",
+                client.role or "handshake",
+                (now - client.started) if now is not None else 0.0,
+                client.bytes_in,
+                client.bytes_out,
+                reason.value,
+                f" ({detail})" if detail else "",
+            )

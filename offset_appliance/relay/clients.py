@@ -39,6 +39,10 @@ class Client:
         "timer_at",
         "close_by",
         "recv_size",
+        "started",
+        "bytes_in",
+        "bytes_out",
+        "role",
     )
 
     def __init__(self, conn_id: int, sock: socket.socket, ip: str, port: int, wire: Connection):
@@ -56,3 +60,9 @@ class Client:
         self.timer_at = float("inf")
         self.close_by = float("inf")  # a closing connection's flush must end by then
         self.recv_size = RECV_MIN
+        # For the debug line when it closes: since when, relayed payload bytes each way, and
+        # its role (kept here once the core has forgotten the connection).
+        self.started = 0.0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.role = ""

@@ -570,6 +570,7 @@ def _restore_client(
         raise
     sock.setblocking(False)
     client = Client(cid, sock, remote[0], remote[1], wire)
+    client.started = now  # its debug close line counts from the hand-over
     if out:
         client.out.append(out)
         client.out_size = len(out)

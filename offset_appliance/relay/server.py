@@ -30,6 +30,7 @@ from .accounting import CloseAccounting
 from .admission import Admission
 from .clients import PAUSED_BY_CLOSE, PAUSED_BY_CORE, RECV_MAX, RECV_MIN, Client
 from .core import Close, CoreLimits, Pause, RelayCore, Role, Send
+from .events import RefusalLog
 from .handover import Handover, Inherited, ServiceManager
 from .metrics import MetricsEndpoint, Snapshot, Stats, render
 from .notify import Notifier
@@ -38,6 +39,19 @@ from .output import Output
 log = logging.getLogger("strelay")
 
 STATUS_INTERVAL = 2.0
+# How often the STATUS= summary is also written to the log, at info.
+STATUS_LOG_INTERVAL = 300.0
+# Close reasons that are a limit refusing a connect: (limit, the setting that holds it).
+_CONNECT_LIMITS = {
+    CloseReason.HALF_TUNNEL_LIMIT: "max_half_tunnels_per_listener",
+    CloseReason.LISTENER_FULL: "buffer_high_water",
+}
+_ROLE_NAMES = {
+    Role.PENDING: "pending",
+    Role.LISTENER: "listener",
+    Role.HALF_TUNNEL: "connector",
+    Role.TUNNEL: "tunnel",
+}
 # The settings a running relay cannot change: they take a restart.
 RESTART_ONLY = ("listen", "identity_file", "metrics")
 
@@ -79,6 +93,7 @@ class RelayServer:
             self._schedule,
         )
         self.accounting = CloseAccounting(self.stats)
+        self.refusals = RefusalLog()
         self._ids = itertools.count(1)
         self._timers: list[tuple[float, int]] = []
         self._stopping = False
@@ -88,6 +103,7 @@ class RelayServer:
         self._watchdog = 0.0
         self._next_watchdog = 0.0
         self._next_status = 0.0
+        self._next_status_log = 0.0
         self.metrics: MetricsEndpoint | None = None
         # Run by systemd: hand connections over on stop instead of closing them.
         self.handover: Handover | None = None
@@ -234,6 +250,10 @@ class RelayServer:
             self._next_status = now + STATUS_INTERVAL
             if self.metrics is not None:
                 self.metrics.expire(now)
+            self.refusals.flush(now)
+        if now >= self._next_status_log:
+            log.info("status: %s", self.status_line())
+            self._next_status_log = now + STATUS_LOG_INTERVAL
         return len(events)
 
     def _next_deadline(self) -> float:
@@ -314,8 +334,14 @@ class RelayServer:
         decision = self.admission.decide(addr[0], len(self.clients))
         if decision.refused is not None:
             sock.close()
+            limit = decision.refused
+            self.refusals.refused(limit, getattr(self.limits, limit), addr[0], now)
             return None
         if decision.evict is not None:
+            evicted = decision.evict.ip
+            self.refusals.refused(
+                "max_handshakes", self.limits.max_handshakes, evicted, now, verb="evicting"
+            )
             self._close(decision.evict, CloseReason.EVICTED)
         sock.setblocking(False)
         timeouts = self.timeouts
@@ -328,6 +354,7 @@ class RelayServer:
             max_frame_length=self.limits.max_frame_length,
         )
         client = Client(next(self._ids), sock, addr[0], addr[1], wire)
+        client.started = now
         self.clients[client.id] = client
         self.admission.admitted(client)
         self.output.set_events(client, selectors.EVENT_READ)
@@ -369,12 +396,20 @@ class RelayServer:
             message = self.core.message
             cid = client.id
             for payload in messages:
+                client.bytes_in += len(payload)
                 message(cid, payload, now)
 
     def _opened(self, client: Client, peer_key: bytes, now: float) -> None:
         """The client's handshake finished: it is the core's from now on."""
         self.admission.opened(client)
         self.core.opened(client.id, peer_key, now)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "%s: open, key %s, after %.3f s",
+                client.label,
+                b64url_encode(peer_key)[:8],
+                now - client.started,
+            )
         self._schedule(client, client.wire.next_deadline())
 
     # ---- the core's actions ------------------------------------------------------------
@@ -397,6 +432,7 @@ class RelayServer:
                     continue
                 payload = action.payload
                 target.wire.send_message(payload, now)
+                target.bytes_out += len(payload)
                 stats.messages_relayed += 1
                 stats.bytes_relayed += len(payload)
                 output.take(target)
@@ -464,6 +500,15 @@ class RelayServer:
         cid = client.id
         if self.clients.get(cid) is not client:
             return
+        if not client.role:
+            role = self.core.role(cid)
+            if role is not None:
+                client.role = _ROLE_NAMES[role]
+            elif self.admission.is_handshaking(client):
+                client.role = "handshake"
+        if reason in _CONNECT_LIMITS:
+            limit = _CONNECT_LIMITS[reason]
+            self.refusals.refused(limit, getattr(self.limits, limit), client.ip, self.clock())
         if flush and not client.closing and client.out:
             client.closing = True
             client.close_reason = reason
@@ -476,7 +521,11 @@ class RelayServer:
             return
         del self.clients[cid]
         self.accounting.closed(
-            client, reason, handshaking=self.admission.is_handshaking(client), detail=detail
+            client,
+            reason,
+            handshaking=self.admission.is_handshaking(client),
+            detail=detail,
+            now=self.clock(),
         )
         self.admission.left(client)
         self.output.forget(client)

@@ -473,3 +473,46 @@ def test_low_port_without_the_capability_names_it():
         assert "127.0.0.1:1000" in line and "CAP_NET_BIND_SERVICE" in line
     finally:
         shutil.rmtree(directory)
+
+
+# -- what the relay logs about its clients, on a live relay -------------------------------------
+
+
+def test_refusals_by_a_limit_are_one_warning_per_source(tmp_path, started):
+    relay = _start(tmp_path / "r", "[limits]\nmax_connections_per_ip = 2\n")
+    started.append(relay)
+    kept = [relay.client()]  # with the check connection of _start closed: two open
+    kept.append(relay.client())
+    for _ in range(5):
+        with socket.create_connection(relay.address, timeout=10) as sock:
+            assert sock.recv(1) == b""  # refused: closed at once
+    line = "refusing 127.0.0.1: max_connections_per_ip (2); 1 refused in the last 60 s"
+    wait_for(lambda: line in relay.log_text(), "the refusal warning")
+    assert sum("refusing " in text for text in relay.lines) == 1, relay.log_text()
+    for client in kept:
+        client.close()
+
+
+def test_open_and_close_lines_find_the_client(tmp_path, started):
+    from .conftest import tunnel
+
+    relay = _start(tmp_path / "r")
+    started.append(relay)
+    assert re.search(r"INFO status: 0 connections", relay.log_text())  # at start
+    listener, connector, acceptor = tunnel(relay)
+    connector.send(b"y" * 500)
+    assert acceptor.receive(10) == b"y" * 500
+    connector.close()
+    key = b64url_encode(connector.public_key)[:8]
+    closed = wait_for(
+        lambda: [line for line in relay.lines if f"close, key {key}, tunnel, after" in line],
+        "the connector's close line",
+    )
+    assert re.search(
+        r"127\.0\.0\.1:\d+: close, key \S+, tunnel, after [\d.]+ s, \d+ B in", closed[0]
+    )
+    assert closed[0].endswith("0 B out: peer_closed")
+    assert f"open, key {b64url_encode(listener.public_key)[:8]}" in relay.log_text()
+    wait_for(lambda: "500 B out: tunnel_peer_closed" in relay.log_text(), "the acceptor's line")
+    listener.close()
+    acceptor.close()
