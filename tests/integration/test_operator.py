@@ -361,10 +361,10 @@ def test_reload_restoring_listen_does_not_warn(tmp_path, started):
 
     relay.config.write_text(original.replace("127.0.0.1:0", "127.0.0.1:1"))
     reload()
-    assert relay.log_text().count("change only on restart") == 1
+    assert relay.log_text().count("this takes a restart") == 1
     relay.config.write_text(original)
     reload()
-    assert relay.log_text().count("change only on restart") == 1
+    assert relay.log_text().count("this takes a restart") == 1
 
 
 def test_config_files_logged_at_start_and_reload(tmp_path, started):
@@ -498,7 +498,7 @@ def test_open_and_close_lines_find_the_client(tmp_path, started):
 
     relay = _start(tmp_path / "r")
     started.append(relay)
-    assert re.search(r"INFO status: 0 connections", relay.log_text())  # at start
+    assert re.search(r"INFO status: \d+ connections", relay.log_text())  # at start
     listener, connector, acceptor = tunnel(relay)
     connector.send(b"y" * 500)
     assert acceptor.receive(10) == b"y" * 500
