@@ -165,7 +165,14 @@ def test_lintian_source_and_binary_no_errors_no_warnings(
     apt_repo: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     result = subprocess.run(
-        ["lintian", "--info", "--pedantic", "--display-experimental", str(DSC), str(CHROOT_DEB)],
+        [
+            "lintian",
+            "--display-info",
+            "--pedantic",
+            "--display-experimental",
+            str(DSC),
+            str(CHROOT_DEB),
+        ],
         capture_output=True,
         text=True,
         timeout=600,
@@ -173,7 +180,7 @@ def test_lintian_source_and_binary_no_errors_no_warnings(
     assert result.returncode == 0, result.stdout + result.stderr
     tags = [line for line in result.stdout.splitlines() if re.match(r"^[EWIPXO]: ", line)]
     with capsys.disabled():  # the pedantic and informational tags, in every run's output
-        print("\nlintian --info --pedantic (source and binary):")
+        print("\nlintian --display-info --pedantic (source and binary):")
         print("\n".join(tags) or "(no tags)")
     assert [t for t in tags if t[0] in "EW"] == []
 
