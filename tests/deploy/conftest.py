@@ -53,7 +53,7 @@ def deb_package() -> Path:
     return deb
 
 
-def make(target: str, timeout: float = 900, **variables: str) -> None:
+def run_make(target: str, timeout: float = 900, **variables: str) -> None:
     """``make -s TARGET`` in the project, failing the test with its output if it fails."""
     result = subprocess.run(
         ["make", "-s", target, *(f"{k}={v}" for k, v in variables.items())],
@@ -90,7 +90,7 @@ def previous_deb() -> Path:
         pytest.skip(f"building the package needs {', '.join(missing)} (run tools/install-deps)")
     with open(_build_lock(), "a") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
-        make("previous-deb", timeout=600)
+        run_make("previous-deb", timeout=600)
     (deb,) = (ROOT / "dist" / "previous").glob("offset-relay_*_all.deb")
     return deb
 
@@ -102,7 +102,7 @@ def source_package() -> Path:
         pytest.skip("building the source package needs dpkg-source (run tools/install-deps)")
     with open(_build_lock(), "a") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
-        make("source", timeout=300)
+        run_make("source", timeout=300)
     return ROOT / "dist" / f"offset-relay_{__version__}.dsc"
 
 

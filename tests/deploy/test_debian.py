@@ -22,7 +22,7 @@ import pytest
 
 from offset_appliance import __version__
 
-from .conftest import ROOT, make, make_signed_repo
+from .conftest import ROOT, make_signed_repo, run_make
 
 pytestmark = pytest.mark.deploy
 
@@ -65,7 +65,7 @@ def apt_repo(key_dir: Path) -> Path:
     lock.parent.mkdir(exist_ok=True)
     with open(lock, "a") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
-        make("apt-repo", timeout=1800, APT_KEY_DIR=str(key_dir))
+        run_make("apt-repo", timeout=1800, APT_KEY_DIR=str(key_dir))
     return DIST / "apt"
 
 
