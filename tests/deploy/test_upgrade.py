@@ -206,7 +206,7 @@ def test_upgrade_keeps_an_edited_conffile(previous: Release) -> None:
 
 
 def test_autopkgtest_passes_on_the_host(
-    previous: Release, source_package: Path, deb_package: Path
+    previous: Release, source_package: Path, deb_package: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """autopkgtest (the null runner: the booted host is the testbed) runs debian/tests of
     the source package against the package under test."""
@@ -225,6 +225,8 @@ def test_autopkgtest_passes_on_the_host(
     )
 
     summary = host.ssh("cat /root/adt/out/summary", check=False).stdout
+    with capsys.disabled():  # the verdict, in every run's output
+        print(f"\nautopkgtest (null runner on {host.name}): {summary.strip()}")
     assert result.returncode == 0, result.stdout[-6000:]
     assert re.search(r"^smoke\s+PASS", summary, re.MULTILINE), summary
     log = host.read("/root/adt/out/log")
