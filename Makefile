@@ -69,7 +69,8 @@ DEB_SRC := build/deb/offset-relay-$(VERSION)
 # What goes into the package's source: the tree without local and generated files.
 COPY_TREE = tar -cf - --exclude=./.git --exclude=./.venv --exclude=./build --exclude=./dist \
 	--exclude=./relay --exclude='*.egg-info' --exclude=__pycache__ \
-	--exclude=.pytest_cache --exclude=.ruff_cache --exclude=.hypothesis . | tar -xf - -C
+	--exclude=.pytest_cache --exclude=.ruff_cache --exclude=.mypy_cache --exclude=.hypothesis . \
+	| tar -xf - -C
 # The release an upgrade is tested from: its version and the commit it was built from.
 PREVIOUS_VERSION := 0.1.0
 PREVIOUS_COMMIT := 59f5264

@@ -141,7 +141,8 @@ def test_source_package_is_made_by_dpkg_source(apt_repo: Path) -> None:
     top = f"offset-relay-{__version__}/"
     for path in ("debian/control", "debian/tests/control", "debian/tests/smoke", "pyproject.toml"):
         assert top + path in listing, path
-    assert not [p for p in listing if re.search(r"/(\.git|\.venv|build|dist)/", p)]
+    caches = r"\.git|\.venv|build|dist|__pycache__|\.\w+_cache|\.hypothesis"
+    assert not [p for p in listing if re.search(rf"/({caches})/", p)]
 
 
 def test_binary_is_built_from_the_source_in_a_clean_chroot(
