@@ -73,17 +73,54 @@ soak: venv
 # another interpreter. tests/deploy builds it this way too.
 VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' offset_appliance/__init__.py)
 DEB_SRC := build/deb/offset-relay-$(VERSION)
+# What goes into the package's source: the tree without local and generated files.
+COPY_TREE = tar -cf - --exclude=./.git --exclude=./.venv --exclude=./build --exclude=./dist \
+	--exclude=./relay --exclude='*.egg-info' --exclude=__pycache__ \
+	--exclude=.pytest_cache --exclude=.ruff_cache --exclude=.mypy_cache --exclude=.hypothesis . \
+	| tar -xf - -C
+# The release an upgrade is tested from: its version and the commit it was built from.
+PREVIOUS_VERSION := 0.1.0
+PREVIOUS_COMMIT := 59f5264
 
-deb:
+.PHONY: check-version source deb-chroot previous-deb apt-repo
+
+check-version:
 	@test "$$(dpkg-parsechangelog -l packaging/debian/changelog -S Version)" = "$(VERSION)" || \
-		{ echo "deb: packaging/debian/changelog does not match version $(VERSION)" >&2; exit 1; }
+		{ echo "packaging/debian/changelog does not match version $(VERSION)" >&2; exit 1; }
+	@test "$$(sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)" = "$(VERSION)" || \
+		{ echo "pyproject.toml does not match version $(VERSION)" >&2; exit 1; }
+
+deb: check-version
 	rm -rf build/deb
 	mkdir -p $(DEB_SRC) dist
-	tar -cf - --exclude=./.git --exclude=./.venv --exclude=./build --exclude=./dist \
-		--exclude=./relay --exclude='*.egg-info' --exclude=__pycache__ \
-		--exclude=.pytest_cache --exclude=.ruff_cache --exclude=.hypothesis . \
-		| tar -xf - -C $(DEB_SRC)
+	$(COPY_TREE) $(DEB_SRC)
 	cp -r packaging/debian $(DEB_SRC)/debian
 	cd $(DEB_SRC) && env -u PYTHONPATH -u PYTHONHOME PATH=/usr/bin:/bin \
 		dpkg-buildpackage -us -uc -b
 	mv build/deb/offset-relay_$(VERSION)_all.deb dist/
+
+# The source package (dpkg-source -b): dist/offset-relay_<version>.dsc and .tar.xz.
+source: check-version
+	rm -rf build/src
+	mkdir -p build/src/offset-relay-$(VERSION) dist
+	$(COPY_TREE) build/src/offset-relay-$(VERSION)
+	cp -r packaging/debian build/src/offset-relay-$(VERSION)/debian
+	cd build/src && dpkg-source -b offset-relay-$(VERSION)
+	mv build/src/offset-relay_$(VERSION).dsc build/src/offset-relay_$(VERSION).tar.xz dist/
+
+# The binary package built from the source package in a clean bookworm chroot, which has
+# build-essential and only what the source's Build-Depends pull in: dist/chroot/.
+deb-chroot: source
+	tools/build-in-chroot dist/offset-relay_$(VERSION).dsc dist/chroot
+
+# The previous release's package, built from its commit: dist/previous/.
+previous-deb:
+	tools/build-previous $(PREVIOUS_COMMIT) $(PREVIOUS_VERSION) dist/previous
+
+# The signed apt repository dist/apt of the source package and the binary built from it.
+# The signing key: APT_SIGNING_KEY=FILE (an armored secret key) or the GnuPG home
+# APT_KEY_DIR (default ~/.local/share/offset-relay/apt-signing), where a key is generated
+# on first use. See tools/make-apt-repo and README.md, "Publishing the package".
+apt-repo: deb-chroot
+	tools/make-apt-repo dist/apt dist/offset-relay_$(VERSION).dsc \
+		dist/chroot/offset-relay_$(VERSION)_all.deb

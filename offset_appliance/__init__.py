@@ -1,3 +1,3 @@
 """offset-relay: a relay server for the Offset payment network."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -616,7 +616,23 @@ class Rig:
         index = run(
             ["dpkg-scanpackages", "--multiversion", ".", "/dev/null"], cwd=self.repo_dir
         ).stdout
-        (self.repo_dir / "Packages").write_text(index)
+        # Only the .debs at the top: the folders below are other repositories (serve_tree).
+        stanzas = [
+            stanza
+            for stanza in index.split("\n\n")
+            if re.search(r"^Filename: \./[^/\n]+$", stanza, re.MULTILINE)
+        ]
+        (self.repo_dir / "Packages").write_text("".join(f"{s.strip()}\n\n" for s in stanzas))
+
+    def serve_tree(self, source: Path, under: str) -> str:
+        """Serve a copy of the folder ``source`` (a signed apt repository, say) beside the
+        local repository, replacing an earlier copy; returns its URL as the hosts reach it."""
+        if not re.fullmatch(r"[a-z][a-z0-9-]{0,30}", under):
+            raise ValueError("under must be lower-case letters, digits and dashes")
+        target = self.repo_dir / under
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(source, target)
+        return f"{self.repo_url}{under}/"
 
     def _start_repository(self) -> None:
         with open(self.workdir / "repo-http.log", "wb") as log_file:

@@ -10,6 +10,7 @@ and break its settings, reinstall a relay from a .deb file, and point a ticket a
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import re
@@ -24,6 +25,7 @@ from typing import Any
 
 import pytest
 
+from .conftest import make_signed_repo
 from .rig import NET_PREFIX, Host, Rig, run
 
 pytestmark = pytest.mark.deploy
@@ -37,6 +39,7 @@ BIN = Path(sys.executable).parent
 PORT = 4567
 TICKET_ON_HOST = "/var/lib/offset-relay/relay.relay"
 IDENTITY_ON_HOST = "/var/lib/offset-relay/relay.ident"
+APT_KEYRING = "/etc/apt/keyrings/offset-relay.asc"
 
 _TASK = re.compile(r"^(?:TASK|RUNNING HANDLER) \[(?:[^]:]+ : )?(.+?)\] \**$")
 _RESULT = re.compile(r"^(changed|ok|skipping|fatal|failed): \[([^]\s]+)")
@@ -562,30 +565,161 @@ def test_reinstall_from_a_deb_file(deployment: Deployment, deb_package: Path) ->
     assert_probe_passes(controller.ticket(host))
 
 
-def test_install_from_an_added_apt_repository(deployment: Deployment) -> None:
-    """A host without the package in its apt sources gets it from offset_relay_apt_repository."""
+REFRESH = "Refresh apt's package lists for the new repository or key"
+
+
+def failed_tasks(run_: PlaybookRun, host: str) -> list[str]:
+    """The tasks that failed on ``host`` in a run, in order."""
+    failed, task = [], ""
+    for line in run_.output.splitlines():
+        if match := _TASK.match(line):
+            task = match.group(1)
+        elif line.startswith(f"fatal: [{host}]"):
+            failed.append(task)
+    return failed
+
+
+@dataclass(frozen=True)
+class SignedRepository:
+    """The signed apt repository of the package (tools/make-apt-repo), served by the rig."""
+
+    url: str
+    served: Path
+    original: Path
+    key: str
+    other_key: str
+
+    @property
+    def line(self) -> str:
+        return f"deb {self.url} bookworm main"
+
+    def tamper_with_the_index(self) -> None:
+        """Change the package's checksum in the amd64 Packages index (and its .gz) after
+        signing, as a mirror that swapped the .deb would."""
+        index = self.served / "dists" / "bookworm" / "main" / "binary-amd64"
+        text = (index / "Packages").read_text()
+        forged = re.sub(r"^SHA256: \S+$", "SHA256: " + "0" * 64, text, flags=re.MULTILINE)
+        assert forged != text
+        (index / "Packages").write_text(forged)
+        with gzip.open(index / "Packages.gz", "wt") as handle:
+            handle.write(forged)
+
+    def restore(self) -> None:
+        shutil.rmtree(self.served)
+        shutil.copytree(self.original, self.served)
+
+
+@pytest.fixture(scope="module")
+def signed_repository(
+    deployment: Deployment, deb_package: Path, tmp_path_factory: pytest.TempPathFactory
+) -> SignedRepository:
+    work = tmp_path_factory.mktemp("signed")
+    repo = make_signed_repo(work / "repo", work / "gnupg", deb_package)
+    # The same package signed by another key: the "wrong key" of the tests below.
+    other = make_signed_repo(work / "other", work / "other-gnupg", deb_package)
+    url = deployment.controller.rig.serve_tree(repo, "offset-relay")
+    return SignedRepository(
+        url=url,
+        served=deployment.controller.rig.repo_dir / "offset-relay",
+        original=repo,
+        key=(repo / "offset-relay.asc").read_text(),
+        other_key=(other / "offset-relay.asc").read_text(),
+    )
+
+
+def test_install_from_an_added_signed_apt_repository(
+    deployment: Deployment, signed_repository: SignedRepository
+) -> None:
+    """A host without the package in its apt sources gets it from offset_relay_apt_repository,
+    trusting the key from offset_relay_apt_key_url for that repository only."""
     controller = deployment.controller
     host = deployment.hosts[1]
     host.ssh(
         "DEBIAN_FRONTEND=noninteractive apt-get -q -y purge offset-relay && "
         "mv /etc/apt/sources.list /etc/apt/sources.list.orig && apt-get -q update"
     )
-    line = controller.rig.apt_source
-    extra = json.dumps({"offset_relay_apt_repository": line})
+    repo = signed_repository
+    extra = json.dumps(
+        {
+            "offset_relay_apt_repository": repo.line,
+            "offset_relay_apt_key_url": f"{repo.url}offset-relay.asc",
+        }
+    )
 
     run_ = controller.playbook("--limit", host.name, "-e", extra)
 
     assert run_.returncode == 0, run_.tail()
     for task in (
+        "Download the repository's signing key",
         "Add the apt repository of offset-relay",
         "Refresh apt's package lists for the new repository or key",
         "Install offset-relay from the apt sources",
     ):
         assert (host.name, task) in run_.changed, run_.tail()
-    assert host.read("/etc/apt/sources.list.d/offset-relay.list") == f"{line}\n"
+    assert host.read(APT_KEYRING) == repo.key
+    assert host.read("/etc/apt/sources.list.d/offset-relay.list") == (
+        f"deb [signed-by={APT_KEYRING}] {repo.url} bookworm main\n"
+    )
+    # Nothing on the host trusts the repository otherwise.
+    assert "trusted=yes" not in host.ssh("cat /etc/apt/sources.list.d/*").stdout
+    policy = host.ssh("apt-cache policy offset-relay").stdout
+    # Installed from the signed repository.
+    installed_from = policy.split("*** ", 1)[1].splitlines()[1].split()
+    assert installed_from[1:3] == [repo.url.rstrip("/"), "bookworm/main"], policy
     assert_probe_passes(controller.ticket(host))
     again = controller.playbook("--limit", host.name, "-e", extra)
     again.assert_clean([host.name])
+
+
+def test_a_wrong_signing_key_fails_the_play_with_apts_error(
+    deployment: Deployment, signed_repository: SignedRepository
+) -> None:
+    controller = deployment.controller
+    host = deployment.hosts[1]
+    repo = signed_repository
+    unit = unit_state(host)
+    extra = {"offset_relay_apt_repository": repo.line, "offset_relay_apt_key": repo.other_key}
+
+    run_ = controller.playbook("--limit", host.name, "-e", json.dumps(extra))
+
+    assert run_.returncode != 0
+    assert run_.recap[host.name]["failed"] == 1, run_.tail()
+    assert failed_tasks(run_, host.name) == [REFRESH], run_.tail()
+    # apt's own words: the index is signed by a key the host does not trust for it.
+    assert "NO_PUBKEY" in run_.output, run_.tail()
+    assert "signatures couldn't be verified" in run_.output, run_.tail()
+    assert (host.name, "Install offset-relay from the apt sources") not in run_.changed
+    assert unit_state(host) == unit
+
+
+def test_a_tampered_index_fails_the_play_with_apts_error(
+    deployment: Deployment, signed_repository: SignedRepository
+) -> None:
+    controller = deployment.controller
+    host = deployment.hosts[1]
+    repo = signed_repository
+    extra = json.dumps({"offset_relay_apt_repository": repo.line, "offset_relay_apt_key": repo.key})
+    # As on a host that adds the repository: apt has no copy of its index yet (a copy whose
+    # checksum matches the signed Release would be used without downloading it again).
+    host.ssh("rm -f /var/lib/apt/lists/*_offset-relay_dists_*")
+    repo.tamper_with_the_index()
+    try:
+        run_ = controller.playbook("--limit", host.name, "-e", extra)
+    finally:
+        repo.restore()
+
+    assert run_.returncode != 0
+    assert run_.recap[host.name]["failed"] == 1, run_.tail()
+    assert failed_tasks(run_, host.name) == [REFRESH], run_.tail()
+    assert "Hash Sum mismatch" in run_.output, run_.tail()
+
+    # The index as signed again: the right key (given as text this time) works.
+    run_ = controller.playbook("--limit", host.name, "-e", extra)
+    assert run_.returncode == 0, run_.tail()
+    assert host.read(APT_KEYRING) == repo.key
+    update = host.ssh("apt-get -q update 2>&1").stdout
+    assert not re.search(r"^(W|E|Err):", update, re.MULTILINE), update
+    assert_probe_passes(controller.ticket(host))
 
 
 def test_play_fails_for_a_relay_that_does_not_answer(deployment: Deployment) -> None:

@@ -10,6 +10,7 @@ import subprocess
 import time
 import urllib.request
 
+from offset_appliance import __version__
 from offset_appliance.wire.frames import encode_frame
 from offset_appliance.wire.messages import IncomingConnection
 
@@ -62,7 +63,7 @@ def test_figures_follow_known_traffic(relay_factory):
     relay = relay_factory(METRICS)
     address = metrics_address(relay)
     before = parse(scrape_text(address))
-    assert before['offset_relay_build_info{version="0.1.0"}'] == 1
+    assert before[f'offset_relay_build_info{{version="{__version__}"}}'] == 1
     assert before["offset_relay_start_time_seconds"] <= time.time()
     assert before["offset_relay_tunnels"] == 0
 
