@@ -142,18 +142,26 @@ class Connection:
         if not frames:
             return []
         channel = self._channel
-        assert channel is not None and self._keepalive is not None
-        self._keepalive.last_recv = now
+        keepalive = self._keepalive
+        assert channel is not None and keepalive is not None
         messages = []
+        heard = False
         for frame in frames:
             user = channel.open(frame)
-            if channel.outbox:
-                self._flush_outbox(channel, now)
             if user is None:
+                # A Rekey frame: it completed a key switch (the peer's or an answer to ours).
+                # As the original, that restarts our rekey countdown, and, since the keepalive
+                # layer never sees Rekey frames, it does not count as hearing from the peer.
+                self._next_rekey = now + self._rekey_interval
+                if channel.outbox:
+                    self._flush_outbox(channel)
                 continue
+            heard = True
             message = decode_ka_message(user)
             if message is not None:
                 messages.append(message)
+        if heard:
+            keepalive.last_recv = now
         return messages
 
     @property
@@ -168,12 +176,11 @@ class Connection:
         self._out.append(payload)
         self._out_size += HEADER_LEN + len(payload)
 
-    def _flush_outbox(self, channel: SecureChannel, now: float) -> None:
+    def _flush_outbox(self, channel: SecureChannel) -> None:
+        # Rekey answers: they do not stand in for a keepalive (only KaMessages do).
         for frame in channel.outbox:
             self._queue(frame)
         channel.outbox.clear()
-        assert self._keepalive is not None
-        self._keepalive.last_send = now
 
     def send_message(self, message: bytes, now: float) -> None:
         """Queue one relay-layer message (a KaMessage.message) for the peer."""
@@ -196,8 +203,8 @@ class Connection:
         self._next_rekey = now + self._rekey_interval
         if frame is None:
             return False
+        # Not a KaMessage: the keepalive send timer runs on (docs/protocol.md, keepalive).
         self._queue(frame)
-        self._keepalive.last_send = now  # type: ignore[union-attr]
         return True
 
     def data_to_send(self) -> list[bytes]:

@@ -1,14 +1,16 @@
-"""Keepalive deadlines (PROTOCOL.md section 4), kept as plain numbers: time is passed in."""
+"""Keepalive deadlines (docs/protocol.md section 4), kept as plain numbers: time is passed in."""
 
 from __future__ import annotations
 
 
 class Keepalive:
-    """Tracks when the peer was last heard from and when we last sent anything.
+    """Tracks when the peer last sent us a KaMessage and when we last sent it one.
 
-    Nothing received for ``interval`` seconds means the peer is gone; nothing sent for half of
-    it means we owe the peer a keepalive. While reading is paused for back-pressure the
-    receive deadline is suspended (ours; PROTOCOL.md section 4).
+    Only KaMessages count, either variant, as in the original, whose keepalive layer sits
+    above the secure channel and never sees a Rekey frame. No KaMessage received for
+    ``interval`` seconds means the peer is gone; none sent for half of it means we owe the
+    peer a keepalive. While reading is paused for back-pressure the receive deadline is
+    suspended (ours; docs/protocol.md section 4).
     """
 
     __slots__ = ("interval", "half", "last_recv", "last_send", "paused")

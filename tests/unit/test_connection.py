@@ -218,3 +218,58 @@ def test_setup_must_finish_within_conn_timeout():
     conn.handle_timer(7.9)
     with pytest.raises(ProtocolError, match="timed out"):
         conn.handle_timer(8.0)
+
+
+# ---- keepalive and rekey timers count as the original's do (docs/protocol.md 3.3 and 4) ----
+
+
+def _frames(conn: Connection) -> list[bytes]:
+    return FrameDecoder().feed(b"".join(conn.data_to_send()))
+
+
+def test_a_rekey_does_not_stand_in_for_a_keepalive():
+    # The rekey and the keepalive fall due at the same moment: both must go out.
+    a, b = pair(keepalive=32.0, rekey_interval=16.0)
+    a.handle_timer(16.0)
+    frames = _frames(a)
+    assert len(frames) == 2  # the Rekey and a KaMessage.keepAlive
+    assert b.receive_data(b"".join(encode_frame(f) for f in frames), 16.0) == []
+    assert b._keepalive.last_recv == 16.0
+    assert a.next_deadline() == 32.0  # the next keepalive, 16 s after this one
+
+
+def test_a_rekey_frame_does_not_reset_the_receive_deadline():
+    a, b = pair(keepalive=32.0)
+    a.start_rekey(20.0)
+    assert deliver(a, b, 20.0) == []  # only a Rekey frame: not a KaMessage
+    b.handle_timer(31.9)
+    with pytest.raises(ProtocolError, match="keepalive"):
+        b.handle_timer(32.0)
+
+
+def test_answering_a_rekey_does_not_count_as_sending():
+    a, b = pair(keepalive=32.0)
+    a.start_rekey(10.0)
+    deliver(a, b, 10.0)  # b answers with its own Rekey
+    assert len(_frames(b)) == 1
+    assert b.next_deadline() == 16.0  # a keepalive still owed at 16 s, not at 26 s
+
+
+def test_a_rekey_answer_does_not_reset_the_receive_deadline():
+    a, b = pair(keepalive=32.0)
+    a.start_rekey(10.0)
+    deliver(a, b, 10.0)
+    assert deliver(b, a, 11.0) == []  # the answer completes a's rekey
+    with pytest.raises(ProtocolError, match="keepalive"):
+        a.handle_timer(32.0)
+
+
+def test_a_completed_rekey_restarts_the_countdown_on_both_sides():
+    a, b = pair(keepalive=1000.0, rekey_interval=100.0)
+    assert b.next_deadline() == 100.0
+    a.start_rekey(60.0)
+    deliver(a, b, 60.0)  # started by the peer: b's countdown restarts
+    assert b.next_deadline() == 160.0
+    deliver(b, a, 61.0)  # the answer completes a's own rekey: so does a's
+    assert a.next_deadline() == 161.0
+    assert a.rekeys == b.rekeys == 1
