@@ -30,7 +30,7 @@ class CloseReason(enum.Enum):
     HALF_TUNNEL_EXPIRED = "half_tunnel_expired"
     TUNNEL_PEER_CLOSED = "tunnel_peer_closed"
     LISTENER_CLOSED = "listener_closed"
-    LISTEN_REPLACED = "listen_replaced"
+    DUPLICATE_LISTEN = "duplicate_listen"
     RELAY_REFUSED = "relay_refused"
     HALF_TUNNEL_LIMIT = "half_tunnel_limit"
     LISTENER_FULL = "listener_full"

@@ -1,4 +1,4 @@
-"""The relay's rules (PROTOCOL.md section 6): listeners, half-tunnels and tunnels, sans-IO.
+"""The relay's rules (docs/protocol.md 5 and 6): listeners, half-tunnels and tunnels, sans-IO.
 
 Connections are named by integer ids chosen by the IO shell. Events come in as method calls
 (``opened``, ``message``, ``closed``, ``handle_timer``); what the shell must do comes out in
@@ -269,11 +269,12 @@ class RelayCore:
             self._accept(conn, init.public_key)
 
     def _listen(self, conn: _Conn) -> None:
-        old_id = self._listeners.get(conn.key)
-        if old_id is not None:
-            # Newest listen wins (ours): a node that reconnects need not wait for the old
-            # connection's keepalive to expire.
-            self._close(self._conns[old_id], CloseReason.LISTEN_REPLACED)
+        if conn.key in self._listeners:
+            # The first listen keeps the key, as in the original: a node that lists one relay
+            # under two addresses holds a listen per address, and if the newest won, each
+            # would replace the other on every reconnect (docs/protocol.md section 6.1).
+            self._close(conn, CloseReason.DUPLICATE_LISTEN)
+            return
         conn.role = Role.LISTENER
         self._listeners[conn.key] = conn.id
 

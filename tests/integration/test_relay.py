@@ -11,7 +11,7 @@ import time
 import pytest
 from nacl.signing import SigningKey
 
-from offset_appliance.client import ConnectionClosed
+from offset_appliance.client import ClientError, ConnectionClosed
 from offset_appliance.wire.frames import FrameDecoder
 
 from .conftest import tunnel
@@ -121,21 +121,39 @@ def test_connector_gone_before_accept_still_delivers_then_closes(relay):
     assert acceptor.wait_closed(5) == [b"last words"]
 
 
-def test_newest_listen_wins_and_tunnels_survive(relay):
+def test_a_second_listen_is_closed_and_the_first_keeps_its_key(relay):
     listener_id = SigningKey.generate()
-    old_listener, connector, acceptor = tunnel(relay, listener_id)
+    first, connector, acceptor = tunnel(relay, listener_id)
     pending = relay.client()
-    pending.connect(old_listener.public_key)
-    assert old_listener.next_incoming() == pending.public_key
-    new_listener = relay.client(listener_id)
-    new_listener.listen()
-    assert old_listener.wait_closed(5) == []
-    assert pending.wait_closed(5) == []  # its half-tunnel went with the old listener
+    pending.connect(first.public_key)
+    assert first.next_incoming() == pending.public_key
+    second = relay.client(listener_id)
+    second.listen()
+    assert second.wait_closed(5) == []
     connector.send(b"tunnel lives")
     assert acceptor.receive() == b"tunnel lives"
+    late = relay.client(listener_id)  # the pending connect survived: the owner accepts it
+    late.accept(pending.public_key)
+    pending.send(b"still pending")
+    assert late.receive() == b"still pending"
     third = relay.client()
     third.connect(listener_id.verify_key.encode())
-    assert new_listener.next_incoming() == third.public_key
+    assert first.next_incoming() == third.public_key
+    first.close()
+    for _ in range(50):  # once the first is gone, a new listen takes the key
+        time.sleep(0.1)
+        fourth = relay.client(listener_id)
+        fourth.listen()
+        try:
+            fourth.receive(0.3)
+        except ClientError:
+            if not fourth.closed:
+                break
+    else:
+        raise AssertionError("no listen took the key after the first closed")
+    fifth = relay.client()
+    fifth.connect(listener_id.verify_key.encode())
+    assert fourth.next_incoming() == fifth.public_key
 
 
 def test_closing_one_end_flushes_then_closes_the_other(relay):

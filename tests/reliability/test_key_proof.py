@@ -127,7 +127,7 @@ def test_only_the_key_holder_can_listen_or_accept(relay_factory):
     # The owner is still the listener, its pending connect untouched, and it alone accepts.
     values = scrape(relay)
     assert values["offset_relay_listeners"] == 1 and values["offset_relay_half_tunnels"] == 1
-    assert closed(values, "listen_replaced") == closed(before, "listen_replaced")
+    assert closed(values, "duplicate_listen") == closed(before, "duplicate_listen")
     assert not listener.closed and not connector.closed
     acceptor = swarm.open(owner)
     acceptor.on_open = lambda s: swarm.send(s, encode_init_connection(Accept(connector.public_key)))

@@ -157,7 +157,7 @@ def test_half_tunnel_expires():
     assert closed_ids(take(core)) == [3]
 
 
-def test_newest_listen_wins_and_drops_the_old_half_tunnels_but_not_tunnels():
+def test_a_second_listen_from_a_listening_key_is_closed_and_the_first_kept():
     core = RelayCore()
     setup_listener(core, 1)
     core.opened(2, X, 0.0)
@@ -169,10 +169,28 @@ def test_newest_listen_wins_and_drops_the_old_half_tunnels_but_not_tunnels():
     take(core)
     core.opened(5, L, 0.0)
     core.message(5, LISTEN, 0.0)
-    assert sorted(closed_ids(take(core))) == [1, 4]
-    assert core.listener_of(L) == 5
+    assert take(core) == [Close(5, CloseReason.DUPLICATE_LISTEN, False)]
+    assert core.listener_of(L) == 1 and core.half_tunnel_count == 1
     core.message(2, b"still", 0.0)
     assert take(core) == [Send(3, b"still")]
+    core.message(1, RejectConnection(Y).encode(), 0.0)  # the first listen still works
+    assert closed_ids(take(core)) == [4]
+
+
+def test_two_listens_of_one_key_never_replace_each_other():
+    # A node that lists the relay under two addresses keeps one listen per address and
+    # reconnects the one that was closed, again and again: the first must stay put.
+    core = RelayCore()
+    setup_listener(core, 1)
+    for conn_id in range(2, 12):
+        core.opened(conn_id, L, float(conn_id))
+        core.message(conn_id, LISTEN, float(conn_id))
+        assert closed_ids(take(core)) == [conn_id]
+        assert core.listener_of(L) == 1
+    core.closed(1)  # once the first goes, the next listen takes the key
+    core.opened(20, L, 30.0)
+    core.message(20, LISTEN, 30.0)
+    assert take(core) == [] and core.listener_of(L) == 20
 
 
 def test_tunnel_close_flushes_then_closes_the_other_side():
