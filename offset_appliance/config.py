@@ -26,7 +26,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 
 @dataclass(frozen=True)
 class Limits:
-    """Bounds on what strangers can make the relay hold (PROTOCOL.md sections 6.4 and 7)."""
+    """Bounds on what strangers can make the relay hold (docs/protocol.md sections 6.4 and 7)."""
 
     max_connections: int = 20000
     max_connections_per_ip: int = 256

@@ -25,7 +25,7 @@ class CloseReason(enum.Enum):
     DECRYPT_FAILED = "decrypt_failed"
     SETUP_TIMEOUT = "timeout"
     KEEPALIVE_TIMEOUT = "keepalive_timeout"
-    # The relay's rules (PROTOCOL.md section 6).
+    # The relay's rules (docs/protocol.md section 6).
     FIRST_MESSAGE_TIMEOUT = "first_message_timeout"
     HALF_TUNNEL_EXPIRED = "half_tunnel_expired"
     TUNNEL_PEER_CLOSED = "tunnel_peer_closed"
@@ -48,7 +48,7 @@ class OffsetError(Exception):
 
 
 class ProtocolError(OffsetError):
-    """The peer broke the wire protocol (PROTOCOL.md); the connection must be closed.
+    """The peer broke the wire protocol (docs/protocol.md); the connection must be closed.
 
     ``reason`` says how, for counting; the message says it in words, for the log.
     """

@@ -1,4 +1,4 @@
-"""Identity and relay ticket files (PROTOCOL.md section 9), byte-compatible with the original."""
+"""Identity and relay ticket files (docs/protocol.md 9), byte-compatible with the original."""
 
 from __future__ import annotations
 

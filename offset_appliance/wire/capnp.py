@@ -1,4 +1,4 @@
-"""Packed Cap'n Proto (PROTOCOL.md section 8): stream framing, packing, pointers.
+"""Packed Cap'n Proto (docs/protocol.md section 8): stream framing, packing, pointers.
 
 This is the schema-free half of the codec; ``messages.py`` lays our fixed structs out with it.
 

@@ -1,4 +1,4 @@
-"""The secure channel (PROTOCOL.md section 3): handshake, encrypted frames and rekeying."""
+"""The secure channel (docs/protocol.md section 3): handshake, encrypted frames and rekeying."""
 
 from __future__ import annotations
 
@@ -96,7 +96,7 @@ def _new_dh(random: Random) -> tuple[bytes, bytes, bytes]:
 class PaddingSource:
     """Random padding for channel messages: a length 0..255 and that many random bytes.
 
-    The original draws 0..65535 bytes (PROTOCOL.md 3.2); ours keeps the intended 0..255.
+    The original draws 0..65535 bytes (docs/protocol.md 3.2); ours keeps the intended 0..255.
     Randomness is read from the OS CSPRNG in bulk, so padding costs no syscall per message.
     """
 
@@ -294,7 +294,7 @@ class _HandshakeState(enum.Enum):
 
 
 class Handshake:
-    """The symmetric four-frame handshake of PROTOCOL.md 3.1, for one side."""
+    """The symmetric four-frame handshake of docs/protocol.md 3.1, for one side."""
 
     __slots__ = (
         "_identity",

@@ -31,7 +31,7 @@ STATE_VERSION = 1
 
 
 class State(enum.Enum):
-    """Where a connection stands in the stack of PROTOCOL.md."""
+    """Where a connection stands in the stack of docs/protocol.md."""
 
     VERSION = enum.auto()  # waiting for the peer's version frame
     HANDSHAKE = enum.auto()  # secure channel handshake under way

@@ -1,4 +1,4 @@
-"""Length-prefixed frames (PROTOCOL.md section 1): an 8-byte big-endian length, then the body."""
+"""Length-prefixed frames (docs/protocol.md 1): an 8-byte big-endian length, then the body."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The Offset messages (PROTOCOL.md section 8), one frozen dataclass each, and the packed
+"""The Offset messages (docs/protocol.md section 8), one frozen dataclass each, and the packed
 Cap'n Proto encodings of the channel and keepalive layers.
 
 Keys, nonces, salts and signatures travel as ``BufferN`` structs whose i-th UInt64 is the

@@ -1,4 +1,4 @@
-# The Offset relay's Cap'n Proto messages (PROTOCOL.md section 8), as the reference
+# The Offset relay's Cap'n Proto messages (docs/protocol.md section 8), as the reference
 # `capnp` tool needs them to encode and decode test fixtures.
 @0xc5f1a7e2b3d40981;
 

@@ -1,4 +1,4 @@
-"""Every rule of PROTOCOL.md section 6 against a real strelay process over real sockets."""
+"""Every rule of docs/protocol.md section 6 against a real strelay process over real sockets."""
 
 from __future__ import annotations
 

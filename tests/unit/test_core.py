@@ -1,4 +1,4 @@
-"""The relay's rules (PROTOCOL.md section 6), driven without sockets or clocks."""
+"""The relay's rules (docs/protocol.md section 6), driven without sockets or clocks."""
 
 from offset_appliance.errors import CloseReason
 from offset_appliance.relay.core import Close, CoreLimits, Pause, RelayCore, Resume, Role, Send

@@ -42,7 +42,7 @@ SIGNATURE = bytes(range(7, 71))
 
 # ---- layout ----------------------------------------------------------------------------------
 
-# PROTOCOL.md section 8: data words, pointers, and where each field lives.
+# docs/protocol.md section 8: data words, pointers, and where each field lives.
 LAYOUT = {
     "Buffer128": (2, 0, {"x0": "bits[0, 64)", "x1": "bits[64, 128)"}),
     "Buffer256": (4, 0, {f"x{i}": f"bits[{64 * i}, {64 * i + 64})" for i in range(4)}),
