@@ -92,13 +92,25 @@ def raise_fd_limit() -> int:
     return hard
 
 
+# The folder of the original Offset binaries while a load runs against the original strelay
+# (``python -m bench --original DIR``); None for ours.
+original_bin: Path | None = None
+
+
 class BenchRelay:
     """Starts ``strelay`` on 127.0.0.1 with a fresh identity; stops it on ``stop``.
 
     The relay's sd_notify STATUS= lines are collected through a private NOTIFY_SOCKET, so the
     benchmarks can read the relay's own connection counts. With ``profile`` set, the relay
-    runs under cProfile and writes its statistics there when it stops.
+    runs under cProfile and writes its statistics there when it stops. While ``original_bin``
+    is set, ``BenchRelay(...)`` starts the original's strelay instead (``OriginalRelay``), so
+    every load runs unchanged against either.
     """
+
+    def __new__(cls, *args, **kwargs):
+        if cls is BenchRelay and original_bin is not None:
+            cls = OriginalRelay
+        return super().__new__(cls)
 
     def __init__(self, workdir: Path, *, profile: Path | None = None) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
@@ -231,3 +243,69 @@ class BenchRelay:
 
     def __exit__(self, *exc_info) -> None:
         self.stop()
+
+
+class OriginalRelay(BenchRelay):
+    """The original Offset ``strelay`` (from ``original_bin``) on 127.0.0.1, fresh identity.
+
+    It has no STATUS= lines (``status_count`` gives None) and cannot be profiled; its CPU time
+    and memory are read from /proc like ours (all its threads count).
+    """
+
+    def __init__(self, workdir: Path, *, profile: Path | None = None) -> None:
+        if profile is not None:
+            raise BenchError("the original strelay cannot run under cProfile")
+        assert original_bin is not None
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.workdir = workdir
+        self.identity = generate_identity(workdir / "relay.ident")
+        self.public_key = bytes(self.identity.verify_key)
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.lines = []
+        self.status = ""
+        self.proc = subprocess.Popen(
+            [
+                str(original_bin / "strelay"),
+                "--idfile",
+                str(workdir / "relay.ident"),
+                "--laddr",
+                f"127.0.0.1:{self.port}",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            preexec_fn=_die_with_parent,
+        )
+        self.pid = self.proc.pid
+        self._running = True
+        self._threads = [threading.Thread(target=self._read_log, daemon=True)]
+        self._threads[0].start()
+        deadline = time.monotonic() + 20
+        while True:
+            self.check_alive()
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise BenchError("the original strelay did not listen within 20 s") from None
+                time.sleep(0.05)
+        self.address = ("127.0.0.1", self.port)
+        self.ticket_address = f"127.0.0.1:{self.port}"
+
+    def problems(self) -> list[str]:
+        return [line for line in self.lines if "panicked" in line]
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._running = False
+        self._threads[0].join(2)
+        return self.proc.returncode

@@ -283,6 +283,72 @@ def table_rows(results: dict) -> list[tuple[str, ...]]:
                 f"{w['original'] / w['ours']:.0f}x ours",
             )
         )
+    rows.extend(_original_rows(results))
+    return rows
+
+
+def _versus(ours: float | None, theirs: float | None) -> str:
+    """Ours divided by the original's, for figures where lower is better."""
+    return f"ours / original {ours / theirs:.2f}" if ours and theirs else ""
+
+
+def _original_rows(results: dict) -> list[tuple[str, ...]]:
+    """The same loads against the original strelay (``--original``); none without it."""
+    original = results.get("original") or {}
+    rows: list[tuple[str, ...]] = []
+    if "bulk" in original:
+        b = original["bulk"]
+        ours = results.get("bulk", {}).get("relay_cpu_per_gib")
+        rows.append(
+            (
+                "1 bulk, the original strelay",
+                "relay CPU per GiB; throughput (wall; per relay CPU second)",
+                f"{b['relay_cpu_per_gib']:.2f} s; {_n(b['mb_per_s'])} MB/s; "
+                f"{_n(b['mb_per_relay_cpu_second'])} MB/s",
+                "",
+                _versus(ours, b["relay_cpu_per_gib"]),
+                f"relay busy {b['relay_cpu_share'] * 100:.0f}% of a core",
+            )
+        )
+    if "small" in original:
+        m = original["small"]
+        ours = (headline_small(results) or {}).get("relay_cpu_us_per_message")
+        rows.append(
+            (
+                f"2 small, the original strelay ({_n(m['connections'])} connections)",
+                "messages/s per relay core (wall); relay CPU per message; RSS per connection",
+                f"{_n(m['messages_per_relay_cpu_second'])} ({_n(m['messages_per_s'])}); "
+                f"{m['relay_cpu_us_per_message']:.1f} us; {m['rss_kib_per_connection']:.1f} KiB",
+                "",
+                _versus(ours, m["relay_cpu_us_per_message"]),
+                f"{m['wire_bytes_per_message']:.0f} B on the wire per 64 B message",
+            )
+        )
+    if "handshakes" in original:
+        h = original["handshakes"]
+        rows.append(
+            (
+                "3 handshakes, the original strelay",
+                "per relay core (wall)",
+                f"{_n(h['per_relay_cpu_second'])}/s ({_n(h['per_s'])}/s)",
+                "",
+                "",
+                "",
+            )
+        )
+    if "idle" in original:
+        i = original["idle"]
+        ours = results.get("idle", {}).get("rss_kib_per_connection")
+        rows.append(
+            (
+                "4 idle, the original strelay",
+                "RSS per connection",
+                f"{i['rss_kib_per_connection']:.1f} KiB",
+                "",
+                _versus(ours, i["rss_kib_per_connection"]),
+                "",
+            )
+        )
     return rows
 
 

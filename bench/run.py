@@ -122,6 +122,8 @@ def run(sizes: scenarios.Sizes, only: tuple[str, ...], workdir: Path) -> dict:
     if "idle" in only:
         _say(f"4 idle: {sizes.idle_connections} connections held {sizes.idle_seconds:g} s")
         results["idle"] = scenarios.idle(workdir, sizes)
+    if relay.original_bin is not None:
+        results["original"] = _original(sizes, only, workdir, relay.original_bin)
     if needs_floors:
         _say("floors, second reading")
         last = scenarios.measure_floors(sizes, wire_bytes)
@@ -130,6 +132,32 @@ def run(sizes: scenarios.Sizes, only: tuple[str, ...], workdir: Path) -> dict:
     results["targets"] = [target.as_dict() for target in report.targets(results)]
     results["load_average_after"] = round(os.getloadavg()[0], 2)
     results["duration_seconds"] = round(time.monotonic() - started, 1)
+    return results
+
+
+ORIGINAL_LOADS = ("bulk", "small", "handshakes", "idle")
+
+
+def _original(sizes: scenarios.Sizes, only: tuple[str, ...], workdir: Path, folder: Path) -> dict:
+    """The same loads against the original strelay (small: the headline run only)."""
+    results: dict = {"strelay": str(folder / "strelay")}
+    try:
+        if "bulk" in only:
+            _say("1 bulk, original strelay")
+            results["bulk"] = scenarios.bulk(workdir / "original", sizes)
+        if "handshakes" in only:
+            _say("3 handshakes, original strelay")
+            results["handshakes"] = scenarios.handshakes(workdir / "original", sizes)
+        if "small" in only:
+            _say(f"2 small messages over {sizes.small_headline} connections, original strelay")
+            results["small"] = scenarios.small(
+                workdir / "original", sizes, sizes.small_headline, latency=False
+            )
+        if "idle" in only:
+            _say("4 idle, original strelay")
+            results["idle"] = scenarios.idle(workdir / "original", sizes)
+    finally:
+        relay.original_bin = None
     return results
 
 
@@ -150,6 +178,13 @@ def build_parser() -> argparse.ArgumentParser:
         "package's dependencies, the package itself is taken from this tree",
     )
     parser.add_argument(
+        "--original",
+        type=Path,
+        default=os.environ.get("OFFSET_ORIGINAL_BIN") or None,
+        help="folder of the original Offset binaries (default: $OFFSET_ORIGINAL_BIN): the "
+        f"{', '.join(ORIGINAL_LOADS)} loads also run against its strelay",
+    )
+    parser.add_argument(
         "--only",
         default=",".join(TESTS),
         help=f"comma-separated subset of: {', '.join(TESTS)}",
@@ -167,6 +202,11 @@ def main(argv: list[str] | None = None) -> int:
         return 64
     sizes = scenarios.SMOKE if args.smoke else scenarios.FULL
     relay.relay_python = args.relay_python
+    if args.original is not None:
+        if not os.access(args.original / "strelay", os.X_OK):
+            print(f"bench: error: no strelay in {args.original}", file=sys.stderr)
+            return 64
+        relay.original_bin = args.original.resolve()
     try:
         with tempfile.TemporaryDirectory(prefix="offset-bench-") as workdir:
             results = run(sizes, only, Path(workdir))
