@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 from nacl.signing import SigningKey
 
-from offset_appliance.client import RelayClient
+from offset_appliance.client import ClientError, RelayClient
 from offset_appliance.files import load_identity, load_ticket
 
 from .conftest import RelayProcess
@@ -233,6 +233,39 @@ def test_b_client_tunnels_and_rekeys_through_the_original_relay(original, tmp_pa
     assert listener.next_incoming() == other.public_key  # the listen connection rekeyed too
     assert listener.wire.rekeys == 1
     for conn in (listener, connector, acceptor, other):
+        conn.close()
+
+
+@pytest.mark.skipif(
+    os.environ.get("OFFSET_INTEROP_LONG") != "1",
+    reason="takes an hour (the original relay rekeys after 3601 s): set OFFSET_INTEROP_LONG=1",
+)
+def test_b_the_original_relay_rekeys_an_idle_listen_and_it_keeps_working(
+    original, tmp_path, daemons
+):
+    ident = tmp_path / "relay.ident"
+    run(original / "stmgr", "gen-ident", "--output", ident)
+    port, _ = original_relay(original, tmp_path, ident, daemons)
+    relay_key = bytes(load_identity(ident, check_permissions=False).verify_key)
+    address = ("127.0.0.1", port)
+    listener = RelayClient.open(address, expected_key=relay_key, timeout=10)
+    listener.listen()
+    started = time.monotonic()
+    while listener.wire.rekeys < 1 and time.monotonic() - started < 3600 + 300:
+        try:  # idle: only keepalives and the relay's own rekeys arrive
+            listener.receive(timeout=60)
+        except ClientError:
+            assert not listener.closed, "the original relay closed the idle listen connection"
+    assert listener.wire.rekeys >= 1, "the original relay never rekeyed"
+    print(
+        f"{listener.wire.rekeys} rekeys by the original relay in {time.monotonic() - started:.0f} s"
+    )
+    connector = RelayClient.open(address, expected_key=relay_key, timeout=10)
+    connector.connect(listener.public_key)
+    assert listener.next_incoming() == connector.public_key  # the relay's new send key
+    listener.reject(connector.public_key)  # ours: the relay must read it to drop the connect
+    assert connector.wait_closed(10) == []
+    for conn in (listener, connector):
         conn.close()
 
 
