@@ -360,6 +360,12 @@ def test_c_two_original_nodes_become_online_friends_through_our_relay(original, 
         assert values["offset_relay_tunnels"] >= 1  # and they talk through a tunnel
         assert values["offset_relay_relayed_messages_total"] > 0
         print("friends online:", *tables, sep="\n")
+        print(
+            f"our relay: {values['offset_relay_listeners']:.0f} listeners, "
+            f"{values['offset_relay_tunnels']:.0f} tunnels, "
+            f"{values['offset_relay_relayed_messages_total']:.0f} messages and "
+            f"{values['offset_relay_relayed_bytes_total']:.0f} bytes relayed"
+        )
     finally:
         relay.stop()
 
