@@ -146,8 +146,13 @@ class RelayClient:
             if not data:
                 self.closed = True
                 raise ConnectionClosed("the relay closed the connection")
+            now = time.monotonic()
             try:
-                self._inbox.extend(self.wire.receive_data(data, time.monotonic()))
+                self._inbox.extend(self.wire.receive_data(data, now))
+                # Timers run while data keeps arriving too: a client that only receives
+                # still owes the relay a keepalive every half interval, or it is dropped.
+                if now >= self.wire.next_deadline():
+                    self.wire.handle_timer(now)
             except ProtocolError as exc:
                 self.closed = True
                 raise ClientError(f"protocol error: {exc}") from exc
