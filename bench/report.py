@@ -294,8 +294,12 @@ def _versus(ours: float | None, theirs: float | None) -> str:
 
 def _original_rows(results: dict) -> list[tuple[str, ...]]:
     """The same loads against the original strelay (``--original``); none without it."""
-    original = results.get("original") or {}
+    original = dict(results.get("original") or {})
     rows: list[tuple[str, ...]] = []
+    for name in ("bulk", "small", "handshakes", "idle"):
+        if "error" in original.get(name, {}):
+            error = original.pop(name)["error"]
+            rows.append((f"{name}, the original strelay", "failed", error, "", "", ""))
     if "bulk" in original:
         b = original["bulk"]
         ours = results.get("bulk", {}).get("relay_cpu_per_gib")
