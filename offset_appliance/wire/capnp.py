@@ -33,10 +33,14 @@ FAR = 2
 # List element size code of Data and List(UInt8).
 BYTE_ELEMENTS = 2
 
-# Reader limits. A frame is at most 1 MiB, but zero runs let 2 bytes of packed input stand
-# for 2 KiB of message, so the unpacked size is capped on its own (8 MiB).
+# Reader limits. Zero runs let 2 bytes of packed input stand for 2 KiB of message, so the
+# unpacked size is capped on its own: at most 8 MiB, and by default at most one word per
+# packed byte plus MAX_EXPANSION_WORDS (64 KiB), so that a small frame cannot make the
+# reader allocate and clear megabytes. Real messages come nowhere near: their Data is
+# ciphertext or random padding, which packing does not shrink.
 MAX_SEGMENTS = 512
 MAX_MESSAGE_WORDS = 1 << 20
+MAX_EXPANSION_WORDS = 8192
 MAX_DEPTH = 64
 # Objects may legally overlap, so a message could make a reader visit the same words over
 # and over; a budget proportional to the message bounds the work (as the C++ reader does).
@@ -87,6 +91,8 @@ def _scatter_getter(tag: int) -> itemgetter:
 
 
 _SCATTER = tuple(_scatter_getter(tag) for tag in range(256))
+# The byte positions a tag says are present, in order.
+_BITS = tuple(tuple(bit for bit in range(8) if tag >> bit & 1) for tag in range(256))
 
 # Packed words seen recently (tag and present bytes) and what they unpack to: the struct
 # words of the messages on the hot path repeat, and a lookup is cheaper than a scatter.
@@ -274,24 +280,63 @@ def pack_message(
     return b"\xff".join(pieces)
 
 
+# Work bound of one unpacking: every pass of the loop below (a word on its own, a run, or a
+# stretch of like items handled at once by slicing) is a step; a message may take at most
+# this many steps plus one per MAX_STEP_BYTES of its packed size. What encoders make of
+# real messages takes a few per 2 KiB (random-looking Data is one run per 2 KiB); input
+# crafted to be slow (a 2-byte word after another, each with a different tag) is refused
+# after a bounded amount of work instead of costing a Python step per word of a 1 MiB frame.
+MAX_STEPS = 1024
+MAX_STEP_BYTES = 128
+
+
+def _alike(data: bytes, pos: int, stride: int, tag: bytes, most: int) -> int:
+    """How many of the ``most`` bytes at ``pos``, ``pos + stride``, ... equal ``tag``, from
+    the first on. The window doubles while it matches, so the work stays proportional to
+    the count (input made to stop each stretch early costs no more than it gives)."""
+    count = 0
+    window = 16
+    while count < most:
+        size = min(window, most - count)
+        start = pos + count * stride
+        found = data[start : start + size * stride : stride]
+        same = size - len(found.lstrip(tag))
+        count += same
+        if same < size:
+            break
+        window *= 2
+    return count
+
+
 def _unpack(data: bytes, max_words: int) -> bytearray:
     out = bytearray()
     view = memoryview(data)
     length = len(data)
     words = 0
     pos = 0
+    steps = MAX_STEPS + length // MAX_STEP_BYTES
     cache = _UNPACKED_WORDS
     while pos < length:
+        steps -= 1
+        if steps < 0:
+            raise ProtocolError("packed message takes too many steps to unpack")
         tag = data[pos]
         if tag == 0:
             if pos + 1 >= length:
                 raise ProtocolError("packed message truncated in a zero run")
-            count = data[pos + 1] + 1
+            if pos + 3 < length and data[pos + 2] == 0:
+                # Several zero runs in a row: count them by their tags, add up their counts.
+                runs = _alike(data, pos, 2, b"\x00", (length - pos) // 2)
+                stop = pos + 2 * runs
+                count = runs + sum(data[pos + 1 : stop : 2])
+                pos = stop
+            else:
+                count = data[pos + 1] + 1
+                pos += 2
             words += count
             if words > max_words:
                 raise ProtocolError("packed message too large")
-            out += _ZEROS[count]
-            pos += 2
+            out += _ZEROS[count] if count <= 256 else bytes(WORD * count)
         elif tag == 0xFF:
             if pos + 9 >= length:
                 raise ProtocolError("packed message truncated in a verbatim run")
@@ -325,9 +370,24 @@ def _unpack(data: bytes, max_words: int) -> bytearray:
             out += view[pos + 10 : end]
             pos = end
         else:
-            end = pos + 1 + _POPCOUNT[tag]
+            stride = 1 + _POPCOUNT[tag]
+            end = pos + stride
             if end > length:
                 raise ProtocolError("packed message truncated in a word")
+            if end < length and data[end] == tag:
+                # Several words with the same tag in a row: scatter each present byte of
+                # all of them with one strided copy.
+                count = _alike(data, pos, stride, _COUNT[tag], (length - pos) // stride)
+                words += count
+                if words > max_words:
+                    raise ProtocolError("packed message too large")
+                stop = pos + count * stride
+                stretch = bytearray(WORD * count)
+                for index, bit in enumerate(_BITS[tag], 1):
+                    stretch[bit::WORD] = view[pos + index : stop : stride]
+                out += stretch
+                pos = stop
+                continue
             words += 1
             if words > max_words:
                 raise ProtocolError("packed message too large")
@@ -343,14 +403,23 @@ def _unpack(data: bytes, max_words: int) -> bytearray:
     return out
 
 
+def default_max_words(packed_length: int) -> int:
+    """The unpacked size (in words) a packed message of ``packed_length`` bytes may have."""
+    return min(MAX_MESSAGE_WORDS, MAX_EXPANSION_WORDS + packed_length)
+
+
 def unpack_bytearray(data: bytes) -> bytearray:
     """``unpack`` without the final copy, for readers that slice what they need out of it."""
-    return _unpack(data, MAX_MESSAGE_WORDS)
+    return _unpack(data, default_max_words(len(data)))
 
 
-def unpack(data: bytes, max_words: int = MAX_MESSAGE_WORDS) -> bytes:
-    """Undo packing; refuses truncated input and output of more than ``max_words`` words."""
-    return bytes(_unpack(bytes(data), max_words))
+def unpack(data: bytes, max_words: int | None = None) -> bytes:
+    """Undo packing; refuses truncated input, input that takes too many steps, and output
+    of more than ``max_words`` words (by default ``default_max_words``)."""
+    data = bytes(data)
+    if max_words is None:
+        max_words = default_max_words(len(data))
+    return bytes(_unpack(data, max_words))
 
 
 # ---- pointers ----------------------------------------------------------------------------
@@ -584,11 +653,17 @@ class StructReader:
 _EMPTY_STRUCT = StructReader(None, 0, 0, 0, 0, 0)
 
 
-def read_message(data: bytes, max_words: int = MAX_MESSAGE_WORDS) -> Message:
+def read_message(data: bytes, max_words: int | None = None) -> Message:
     """Unpack a packed stream message and check its segment table."""
     if type(data) is not bytes:
         data = bytes(data)
-    buf = _unpack(data, max_words)
+    if max_words is None:
+        max_words = default_max_words(len(data))
+    return read_unpacked(_unpack(data, max_words))
+
+
+def read_unpacked(buf: bytearray) -> Message:
+    """A message already unpacked (by ``unpack_bytearray``): check its segment table."""
     total = len(buf) // WORD
     if total == 0:
         raise ProtocolError("empty message")

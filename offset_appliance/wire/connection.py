@@ -15,7 +15,7 @@ from nacl.signing import SigningKey
 from ..config import Limits, Timeouts
 from ..errors import CloseReason, LocalProtocolError, ProtocolError
 from .channel import Handshake, SecureChannel
-from .frames import HEADER_LEN, FrameDecoder, frame_header
+from .frames import HEADER_LEN, SETUP_FRAMES, FrameDecoder, frame_header
 from .keepalive import Keepalive
 from .messages import KEEPALIVE as KEEPALIVE_MESSAGE
 from .messages import decode_ka_message, encode_ka_message
@@ -77,7 +77,8 @@ class Connection:
     ) -> None:
         self.state = State.VERSION
         self.peer_public_key: bytes | None = None
-        self._decoder = FrameDecoder(max_frame_length)
+        # The peer's version and handshake frames are held to the small set-up limit.
+        self._decoder = FrameDecoder(max_frame_length, setup_frames=SETUP_FRAMES)
         self._handshake: Handshake | None = Handshake(identity, expected_peer, random)
         self._channel: SecureChannel | None = None
         self._keepalive: Keepalive | None = None

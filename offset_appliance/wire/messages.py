@@ -22,6 +22,7 @@ from .capnp import (
     pack,
     pack_message,
     read_message,
+    read_unpacked,
     struct_pointer,
     unpack_bytearray,
 )
@@ -64,6 +65,15 @@ def _get_buffer(parent: StructReader, index: int, size: int, what: str) -> bytes
     if inner is None:
         raise ProtocolError(f"{what} is missing")
     return _WORDS_BE[size].pack(*_WORDS_LE[size].unpack(inner.data_section(size // 8)))
+
+
+def _unpacked(data: bytes) -> bytearray:
+    """The words of a packed message, unpacked once for both the fast path and the reader."""
+    if isinstance(data, bytes):
+        return unpack_bytearray(data)
+    if isinstance(data, bytearray | memoryview):
+        return unpack_bytearray(bytes(data))
+    raise ProtocolError("message is not bytes")
 
 
 def _root(data: bytes) -> StructReader:
@@ -404,20 +414,20 @@ _LOW35 = (1 << 35) - 1
 
 def decode_ka_message(data: bytes) -> bytes | None:
     """The payload of a packed KaMessage, or None for ``keepAlive``."""
-    if isinstance(data, bytes):
-        words = unpack_bytearray(data)
-        if len(words) >= 32:
-            segments, size, root, tag, pointer = _KA_FIXED.unpack_from(words)
-            if (
-                segments == 0
-                and size * 8 + 8 == len(words)
-                and root == _KA_ROOT
-                and tag & 0xFFFF == _KA_MESSAGE
-                and pointer & _LOW35 == _BYTE_LIST
-                and 32 + (pointer >> 35) <= len(words)
-            ):
-                return bytes(words[32 : 32 + (pointer >> 35)])
-    root = _root(data)
+    words = _unpacked(data)
+    if len(words) >= 32:
+        segments, size, root, tag, pointer = _KA_FIXED.unpack_from(words)
+        if (
+            segments == 0
+            and size * 8 + 8 == len(words)
+            and root == _KA_ROOT
+            and tag & 0xFFFF == _KA_MESSAGE
+            and pointer & _LOW35 == _BYTE_LIST
+            and 32 + (pointer >> 35) <= len(words)
+        ):
+            return bytes(words[32 : 32 + (pointer >> 35)])
+    # Not our layout: the general reader, on the words already unpacked.
+    root = read_unpacked(words).root()
     tag = root.uint16(0)
     if tag == _KA_KEEPALIVE:
         return None
@@ -459,26 +469,25 @@ def encode_channel_rekey(padding: bytes, rekey: Rekey) -> bytes:
 
 def decode_channel_message(data: bytes) -> bytes | Rekey:
     """The user data of a packed ChannelMessage, or its Rekey (the padding is ignored)."""
-    if isinstance(data, bytes):
-        words = unpack_bytearray(data)
-        if len(words) >= 48:
-            segments, size, root, _, content, tag, pointer = _CHANNEL_FIXED.unpack_from(words)
-            if (
-                segments == 0
-                and size * 8 + 8 == len(words)
-                and root == _CHANNEL_ROOT
-                and content == _CHANNEL_CONTENT
-                and tag & 0xFFFF == _CONTENT_USER
-                and pointer & 3 == LIST_KIND
-                and (pointer >> 32) & 7 == 2
-                and not pointer & 0x80000000
-            ):
-                # Like the reference reader, the padding (never read) is not checked.
-                start = 48 + (pointer & 0xFFFFFFFF) // 4 * 8
-                end = start + (pointer >> 35)
-                if end <= len(words):
-                    return bytes(words[start:end])
-    content = _root(data).struct(1)
+    words = _unpacked(data)
+    if len(words) >= 48:
+        segments, size, root, _, content, tag, pointer = _CHANNEL_FIXED.unpack_from(words)
+        if (
+            segments == 0
+            and size * 8 + 8 == len(words)
+            and root == _CHANNEL_ROOT
+            and content == _CHANNEL_CONTENT
+            and tag & 0xFFFF == _CONTENT_USER
+            and pointer & 3 == LIST_KIND
+            and (pointer >> 32) & 7 == 2
+            and not pointer & 0x80000000
+        ):
+            # Like the reference reader, the padding (never read) is not checked.
+            start = 48 + (pointer & 0xFFFFFFFF) // 4 * 8
+            end = start + (pointer >> 35)
+            if end <= len(words):
+                return bytes(words[start:end])
+    content = read_unpacked(words).root().struct(1)
     if content is None:
         raise ProtocolError("ChannelMessage content is missing")
     tag = content.uint16(0)

@@ -13,7 +13,9 @@ from offset_appliance.errors import ProtocolError
 from offset_appliance.wire import messages
 from offset_appliance.wire.capnp import (
     MAX_DEPTH,
+    MAX_EXPANSION_WORDS,
     data_pointer,
+    default_max_words,
     far_pointer,
     pack,
     pack_message,
@@ -133,9 +135,23 @@ def test_large_body_with_zero_bytes_at_run_starts_packs_correctly():
 
 def test_zero_heavy_bodies_stay_small():
     # Zero words in a Data body become zero runs, not verbatim copies.
+    packed = messages.encode_ka_message(bytes(4_000))
+    assert len(packed) < 100
+    assert messages.decode_ka_message(packed) == bytes(4_000)
+
+
+def test_unpacked_size_is_bounded_by_the_packed_size():
+    # 2 bytes of zero run stand for up to 2 KiB: by default a message may unpack to at most
+    # one word per packed byte plus 64 KiB, so a small frame cannot cost megabytes.
     packed = messages.encode_ka_message(bytes(100_000))
     assert len(packed) < 1000
-    assert messages.decode_ka_message(packed) == bytes(100_000)
+    with pytest.raises(ProtocolError, match="too large"):
+        messages.decode_ka_message(packed)
+    bomb = b"\x00\xff" * 100
+    assert default_max_words(len(bomb)) == MAX_EXPANSION_WORDS + 200
+    with pytest.raises(ProtocolError, match="too large"):
+        unpack(bomb)
+    assert len(unpack(bomb[:64])) == 32 * 256 * 8
 
 
 # ---- unpacking and stream framing ----------------------------------------------------------------
@@ -422,3 +438,86 @@ def test_reader_fields_beyond_the_sections():
     assert root.uint16(8) == 0
     assert root.struct(0) is None and root.data(3) is None
     assert root.data_section(2) == struct.pack("<QQ", 0x0102, 0)
+
+
+# ---- bounded unpacking work -------------------------------------------------------------------
+
+
+def _unpack_word_by_word(packed: bytes) -> bytes:
+    """The packing scheme read one item at a time, as the specification states it."""
+    out = bytearray()
+    pos = 0
+    while pos < len(packed):
+        tag = packed[pos]
+        pos += 1
+        word = bytearray(8)
+        for bit in range(8):
+            if tag >> bit & 1:
+                word[bit] = packed[pos]
+                pos += 1
+        out += word
+        if tag == 0:
+            out += bytes(8 * packed[pos])
+            pos += 1
+        elif tag == 0xFF:
+            count = packed[pos]
+            if pos + 1 + 8 * count > len(packed):
+                raise IndexError("truncated")
+            out += packed[pos + 1 : pos + 1 + 8 * count]
+            pos += 1 + 8 * count
+    return bytes(out)
+
+
+_ITEMS = st.one_of(
+    # A stretch of words with one tag (handled together by slicing), or of zero runs.
+    st.tuples(st.integers(1, 254), st.integers(1, 40)).map(
+        lambda pair: (bytes([pair[0]]) + bytes(range(1, 1 + bin(pair[0]).count("1")))) * pair[1]
+    ),
+    st.lists(st.integers(0, 255), min_size=1, max_size=40).map(
+        lambda counts: b"".join(b"\x00" + bytes([c]) for c in counts)
+    ),
+    st.binary(min_size=8, max_size=8).map(lambda word: b"\xff" + word + b"\x00"),
+    st.integers(0, 255).map(lambda tag: bytes([tag])),
+    st.binary(min_size=1, max_size=9),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_ITEMS, max_size=30))
+def test_unpack_agrees_with_unpacking_word_by_word(items):
+    packed = b"".join(items)
+    try:
+        expected = _unpack_word_by_word(packed)
+    except IndexError:
+        expected = None  # truncated
+    if expected is not None and len(expected) > 8 * (len(packed) + 8192):
+        expected = None  # beyond the expansion limit
+    if expected is None:
+        with pytest.raises(ProtocolError):
+            unpack(packed)
+    else:
+        assert unpack(packed) == expected
+
+
+def test_a_stretch_of_like_words_unpacks_in_bulk():
+    # 1 MiB of 2-byte words with one tag: one strided copy per present byte, not a step each.
+    packed = b"\x01\x07" * (1 << 19)
+    assert unpack(packed) == (b"\x07" + bytes(7)) * (1 << 19)
+    zero_runs = b"\x00\x00" * (1 << 19)
+    assert unpack(zero_runs, max_words=1 << 20) == bytes(8 << 19)
+
+
+@pytest.mark.parametrize(
+    "item",
+    [b"\x01\x01\x02\x01", b"\xff" + b"\x01" * 8 + b"\x00", b"\x00\x00\x01\x01"],
+    ids=["alternating tags", "one-word verbatim runs", "zero run then a word"],
+)
+def test_input_made_to_take_a_step_per_word_is_refused(item):
+    # Each item needs a step of its own: a 1 MiB frame of them would cost a Python step per
+    # word; the work of one message is bounded instead (1024 steps + one per 128 bytes).
+    packed = item * ((1 << 20) // len(item))
+    with pytest.raises(ProtocolError, match="too many steps"):
+        unpack(packed, max_words=1 << 20)
+    # The same items in the numbers real messages need are read.
+    few = item * 100
+    assert unpack(few) == _unpack_word_by_word(few)

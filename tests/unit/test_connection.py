@@ -8,7 +8,7 @@ from offset_appliance.errors import ProtocolError
 from offset_appliance.wire import messages
 from offset_appliance.wire.channel import hkdf_sha512_256
 from offset_appliance.wire.connection import VERSION_FRAME, Connection, State
-from offset_appliance.wire.frames import FrameDecoder, encode_frame
+from offset_appliance.wire.frames import FrameDecoder, encode_frame, frame_header
 
 from ..helpers import deliver, exchange, pair
 
@@ -273,3 +273,19 @@ def test_a_completed_rekey_restarts_the_countdown_on_both_sides():
     deliver(b, a, 61.0)  # the answer completes a's own rekey: so does a's
     assert a.next_deadline() == 161.0
     assert a.rekeys == b.rekeys == 1
+
+
+def test_an_unauthenticated_peer_cannot_send_a_large_frame():
+    # Before the channel is up a frame may be at most 1 KiB (a handshake message needs at
+    # most 280 bytes): a 1 MiB frame announced by an unauthenticated peer is refused at its
+    # header, before the relay buffers or unpacks any of it.
+    conn = Connection(SigningKey.generate(), 0.0)
+    with pytest.raises(ProtocolError, match="exceeds the maximum of 1024"):
+        conn.receive_data(VERSION_FRAME + frame_header(1 << 20) + b"\x01\x01" * 1000, 0.0)
+    assert conn.state is State.CLOSED
+
+
+def test_after_the_handshake_large_frames_are_accepted():
+    a, b = pair()
+    a.send_message(b"z" * 900_000, 1.0)
+    assert deliver(a, b, 1.0) == [b"z" * 900_000]

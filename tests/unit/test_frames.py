@@ -47,3 +47,25 @@ def test_partial_frame_is_kept_until_complete():
     for i in range(0, len(frame) - 1, 4096):
         assert decoder.feed(frame[i : min(i + 4096, len(frame) - 1)]) == []
     assert decoder.feed(frame[-1:]) == [b"a" * 100_000]
+
+
+def test_setup_frames_are_held_to_their_own_limit_from_the_header_on():
+    decoder = FrameDecoder(1 << 20, setup_frames=3, setup_length=1024)
+    assert decoder.feed(encode_frame(b"v" * 4) + encode_frame(b"n" * 1024)) == [
+        b"v" * 4,
+        b"n" * 1024,
+    ]
+    # The third frame's header alone is refused: its body is never buffered.
+    with pytest.raises(ProtocolError, match="exceeds the maximum of 1024"):
+        decoder.feed(frame_header(1 << 20))
+
+
+def test_frames_after_the_setup_ones_get_the_full_limit_even_in_the_same_read():
+    setup = [b"v" * 4, b"n" * 100, b"d" * 1000]
+    big = b"x" * 500_000
+    stream = b"".join(encode_frame(body) for body in [*setup, big, b"y"])
+    for cut in (1, 7, 9, 1117, 1130, len(stream)):
+        decoder = FrameDecoder(1 << 20, setup_frames=3, setup_length=1024)
+        got = decoder.feed(stream[:cut]) + decoder.feed(stream[cut:])
+        assert got == [*setup, big, b"y"]
+        assert decoder.buffered == 0
