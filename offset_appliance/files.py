@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import errno
 import ipaddress
 import json
 import os
@@ -66,22 +67,71 @@ def _write_new(path: Path, text: str, mode: int) -> None:
         raise CantCreateError(f"cannot write {path}: {exc.strerror}") from None
 
 
-def _read_json(path: Path, what: str) -> dict:
+def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
+    doc = {}
+    for key, value in pairs:
+        if key in doc:
+            raise DataError(f'key "{key}" appears more than once')
+        doc[key] = value
+    return doc
+
+
+def _read_file(path: Path, what: str, *, private: bool) -> bytes:
+    """The bytes of a regular file, read through one descriptor.
+
+    Opened without following a final symbolic link and without blocking (a FIFO would
+    otherwise hang the open), then checked on that descriptor's ``fstat``: a regular file,
+    and with ``private``, readable and writable by its owner only.
+    """
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+    if private:
+        flags |= os.O_NOFOLLOW
     try:
-        with open(path, "rb") as handle:
-            raw = handle.read(_MAX_FILE_SIZE + 1)
+        fd = os.open(path, flags)
     except FileNotFoundError:
         raise NoInputError(f"{what} {path} does not exist") from None
-    except IsADirectoryError:
-        raise NoInputError(f"{what} {path} is a directory") from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP and private:
+            raise DataError(f"{what} {path} is a symbolic link; give the file itself") from None
+        raise NoInputError(f"cannot read {what} {path}: {exc.strerror}") from None
+    try:
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            raise NoInputError(f"{what} {path} is a directory")
+        if not stat.S_ISREG(info.st_mode):
+            raise DataError(f"{what} {path} is not a regular file")
+        if private and info.st_mode & 0o077:
+            raise InsecureFileError(
+                f"{what} {path} is accessible by group or others "
+                f"(mode {stat.S_IMODE(info.st_mode):04o}); run: chmod 600 {path}"
+            )
+        chunks = []
+        size = 0
+        while size <= _MAX_FILE_SIZE:
+            chunk = os.read(fd, _MAX_FILE_SIZE + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
     except OSError as exc:
         raise NoInputError(f"cannot read {what} {path}: {exc.strerror}") from None
-    if len(raw) > _MAX_FILE_SIZE:
+    finally:
+        os.close(fd)
+    if size > _MAX_FILE_SIZE:
         raise DataError(f"{what} {path} is too large to be one")
+    return b"".join(chunks)
+
+
+def _read_json(path: Path, what: str, *, private: bool = False) -> dict:
+    raw = _read_file(path, what, private=private)
     try:
-        doc = json.loads(raw.decode("utf-8"))
+        doc = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DataError(f"{what} {path} is not valid JSON: {exc}") from None
+    except DataError as exc:
+        # Two values for one key: a reader keeping the last and one keeping the first
+        # would disagree (an Ansible check against the loader, say); take neither.
+        raise DataError(f"{what} {path}: {exc}") from None
     if not isinstance(doc, dict):
         raise DataError(f"{what} {path} is not a JSON object")
     return doc
@@ -118,22 +168,14 @@ def generate_identity(path: Path) -> SigningKey:
 
 
 def load_identity(path: Path, *, check_permissions: bool = True) -> SigningKey:
-    """Read an identity file; with ``check_permissions``, refuse one that others may read."""
+    """Read an identity file; with ``check_permissions``, refuse one that others may read
+    and one reached through a symbolic link (checked on the opened file itself)."""
     path = Path(path)
-    if check_permissions:
-        try:
-            mode = path.stat().st_mode
-        except FileNotFoundError:
-            raise NoInputError(f"identity file {path} does not exist") from None
-        except OSError as exc:
-            raise NoInputError(f"cannot read identity file {path}: {exc.strerror}") from None
-        if stat.S_ISREG(mode) and mode & 0o077:
-            _refuse_ticket_as_identity(path)
-            raise InsecureFileError(
-                f"identity file {path} is accessible by group or others "
-                f"(mode {stat.S_IMODE(mode):04o}); run: chmod 600 {path}"
-            )
-    doc = _read_json(path, "identity file")
+    try:
+        doc = _read_json(path, "identity file", private=check_permissions)
+    except InsecureFileError:
+        _refuse_ticket_as_identity(path)
+        raise
     if "privateKey" not in doc and "publicKey" in doc:
         _refuse_ticket_as_identity(path)
     return SigningKey(_key_field(doc, "privateKey", path, "identity file"))

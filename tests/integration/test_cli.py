@@ -96,6 +96,9 @@ def test_usage_errors_exit_64():
         (lambda p: (p.write_text("junk"), p.chmod(0o600)), "not valid JSON"),
         (lambda p: (p.write_text('{"privateKey": "AAAA"}'), p.chmod(0o600)), "32 bytes"),
         (lambda p: (p.write_text("{}"), p.chmod(0o644)), "chmod 600"),
+        # A FIFO would block the open until a writer came: refused at once instead.
+        (lambda p: os.mkfifo(p, 0o600), "not a regular file"),
+        (lambda p: p.symlink_to("/dev/null"), "symbolic link"),
     ],
 )
 def test_strelay_refuses_unusable_identity(tmp_path, make, needle):

@@ -147,3 +147,64 @@ def test_valid_addresses(address, expected):
 def test_invalid_addresses(address):
     with pytest.raises(UsageError):
         split_host_port(address)
+
+
+def test_ticket_with_a_key_twice_is_refused(tmp_path):
+    # A reader keeping the first value and one keeping the last would see two different
+    # relays: such a ticket is refused, whichever order the keys come in.
+    real, evil = b64url_encode(bytes(32)), b64url_encode(bytes(range(32)))
+    path = tmp_path / "relay.relay"
+    path.write_text(
+        f'{{"publicKey": "{real}", "address": "relay.example.org:4567", '
+        f'"publicKey": "{evil}", "address": "evil.example.org:443"}}'
+    )
+    with pytest.raises(DataError, match='key "publicKey" appears more than once'):
+        load_ticket(path)
+
+
+def test_identity_with_a_key_twice_is_refused(tmp_path):
+    path = tmp_path / "relay.ident"
+    key = b64url_encode(bytes(32))
+    path.write_text(f'{{"privateKey": "{key}", "privateKey": "{key}"}}')
+    path.chmod(0o600)
+    with pytest.raises(DataError, match="more than once"):
+        load_identity(path)
+
+
+def test_identity_that_is_a_fifo_is_refused_without_blocking(tmp_path):
+    path = tmp_path / "relay.ident"
+    os.mkfifo(path, 0o600)
+    # Opening a FIFO for reading blocks until a writer comes: the file is opened without
+    # blocking and refused on its fstat.
+    with pytest.raises(DataError, match="not a regular file"):
+        load_identity(path)
+    with pytest.raises(DataError, match="not a regular file"):
+        load_identity(path, check_permissions=False)
+
+
+def test_identity_reached_through_a_symlink_is_refused(tmp_path):
+    target = tmp_path / "real.ident"
+    generate_identity(target)
+    link = tmp_path / "relay.ident"
+    link.symlink_to(target)
+    with pytest.raises(DataError, match="symbolic link"):
+        load_identity(link)
+
+
+def test_identity_permissions_are_checked_on_the_opened_file(tmp_path, monkeypatch):
+    # The mode is read from the descriptor that is then read from, not from a path that
+    # could be swapped in between: a stat by path must not be what decides.
+    path = tmp_path / "relay.ident"
+    generate_identity(path)
+    path.chmod(0o644)
+    real_stat = os.stat
+
+    def lying_stat(target, *args, **kwargs):
+        result = real_stat(target, *args, **kwargs)
+        if str(target) == str(path):
+            return os.stat_result((result.st_mode & ~0o077, *tuple(result)[1:]))
+        return result
+
+    monkeypatch.setattr(os, "stat", lying_stat)
+    with pytest.raises(InsecureFileError):
+        load_identity(path)
