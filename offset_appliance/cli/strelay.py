@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -162,7 +163,35 @@ def _bind_error(exc, args: argparse.Namespace) -> UnavailableError:
     return UnavailableError(message)
 
 
+# prctl(2) option: whether the process may dump core and be ptraced by its own user.
+PR_SET_DUMPABLE = 4
+
+
+def forbid_core_dumps() -> None:
+    """Make this process not dumpable before the identity is read: no core file (a watchdog
+    SIGABRT would otherwise write the Ed25519 seed wherever systemd-coredump keeps cores)
+    and no ptrace or /proc/PID/mem by other processes of the same user. The unit sets
+    LimitCORE=0 as well; this holds without the unit too.
+
+    A plain call of an existing libc function through ctypes: no ffi callback, so it works
+    under MemoryDenyWriteExecute=yes.
+    """
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        failed = libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0
+        reason = os.strerror(ctypes.get_errno()) if failed else ""
+    except (OSError, AttributeError) as exc:
+        failed, reason = True, str(exc)
+    if failed:
+        logging.getLogger("strelay").warning(
+            "could not forbid core dumps (prctl PR_SET_DUMPABLE): %s", reason
+        )
+
+
 def _identity(config: Config):
+    forbid_core_dumps()
     try:
         return load_identity(config.identity_file)
     except OffsetError as exc:

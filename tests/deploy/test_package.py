@@ -463,6 +463,21 @@ def test_memory_deny_write_execute_is_enforced_and_the_relay_works(
     assert_probe_ok(ticket)
 
 
+def test_relay_dumps_no_core_and_has_a_memory_ceiling(host: Host) -> None:
+    props = unit(host, "LimitCORE", "MemoryMax", "MainPID")
+    assert props["LimitCORE"] == "0"
+    assert props["MemoryMax"] == str(2 << 30)
+    pid = props["MainPID"]
+    core = next(
+        line for line in host.read(f"/proc/{pid}/limits").splitlines() if "core file" in line
+    )
+    assert core.split()[3:5] == ["0", "0"], core
+    # Not dumpable (prctl): the kernel gives the process's /proc files to root, not to
+    # the service user it runs as.
+    owner = host.ssh(f"stat -c %U /proc/{pid}/environ").stdout.strip()
+    assert owner == "root"
+
+
 def test_open_file_limit_is_raised(host: Host) -> None:
     configured = int(unit(host, "LimitNOFILE")["LimitNOFILE"])
     assert configured >= 65536

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -200,3 +201,53 @@ def test_strelay_print_config_prints_the_effective_config_as_toml(tmp_path):
     printed = tmp_path / "printed.toml"
     printed.write_text(result.stdout)
     assert run(BIN / "strelay", "--check-config", "--config", printed).returncode == 0
+
+
+def _proc_owner_of(argv: list, uid: int, ready: str) -> int:
+    """Start ``argv`` as ``uid``, wait for ``ready`` on its stderr; the owner of its
+    /proc/PID files (root for a process that is not dumpable, its own user otherwise)."""
+    prefix = []
+    if os.geteuid() == 0:
+        prefix = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
+    proc = subprocess.Popen(
+        [*prefix, *map(str, argv)], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True
+    )
+    try:
+        assert proc.stderr is not None
+        seen = []
+        for line in proc.stderr:
+            seen.append(line)
+            if ready in line:
+                break
+        else:
+            raise AssertionError(f"{argv[0]} exited before {ready!r}: {''.join(seen)}")
+        return os.stat(f"/proc/{proc.pid}/environ").st_uid
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_strelay_is_not_dumpable():
+    # PR_SET_DUMPABLE 0: no core file holding the seed, no ptrace by the same user. The
+    # kernel shows it by giving the process's /proc files to root.
+    uid = 65534 if os.geteuid() == 0 else os.geteuid()
+    with tempfile.TemporaryDirectory() as tmp:
+        home = Path(tmp)
+        home.chmod(0o755)
+        _check_not_dumpable(home, uid)
+
+
+def _check_not_dumpable(home: Path, uid: int) -> None:
+    ident = home / "relay.ident"
+    run(BIN / "stmgr", "gen-ident", "--output", ident)
+    if os.geteuid() == 0:
+        os.chown(ident, uid, uid)
+    # The check itself: an ordinary process of that user owns its /proc files.
+    python = [
+        sys.executable,
+        "-c",
+        "import sys, time; print('up', file=sys.stderr, flush=True); time.sleep(30)",
+    ]
+    assert _proc_owner_of(python, uid, "up") == uid
+    relay = [BIN / "strelay", "--idfile", ident, "--laddr", "127.0.0.1:0"]
+    assert _proc_owner_of(relay, uid, "listening on") == 0

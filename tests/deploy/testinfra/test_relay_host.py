@@ -117,6 +117,8 @@ def test_unit_is_hardened(host) -> None:
         "RestrictNamespaces": "yes",
         "MemoryDenyWriteExecute": "yes",
         "CapabilityBoundingSet": "",
+        "LimitCORE": "0",
+        "MemoryMax": str(2 << 30),
     }
     properties = unit_properties(
         host, *expected, "RestrictAddressFamilies", "SystemCallFilter", "WatchdogUSec"
