@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import math
+import os
+import stat
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -138,15 +140,39 @@ def drop_in_files(path: Path, replace: dict[str, Path] | None = None) -> list[Pa
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
+    """Read one configuration file, refusing one that someone else could have written.
+
+    Like sshd's StrictModes: the file must be owned by root or by the user running the
+    relay, and not writable by group or others (a setting such as ``identity_file`` or
+    ``listen`` is as powerful as the identity it names). Checked on the opened file; opened
+    without blocking, so a FIFO is refused rather than waited on.
+    """
     try:
-        with open(path, "rb") as handle:
-            return tomllib.load(handle)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(handle.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise ConfigError(f"config file {path} is not a regular file")
+        if info.st_uid not in (0, os.geteuid()):
+            raise ConfigError(
+                f"config file {path} is owned by uid {info.st_uid}, "
+                "not by root or the user running the relay"
+            )
+        if info.st_mode & 0o022:
+            raise ConfigError(
+                f"config file {path} is writable by group or others "
+                f"(mode {stat.S_IMODE(info.st_mode):04o}); run: chmod go-w {path}"
+            )
+        try:
+            return tomllib.load(handle)
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
 
 
 def _merge(files: list[Path]) -> tuple[dict[str, Any], dict[str, Path]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tomllib
+import os
 from pathlib import Path
 
 import pytest
@@ -145,3 +146,35 @@ def test_a_candidate_drop_in_is_read_in_place_of_the_installed_one(tmp_path):
     assert config.limits.max_connections == 900
     added = load_config(main, replace_drop_ins={"60-new.toml": candidate})
     assert added.limits.max_handshakes == 9
+
+
+@pytest.mark.parametrize("mode", [0o664, 0o646, 0o666])
+def test_a_drop_in_writable_by_others_is_refused(tmp_path, mode):
+    # As sshd's StrictModes: a file anyone but its owner may write could say anything.
+    main = write(tmp_path / "relay.toml", 'identity_file = "id"\nlisten = ["0.0.0.0:1"]\n')
+    drop_in = write(tmp_path / "relay.d" / "50-x.toml", 'log_level = "debug"\n')
+    drop_in.chmod(mode)
+    with pytest.raises(ConfigError, match="50-x.toml is writable by group or others"):
+        load_config(main)
+    drop_in.chmod(0o644)
+    assert load_config(main).log_level == "debug"
+
+
+def test_a_drop_in_owned_by_another_user_is_refused(tmp_path):
+    main = write(tmp_path / "relay.toml", 'identity_file = "id"\nlisten = ["0.0.0.0:1"]\n')
+    drop_in = write(tmp_path / "relay.d" / "50-x.toml", 'log_level = "debug"\n')
+    drop_in.chmod(0o644)
+    if os.geteuid() == 0:
+        os.chown(drop_in, 65534, 65534)
+        with pytest.raises(ConfigError, match="owned by uid 65534, not by root or the user"):
+            load_config(main)
+    else:
+        # Files of the user running the relay (and of root) are accepted.
+        assert load_config(main).log_level == "debug"
+
+
+def test_a_config_that_is_a_fifo_is_refused_without_blocking(tmp_path):
+    main = tmp_path / "relay.toml"
+    os.mkfifo(main, 0o644)
+    with pytest.raises(ConfigError, match="not a regular file"):
+        load_config(main)
