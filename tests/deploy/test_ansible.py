@@ -236,7 +236,7 @@ def test_deploy_succeeds_on_bare_hosts(deployment: Deployment) -> None:
         assert (name, "Install offset-relay from the apt sources") in run_.changed
         assert (name, "Write the relay's settings drop-in") in run_.changed
         assert (name, "Make the relay's ticket for its public address") in run_.changed
-        assert (name, "Fetch the ticket to the controller") in run_.changed
+        assert (name, "Write the ticket on the controller") in run_.changed
 
 
 def test_relays_change_one_at_a_time_and_are_probed_from_the_controller(
@@ -390,8 +390,7 @@ def test_new_public_address_remakes_only_that_ticket(deployment: Deployment) -> 
     assert {task for _, task in run_.changed} == {
         "Remove the outdated ticket (stmgr never overwrites one)",
         "Make the relay's ticket for its public address",
-        "Set the ticket's owner and mode",
-        "Fetch the ticket to the controller",
+        "Write the ticket on the controller",
     }
     assert controller.ticket(kept).read_bytes() == kept_ticket
     new_ticket = json.loads(controller.ticket(moved).read_text())
@@ -544,6 +543,65 @@ def test_identity_from_the_controller_in_a_vault(deployment: Deployment, tmp_pat
         f"offset_relay_identity_src={ident}",
     )
     again.assert_clean([host.name])
+
+
+def test_a_poisoned_ticket_is_remade_and_never_fetched(deployment: Deployment) -> None:
+    """What a compromised relay (its user owns the state directory) could leave for the
+    play: a ticket with each key twice, then a ticket that is a link to a root-only file.
+    The play remakes a root-owned ticket and writes the controller's copy itself."""
+    controller = deployment.controller
+    host = deployment.hosts[0]
+    good = json.loads(controller.ticket(host).read_text())
+    poisoned = (
+        f'{{"publicKey": "{good["publicKey"]}", "address": "{good["address"]}", '
+        f'"publicKey": "{"A" * 43}", "address": "evil.example:443"}}'
+    )
+    as_relay = "setpriv --reuid=offset-relay --regid=offset-relay --clear-groups --"
+    host.ssh(f"rm -f {TICKET_ON_HOST}")
+    host.ssh(f"{as_relay} sh -c {shlex.quote(f'cat > {TICKET_ON_HOST}')}", input=poisoned)
+
+    run_ = controller.playbook("--limit", host.name)
+
+    assert run_.returncode == 0, run_.tail()
+    assert (host.name, "Make the relay's ticket for its public address") in run_.changed
+    assert json.loads(controller.ticket(host).read_text()) == good
+    assert json.loads(host.read(TICKET_ON_HOST)) == good
+    assert host.ssh(f"stat -c '%U %a %F' {TICKET_ON_HOST}").stdout.strip() == (
+        "root 644 regular file"
+    )
+
+    host.ssh("install -m 0600 /dev/null /root/secret && echo not-for-the-controller > /root/secret")
+    host.ssh(f"rm -f {TICKET_ON_HOST} && {as_relay} ln -s /root/secret {TICKET_ON_HOST}")
+    run_ = controller.playbook("--limit", host.name)
+    assert run_.returncode == 0, run_.tail()
+    assert "not-for-the-controller" not in controller.ticket(host).read_text()
+    assert "not-for-the-controller" not in run_.output
+    assert json.loads(controller.ticket(host).read_text()) == good
+    assert host.ssh(f"stat -c '%U %F' {TICKET_ON_HOST}").stdout.strip() == "root regular file"
+    assert host.ssh("stat -c '%U %a' /root/secret").stdout.strip() == "root 600"
+    controller.playbook("--limit", host.name).assert_clean([host.name])
+
+
+def test_an_identity_that_is_a_link_fails_the_play_and_is_never_followed(
+    deployment: Deployment,
+) -> None:
+    controller = deployment.controller
+    host = deployment.hosts[0]
+    host.ssh("install -m 0644 /dev/null /root/target && echo untouched > /root/target")
+    host.ssh(f"mv {IDENTITY_ON_HOST} /root/relay.ident.saved")
+    try:
+        host.ssh(
+            "setpriv --reuid=offset-relay --regid=offset-relay --clear-groups -- "
+            f"ln -s /root/target {IDENTITY_ON_HOST}"
+        )
+        run_ = controller.playbook("--limit", host.name)
+        assert run_.returncode != 0
+        assert "is not a regular file" in run_.output, run_.tail()
+        assert host.ssh("stat -c '%U %G %a' /root/target").stdout.strip() == "root root 644"
+        assert host.read("/root/target").strip() == "untouched"
+    finally:
+        host.ssh(f"rm -f {IDENTITY_ON_HOST} && mv /root/relay.ident.saved {IDENTITY_ON_HOST}")
+    controller.playbook("--limit", host.name).assert_clean([host.name])
 
 
 def test_reinstall_from_a_deb_file(deployment: Deployment, deb_package: Path) -> None:

@@ -538,3 +538,53 @@ def test_install_from_the_deb_file_makes_a_new_identity_after_purge(
         ).stdout
     )
     assert_probe_ok(fresh)
+
+
+def test_identity_is_made_by_the_service_user_and_root_follows_no_link(host: Host) -> None:
+    # The service user owns the state directory. While the package makes a missing
+    # identity, a process of that user swaps every file it can for a symbolic link to a
+    # root-owned file: root must never write, chown or chmod through one.
+    host.ssh("install -m 0644 /dev/null /root/target && echo untouched > /root/target")
+    host.ssh("systemctl stop offset-relay")
+    host.ssh(f"rm -f {IDENTITY}")
+    swapper = (
+        "setpriv --reuid=offset-relay --regid=offset-relay --clear-groups -- sh -c '"
+        "cd /var/lib/offset-relay; end=$(( $(date +%s) + 20 )); "
+        "while [ $(date +%s) -lt $end ]; do for f in relay.ident.new relay.ident.new.tmp; do "
+        "[ -L $f ] || { [ -e $f ] && ln -sfn /root/target $f; }; done; done' "
+        ">/dev/null 2>&1 & echo $!"
+    )
+    pid = host.ssh(swapper).stdout.strip()
+    try:
+        host.ssh("DEBIAN_FRONTEND=noninteractive dpkg-reconfigure offset-relay", check=False)
+    finally:
+        host.ssh(f"kill {pid} 2>/dev/null; true")
+    assert host.ssh("stat -c '%a %U %G' /root/target").stdout.strip() == "644 root root"
+    assert host.read("/root/target").strip() == "untouched"
+    # Whatever the swapper did, a clean run gives a private regular identity again.
+    host.ssh(f"[ -L {IDENTITY} ] && rm -f {IDENTITY}; rm -f {IDENTITY}.new; true")
+    host.ssh(f"[ -f {IDENTITY} ] || DEBIAN_FRONTEND=noninteractive dpkg-reconfigure offset-relay")
+    host.ssh("systemctl restart offset-relay")
+    wait_active(host)
+    assert host.ssh(f"stat -c '%a %U %F' {IDENTITY}").stdout.strip() == (
+        "600 offset-relay regular file"
+    )
+
+
+def test_purge_keeps_an_account_that_existed_before_the_package(
+    host: Host, deb_package: Path
+) -> None:
+    host.ssh(f"{APT} purge offset-relay", timeout=600)
+    host.ssh(
+        "groupadd --system offset-relay && useradd --system --gid offset-relay "
+        "--home-dir /nonexistent --shell /usr/sbin/nologin offset-relay"
+    )
+    try:
+        host.ssh(f"{APT} install /root/{deb_package.name}", timeout=600)
+        wait_active(host)
+        host.ssh(f"{APT} purge offset-relay", timeout=600)
+        assert host.ssh("getent passwd offset-relay", check=False).returncode == 0
+        assert host.ssh("getent group offset-relay", check=False).returncode == 0
+        assert host.ssh("ls -d /etc/offset-relay", check=False).returncode != 0
+    finally:
+        host.ssh("userdel offset-relay; groupdel offset-relay; true", check=False)

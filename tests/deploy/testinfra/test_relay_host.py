@@ -89,7 +89,11 @@ def test_identity_is_private_to_the_relay(host) -> None:
 
 
 def test_ticket_matches_the_identity(host) -> None:
-    ticket = json.loads(host.file(TICKET).content_string)
+    # Root's, in a directory the relay's user owns: that user cannot have written it.
+    ticket_file = host.file(TICKET)
+    assert ticket_file.is_file and not ticket_file.is_symlink
+    assert (ticket_file.user, ticket_file.mode) == ("root", 0o644)
+    ticket = json.loads(ticket_file.content_string)
     assert set(ticket) == {"publicKey", "address"}
     # The public key as the relay's own tool derives it from the identity, into a
     # throwaway ticket (stmgr never overwrites a file, hence a fresh directory).
