@@ -33,11 +33,12 @@ FAR = 2
 # List element size code of Data and List(UInt8).
 BYTE_ELEMENTS = 2
 
-# Reader limits. Zero runs let 2 bytes of packed input stand for 2 KiB of message, so the
-# unpacked size is capped on its own: at most 8 MiB, and by default at most one word per
-# packed byte plus MAX_EXPANSION_WORDS (64 KiB), so that a small frame cannot make the
-# reader allocate and clear megabytes. Real messages come nowhere near: their Data is
-# ciphertext or random padding, which packing does not shrink.
+# Reader limits. Zero runs let 2 bytes of packed input stand for 2 KiB of message, and a
+# word of one non-zero byte costs 2 bytes for 8, so the unpacked size is capped on its own:
+# at most 8 MiB, and by default at most the packed size plus MAX_EXPANSION_WORDS (64 KiB).
+# Real messages come nowhere near: their Data is ciphertext or random padding, which
+# packing does not shrink, and their few struct words fit the 64 KiB many times over. So
+# a frame costs the reader about what its own size costs, never several times more.
 MAX_SEGMENTS = 512
 MAX_MESSAGE_WORDS = 1 << 20
 MAX_EXPANSION_WORDS = 8192
@@ -405,7 +406,7 @@ def _unpack(data: bytes, max_words: int) -> bytearray:
 
 def default_max_words(packed_length: int) -> int:
     """The unpacked size (in words) a packed message of ``packed_length`` bytes may have."""
-    return min(MAX_MESSAGE_WORDS, MAX_EXPANSION_WORDS + packed_length)
+    return min(MAX_MESSAGE_WORDS, MAX_EXPANSION_WORDS + (packed_length + WORD - 1) // WORD)
 
 
 def unpack_bytearray(data: bytes) -> bytearray:
