@@ -327,7 +327,7 @@ def _unpack(data: bytes, max_words: int) -> bytearray:
                 raise ProtocolError("packed message truncated in a zero run")
             if pos + 3 < length and data[pos + 2] == 0:
                 # Several zero runs in a row: count them by their tags, add up their counts.
-                runs = _alike(data, pos, 2, b"\x00", (length - pos) // 2)
+                runs = _alike(data, pos, 2, b"\x00", min((length - pos) // 2, max_words - words))
                 stop = pos + 2 * runs
                 count = runs + sum(data[pos + 1 : stop : 2])
                 pos = stop
@@ -378,7 +378,8 @@ def _unpack(data: bytes, max_words: int) -> bytearray:
             if end < length and data[end] == tag:
                 # Several words with the same tag in a row: scatter each present byte of
                 # all of them with one strided copy.
-                count = _alike(data, pos, stride, _COUNT[tag], (length - pos) // stride)
+                most = min((length - pos) // stride, max_words - words + 1)
+                count = _alike(data, pos, stride, _COUNT[tag], most)
                 words += count
                 if words > max_words:
                     raise ProtocolError("packed message too large")
