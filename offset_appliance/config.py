@@ -35,9 +35,13 @@ class Limits:
     max_handshakes: int = 512
     max_frame_length: int = 1048576
     max_half_tunnels_per_listener: int = 128
+    max_half_tunnels_per_listener_per_ip: int = 16
     half_tunnel_buffer: int = 1048576
+    max_orphaned_bytes: int = 67108864
     buffer_high_water: int = 1048576
     buffer_low_water: int = 262144
+    new_connections_per_ip_per_second: int = 100
+    new_connections_per_ip_burst: int = 500
 
 
 @dataclass(frozen=True)
@@ -78,9 +82,13 @@ LIMIT_MINIMUM = {
     "max_handshakes": 1,
     "max_frame_length": 4096,
     "max_half_tunnels_per_listener": 1,
+    "max_half_tunnels_per_listener_per_ip": 1,
     "half_tunnel_buffer": 1,
+    "max_orphaned_bytes": 0,
     "buffer_high_water": 1,
     "buffer_low_water": 0,
+    "new_connections_per_ip_per_second": 1,
+    "new_connections_per_ip_burst": 1,
 }
 # Upper bounds on how much work one event can cause: a timer pass that expires every
 # connection, a listener whose close drops all its pending connects in one batch, one frame

@@ -6,6 +6,7 @@ text rendering) happens only when someone scrapes ``GET /metrics``.
 
 from __future__ import annotations
 
+import errno
 import logging
 import selectors
 import socket
@@ -42,7 +43,15 @@ CLOSE_REASONS = (
     "handshake_failed",
     "protocol_error",
 )
-REFUSAL_LIMITS = ("max_connections", "max_connections_per_ip", "max_handshakes", "file_descriptors")
+REFUSAL_LIMITS = (
+    "max_connections",
+    "max_connections_per_ip",
+    "max_handshakes",
+    "file_descriptors",
+    "connection_rate",
+)
+# accept() errors that mean the process (or system) is out of descriptors or memory.
+OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
 def close_label(reason: CloseReason) -> str:
@@ -291,13 +300,34 @@ class MetricsEndpoint:
         self.sock.setblocking(False)
         self.address = self.sock.getsockname()[:2]
         selector.register(self.sock, selectors.EVENT_READ, self)
+        self.paused = False
+        # Called when accept fails for lack of descriptors: the relay then stops watching
+        # every listening socket for a moment, this one included, instead of spinning on it.
+        self.out_of_descriptors: Callable[[OSError], None] | None = None
+
+    def pause(self) -> None:
+        """Stop watching the listening socket (the relay is out of descriptors)."""
+        if not self.paused:
+            self.selector.unregister(self.sock)
+            self.paused = True
+
+    def resume(self) -> None:
+        """Watch the listening socket again."""
+        if self.paused:
+            self.selector.register(self.sock, selectors.EVENT_READ, self)
+            self.paused = False
 
     def handle(self, mask: int) -> None:
         now = self.clock()
         for _ in range(MAX_CLIENTS):
             try:
                 sock, _ = self.sock.accept()
-            except OSError:
+            except OSError as exc:
+                if exc.errno in OUT_OF_DESCRIPTORS:
+                    if self.out_of_descriptors is not None:
+                        self.out_of_descriptors(exc)
+                    else:
+                        self.pause()
                 return
             if len(self.exchanges) >= MAX_CLIENTS:
                 sock.close()
@@ -344,5 +374,6 @@ class MetricsEndpoint:
     def close(self) -> None:
         for exchange in list(self.exchanges.values()):
             self.drop(exchange)
-        self.selector.unregister(self.sock)
+        if not self.paused:
+            self.selector.unregister(self.sock)
         self.sock.close()

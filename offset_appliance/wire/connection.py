@@ -241,6 +241,18 @@ class Connection:
             return self._deadline
         return min(keepalive.next_deadline(), self._next_rekey)
 
+    def timer_would_close(self, now: float) -> bool:
+        """Whether ``handle_timer(now)`` would close the connection: its set-up deadline
+        has passed, or the peer has been silent too long. An IO shell whose loop was busy
+        reads what the peer has sent first, so that its own delay is not taken for the
+        peer's silence."""
+        if self.state is State.CLOSED:
+            return False
+        keepalive = self._keepalive
+        if keepalive is None:
+            return now >= self._deadline
+        return keepalive.timed_out(now)
+
     def handle_timer(self, now: float) -> None:
         """Fire whatever is due: set-up timeout, idle timeout, keepalive, rekey."""
         if self.state is State.CLOSED:

@@ -289,3 +289,20 @@ def test_after_the_handshake_large_frames_are_accepted():
     a, b = pair()
     a.send_message(b"z" * 900_000, 1.0)
     assert deliver(a, b, 1.0) == [b"z" * 900_000]
+
+
+def test_timer_would_close_says_when_the_timer_closes():
+    conn = Connection(SigningKey.generate(), 0.0, conn_timeout=5.0)
+    assert not conn.timer_would_close(4.9)
+    assert conn.timer_would_close(5.0)
+    a, b = pair(0.0, keepalive=10.0)
+    assert not a.timer_would_close(9.9)
+    assert a.timer_would_close(10.0)
+    a.pause_reading()
+    assert not a.timer_would_close(100.0)
+    a.resume_reading(100.0)
+    b.send_message(b"hi", 105.0)
+    deliver(b, a, 105.0)
+    assert not a.timer_would_close(114.9)
+    with pytest.raises(ProtocolError, match="keepalive timeout"):
+        a.handle_timer(115.0)
