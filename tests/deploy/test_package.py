@@ -471,7 +471,7 @@ def test_relay_dumps_no_core_and_has_a_memory_ceiling(host: Host) -> None:
     core = next(
         line for line in host.read(f"/proc/{pid}/limits").splitlines() if "core file" in line
     )
-    assert core.split()[3:5] == ["0", "0"], core
+    assert core.split()[4:6] == ["0", "0"], core
     # Not dumpable (prctl): the kernel gives the process's /proc files to root, not to
     # the service user it runs as.
     owner = host.ssh(f"stat -c %U /proc/{pid}/environ").stdout.strip()
