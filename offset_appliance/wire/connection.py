@@ -57,6 +57,7 @@ class Connection:
         "_keepalive",
         "_out",
         "_out_size",
+        "_held",
         "_deadline",
         "_keepalive_interval",
         "_rekey_interval",
@@ -79,6 +80,7 @@ class Connection:
         self.peer_public_key: bytes | None = None
         # The peer's version and handshake frames are held to the small set-up limit.
         self._decoder = FrameDecoder(max_frame_length, setup_frames=SETUP_FRAMES)
+        self._held: list[bytes] = []  # complete frames beyond a frame budget
         self._handshake: Handshake | None = Handshake(identity, expected_peer, random)
         self._channel: SecureChannel | None = None
         self._keepalive: Keepalive | None = None
@@ -93,12 +95,24 @@ class Connection:
 
     # ---- input -------------------------------------------------------------------------
 
-    def receive_data(self, data: bytes, now: float) -> list[bytes]:
-        """Feed received bytes; returns the relay messages they complete, in order."""
+    def receive_data(self, data: bytes, now: float, frame_budget: int | None = None) -> list[bytes]:
+        """Feed received bytes; returns the relay messages they complete, in order.
+
+        With ``frame_budget``, at most that many complete frames are processed; the rest
+        are held (``backlog`` is then true) for the next call, which may pass no new bytes.
+        An IO shell serving many connections from one loop uses this to give each a share
+        of a pass; it should not read more from a connection that has a backlog.
+        """
         if self.state is State.CLOSED:
             raise LocalProtocolError("connection already closed")
         try:
-            frames = self._decoder.feed(data)
+            frames = self._decoder.feed(data) if data else []
+            if self._held:
+                frames[:0] = self._held
+                self._held = []
+            if frame_budget is not None and len(frames) > frame_budget:
+                self._held = frames[frame_budget:]
+                del frames[frame_budget:]
             if self.state is State.OPEN:
                 return self._receive_open(frames, now)
             return self._receive_setup(frames, now)
@@ -164,6 +178,11 @@ class Connection:
         if heard:
             keepalive.last_recv = now
         return messages
+
+    @property
+    def backlog(self) -> bool:
+        """Complete frames are held beyond a frame budget, waiting for ``receive_data``."""
+        return bool(self._held)
 
     @property
     def rekeys(self) -> int:

@@ -306,3 +306,18 @@ def test_timer_would_close_says_when_the_timer_closes():
     assert not a.timer_would_close(114.9)
     with pytest.raises(ProtocolError, match="keepalive timeout"):
         a.handle_timer(115.0)
+
+
+def test_a_frame_budget_holds_the_rest_for_the_next_call():
+    a, b = pair()
+    for i in range(10):
+        a.send_message(b"m%d" % i, 1.0)
+    data = b"".join(a.data_to_send())
+    got = b.receive_data(data, 1.0, frame_budget=3)
+    assert got == [b"m0", b"m1", b"m2"] and b.backlog
+    got += b.receive_data(b"", 1.0, frame_budget=3)
+    got += b.receive_data(b"", 1.0, frame_budget=3)
+    assert b.backlog
+    got += b.receive_data(b"", 1.0, frame_budget=3)
+    assert not b.backlog
+    assert got == [b"m%d" % i for i in range(10)]
