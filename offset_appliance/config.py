@@ -99,9 +99,13 @@ LIMIT_MAXIMUM = {
     "max_handshakes": 1 << 16,
     "max_frame_length": 16 << 20,
     "max_half_tunnels_per_listener": 1024,
+    "max_half_tunnels_per_listener_per_ip": 1024,
     "half_tunnel_buffer": 16 << 20,
+    "max_orphaned_bytes": 1 << 30,
     "buffer_high_water": 64 << 20,
     "buffer_low_water": 64 << 20,
+    "new_connections_per_ip_per_second": 1 << 20,
+    "new_connections_per_ip_burst": 1 << 20,
 }
 # Timers, in seconds: keepalives go out at half the keepalive timeout, on a one-second tick
 # at best; nothing waits longer than a week.

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import tomllib
 import os
+import tomllib
 from pathlib import Path
 
 import pytest
