@@ -75,7 +75,9 @@ class CoreLimits:
     relay_conn_timeout: float = Timeouts.relay_conn_timeout
     half_tunnel_timeout: float = Timeouts.half_tunnel
     max_half_tunnels_per_listener: int = Limits.max_half_tunnels_per_listener
+    max_half_tunnels_per_listener_per_ip: int = Limits.max_half_tunnels_per_listener_per_ip
     half_tunnel_buffer: int = Limits.half_tunnel_buffer
+    max_orphaned_bytes: int = Limits.max_orphaned_bytes
 
 
 class Role(enum.Enum):
@@ -88,11 +90,12 @@ class Role(enum.Enum):
 
 
 class _Conn:
-    __slots__ = ("id", "key", "role", "peer", "half")
+    __slots__ = ("id", "key", "source", "role", "peer", "half")
 
-    def __init__(self, conn_id: int, key: bytes) -> None:
+    def __init__(self, conn_id: int, key: bytes, source: str) -> None:
         self.id = conn_id
         self.key = key
+        self.source = source  # the address (IPv6: the /64) it came from
         self.role = Role.PENDING
         self.peer: int | None = None  # the other end, for TUNNEL
         self.half: _HalfTunnel | None = None  # for HALF_TUNNEL
@@ -101,11 +104,12 @@ class _Conn:
 class _HalfTunnel:
     """A connect from ``src`` to listener ``dst`` waiting for ``accept(src)``."""
 
-    __slots__ = ("src", "dst", "conn_id", "data", "size", "expires", "paused")
+    __slots__ = ("src", "dst", "source", "conn_id", "data", "size", "expires", "paused")
 
-    def __init__(self, src: bytes, dst: bytes, conn_id: int, expires: float) -> None:
+    def __init__(self, src: bytes, dst: bytes, source: str, conn_id: int, expires: float) -> None:
         self.src = src
         self.dst = dst
+        self.source = source
         self.conn_id: int | None = conn_id  # None once the connecting side has closed
         self.data: list[bytes] = []
         self.size = 0
@@ -129,6 +133,14 @@ class RelayCore:
         self._listeners: dict[bytes, int] = {}
         self._half_tunnels: dict[tuple[bytes, bytes], _HalfTunnel] = {}
         self._half_by_listener: dict[bytes, set[bytes]] = {}
+        # Pending connects per (listener, source address): one address cannot take all of
+        # a listener's pending slots.
+        self._half_by_source: dict[tuple[bytes, str], int] = {}
+        # Half-tunnels whose connecting side has closed (oldest first), and the bytes they
+        # hold: bounded in total, and counted against their source address until they go.
+        self._orphans: dict[_HalfTunnel, None] = {}
+        self.orphaned_bytes = 0
+        self._orphans_by_source: dict[str, int] = {}
         # (deadline, sequence, what): a connection id is due its first message, a
         # half-tunnel its accept.
         self._timers: list[tuple[float, int, int | _HalfTunnel]] = []
@@ -147,6 +159,11 @@ class RelayCore:
         """Connects waiting for an accept."""
         return len(self._half_tunnels)
 
+    def orphans_from(self, source: str) -> int:
+        """Half-tunnels kept for ``source`` after its connecting side closed: each still
+        takes one of that address's connections until it is accepted or expires."""
+        return self._orphans_by_source.get(source, 0)
+
     def role(self, conn_id: int) -> Role | None:
         """The role of an open connection, or None if the core does not know it."""
         conn = self._conns.get(conn_id)
@@ -163,9 +180,10 @@ class RelayCore:
 
     # ---- events ------------------------------------------------------------------------
 
-    def opened(self, conn_id: int, key: bytes, now: float) -> None:
-        """A connection finished its handshake as ``key``; its first message is now due."""
-        self._conns[conn_id] = _Conn(conn_id, key)
+    def opened(self, conn_id: int, key: bytes, now: float, source: str = "") -> None:
+        """A connection from ``source`` finished its handshake as ``key``; its first message
+        is now due."""
+        self._conns[conn_id] = _Conn(conn_id, key, source)
         self._push(now + self.limits.relay_conn_timeout, conn_id)
 
     def message(self, conn_id: int, data: bytes, now: float) -> None:
@@ -241,14 +259,44 @@ class RelayCore:
             half = conn.half
             if half is not None:
                 half.conn_id = None
+                self._orphan(half)
 
-    def _drop_half_tunnel(self, half: _HalfTunnel, reason: CloseReason) -> None:
+    def _orphan(self, half: _HalfTunnel) -> None:
+        """Keep a half-tunnel whose connecting side closed, within the bounds on orphans."""
+        self._orphans[half] = None
+        self.orphaned_bytes += half.size
+        by_source = self._orphans_by_source
+        by_source[half.source] = by_source.get(half.source, 0) + 1
+        # Over the total: the oldest orphans go first (their connect may be retried).
+        while self.orphaned_bytes > self.limits.max_orphaned_bytes and self._orphans:
+            oldest = next(iter(self._orphans))
+            self._drop_half_tunnel(oldest, CloseReason.HALF_TUNNEL_EXPIRED)
+
+    def _unlink(self, half: _HalfTunnel) -> None:
+        """Remove a half-tunnel from every index (accepted, rejected or dropped)."""
         del self._half_tunnels[(half.src, half.dst)]
-        half.data = []  # the expiry timer may still refer to it
         sources = self._half_by_listener[half.dst]
         sources.discard(half.src)
         if not sources:
             del self._half_by_listener[half.dst]
+        key = (half.dst, half.source)
+        count = self._half_by_source[key] - 1
+        if count:
+            self._half_by_source[key] = count
+        else:
+            del self._half_by_source[key]
+        if half in self._orphans:
+            del self._orphans[half]
+            self.orphaned_bytes -= half.size
+            count = self._orphans_by_source[half.source] - 1
+            if count:
+                self._orphans_by_source[half.source] = count
+            else:
+                del self._orphans_by_source[half.source]
+
+    def _drop_half_tunnel(self, half: _HalfTunnel, reason: CloseReason) -> None:
+        self._unlink(half)
+        half.data = []  # the expiry timer may still refer to it
         if half.conn_id is not None:
             conn = self._conns.get(half.conn_id)
             if conn is not None:
@@ -287,16 +335,24 @@ class RelayCore:
         if (src, dst) in self._half_tunnels:
             self._close(conn, CloseReason.RELAY_REFUSED)
             return
-        sources = self._half_by_listener.setdefault(dst, set())
+        sources = self._half_by_listener.get(dst, ())
         if len(sources) >= self.limits.max_half_tunnels_per_listener:
+            self._close(conn, CloseReason.HALF_TUNNEL_LIMIT)
+            return
+        by_source = (dst, conn.source)
+        if (
+            self._half_by_source.get(by_source, 0)
+            >= self.limits.max_half_tunnels_per_listener_per_ip
+        ):
             self._close(conn, CloseReason.HALF_TUNNEL_LIMIT)
             return
         if not self._can_queue(listener_id):
             self._close(conn, CloseReason.LISTENER_FULL)
             return
-        half = _HalfTunnel(src, dst, conn.id, now + self.limits.half_tunnel_timeout)
+        half = _HalfTunnel(src, dst, conn.source, conn.id, now + self.limits.half_tunnel_timeout)
         self._half_tunnels[(src, dst)] = half
-        sources.add(src)
+        self._half_by_listener.setdefault(dst, set()).add(src)
+        self._half_by_source[by_source] = self._half_by_source.get(by_source, 0) + 1
         conn.role = Role.HALF_TUNNEL
         conn.half = half
         self._push(half.expires, half)
@@ -308,11 +364,7 @@ class RelayCore:
         if dst not in self._listeners or half is None:
             self._close(conn, CloseReason.RELAY_REFUSED)
             return
-        del self._half_tunnels[(src, dst)]
-        sources = self._half_by_listener[dst]
-        sources.discard(src)
-        if not sources:
-            del self._half_by_listener[dst]
+        self._unlink(half)
         actions = self.actions
         for data in half.data:
             actions.append(Send(conn.id, data))

@@ -283,3 +283,63 @@ def test_notification_that_cannot_be_queued_closes_the_connect():
     core.message(2, connect(L), 0.0)
     assert closed_ids(take(core)) == [2]
     assert core.half_tunnel_count == 0
+
+
+def _key(number: int) -> bytes:
+    return number.to_bytes(32, "big")
+
+
+def test_one_address_cannot_take_all_of_a_listeners_pending_connects():
+    core = RelayCore(
+        CoreLimits(max_half_tunnels_per_listener=8, max_half_tunnels_per_listener_per_ip=3)
+    )
+    setup_listener(core)
+    for n in range(3):
+        core.opened(10 + n, _key(n), 0.0, source="192.0.2.1")
+        core.message(10 + n, connect(L), 0.0)
+    assert not closed_ids(take(core))
+    core.opened(20, _key(99), 0.0, source="192.0.2.1")
+    core.message(20, connect(L), 0.0)
+    actions = take(core)
+    assert Close(20, CloseReason.HALF_TUNNEL_LIMIT) in actions
+    # Another address still gets through; and a slot comes back when a connect goes.
+    core.opened(21, _key(98), 0.0, source="198.51.100.1")
+    core.message(21, connect(L), 0.0)
+    assert not closed_ids(take(core))
+    core.message(1, RejectConnection(_key(0)).encode(), 0.0)
+    take(core)
+    core.opened(22, _key(97), 0.0, source="192.0.2.1")
+    core.message(22, connect(L), 0.0)
+    assert not closed_ids(take(core))
+
+
+def test_orphaned_bytes_are_bounded_and_counted_against_their_source():
+    core = RelayCore(
+        CoreLimits(
+            half_tunnel_buffer=10_000, max_orphaned_bytes=25_000, max_half_tunnels_per_listener=64
+        )
+    )
+    setup_listener(core)
+    for n in range(4):
+        conn_id = 10 + n
+        core.opened(conn_id, _key(n), 0.0, source=f"192.0.2.{n % 2}")
+        core.message(conn_id, connect(L), 0.0)
+        core.message(conn_id, b"d" * 9_000, 0.0)
+        take(core)
+        # The connecting side hangs up: its half-tunnel stays, for an accept to deliver.
+        core.closed(conn_id)
+    # 4 x 9,000 bytes orphaned, 25,000 allowed: the oldest went, the newest three stay.
+    assert core.orphaned_bytes == 18_000
+    assert core.half_tunnel_count == 2
+    assert core.orphans_from("192.0.2.0") == 1 and core.orphans_from("192.0.2.1") == 1
+    # Accepting one delivers its data and releases its bytes and its source's count.
+    core.opened(30, L, 0.0)
+    core.message(30, accept(_key(3)), 0.0)
+    actions = take(core)
+    assert Send(30, b"d" * 9_000) in actions
+    assert core.orphaned_bytes == 9_000
+    assert core.orphans_from("192.0.2.1") == 0
+    # Expiry releases the rest.
+    core.handle_timer(1000.0)
+    assert core.orphaned_bytes == 0 and core.half_tunnel_count == 0
+    assert core.orphans_from("192.0.2.0") == 0
