@@ -13,12 +13,13 @@ import os
 import selectors
 import socket
 from collections import OrderedDict
-from collections.abc import Iterator
-from typing import NamedTuple
+from collections.abc import Callable, Iterator
+from typing import NamedTuple, Protocol
 
 from ..config import Limits
 from .clients import Client
 from .metrics import Stats
+from .ratelimit import RateLimiter, source_of
 
 log = logging.getLogger("strelay")
 
@@ -29,6 +30,14 @@ ACCEPT_BATCH = 64
 SHED_PAUSE = 0.1
 FD_WARNING_INTERVAL = 60.0
 _OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+
+
+class Pausable(Protocol):
+    """Another listening socket (the metrics endpoint) paused with the relay's own."""
+
+    def pause(self) -> None: ...
+
+    def resume(self) -> None: ...
 
 
 class Decision(NamedTuple):
@@ -48,11 +57,19 @@ class Admission:
         stats: Stats,
         selector: selectors.BaseSelector,
         listen_sockets: list[socket.socket],
+        orphans_from: Callable[[str], int] = lambda source: 0,
     ) -> None:
         self.limits = limits
         self.stats = stats
         self.selector = selector
         self.listen_sockets = listen_sockets
+        # Half-tunnels an address left behind still count as its connections until they go.
+        self.orphans_from = orphans_from
+        self.rate = RateLimiter(
+            limits.new_connections_per_ip_per_second, limits.new_connections_per_ip_burst
+        )
+        # Paused and resumed with the listening sockets when out of descriptors.
+        self.also_paused: list[Pausable] = []
         self.per_ip: dict[str, int] = {}
         # Clients whose handshake is under way, oldest first.
         self.handshaking: OrderedDict[int, Client] = OrderedDict()
@@ -62,14 +79,25 @@ class Admission:
 
     # ---- deciding ----------------------------------------------------------------------
 
-    def decide(self, ip: str, connections: int) -> Decision:
+    def set_limits(self, limits: Limits) -> None:
+        """New limits (on reload): the rate applies from now on, buckets are kept."""
+        self.limits = limits
+        self.rate.rate = float(limits.new_connections_per_ip_per_second)
+        self.rate.burst = float(limits.new_connections_per_ip_burst)
+
+    def decide(self, ip: str, connections: int, now: float = 0.0) -> Decision:
         """Admit or refuse a connection from ``ip`` while ``connections`` are open."""
         limits = self.limits
         refused = self.stats.refused
+        source = source_of(ip)
+        # First: a refusal by rate costs the relay nothing but the accept.
+        if not self.rate.allow(source, now):
+            refused["connection_rate"] += 1
+            return Decision("connection_rate", None)
         if connections >= limits.max_connections:
             refused["max_connections"] += 1
             return Decision("max_connections", None)
-        if self.per_ip.get(ip, 0) >= limits.max_connections_per_ip:
+        if self.per_ip.get(ip, 0) + self.orphans_from(source) >= limits.max_connections_per_ip:
             refused["max_connections_per_ip"] += 1
             return Decision("max_connections_per_ip", None)
         if len(self.handshaking) >= limits.max_handshakes:
@@ -134,6 +162,10 @@ class Admission:
                 return
             yield sock, addr
 
+    def shed(self, lsock: socket.socket, exc: OSError, now: float) -> None:
+        """Out of descriptors on another listening socket (the metrics endpoint)."""
+        self._shed(lsock, exc, now)
+
     def _shed(self, lsock: socket.socket, exc: OSError, now: float) -> None:
         """Out of descriptors: refuse the waiting connections cleanly, keep serving others."""
         if now >= self._fd_warning_at:
@@ -164,6 +196,8 @@ class Admission:
         if not self.paused_until:
             for sock in self.listen_sockets:
                 self.selector.unregister(sock)
+            for other in self.also_paused:
+                other.pause()
         self.paused_until = now + SHED_PAUSE
 
     def next_deadline(self) -> float:
@@ -176,3 +210,5 @@ class Admission:
             self.paused_until = 0.0
             for sock in self.listen_sockets:
                 self.selector.register(sock, selectors.EVENT_READ, sock)
+            for other in self.also_paused:
+                other.resume()

@@ -43,6 +43,7 @@ class Client:
         "bytes_in",
         "bytes_out",
         "role",
+        "served_in",
     )
 
     def __init__(self, conn_id: int, sock: socket.socket, ip: str, port: int, wire: Connection):
@@ -66,3 +67,4 @@ class Client:
         self.bytes_in = 0
         self.bytes_out = 0
         self.role = ""
+        self.served_in = 0  # the turn of the loop it was last served in

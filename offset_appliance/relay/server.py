@@ -35,6 +35,7 @@ from .handover import Handover, Inherited, ServiceManager
 from .metrics import MetricsEndpoint, Snapshot, Stats, render
 from .notify import Notifier
 from .output import Output
+from .ratelimit import source_of
 
 log = logging.getLogger("strelay")
 
@@ -52,6 +53,14 @@ _ROLE_NAMES = {
     Role.HALF_TUNNEL: "connector",
     Role.TUNNEL: "tunnel",
 }
+# The work of one turn of the loop: connections are served, the longest-waiting first, until
+# this much time has gone; the rest (still readable) go first in the next turn, after the
+# timers have run and the output has been written. One connection gets at most one read and
+# FRAME_BUDGET frames a turn (the rest of what it sent waits, in order, for its next turn).
+# So whatever anyone sends, a connection that becomes readable is served within about two
+# turns.
+TURN_BUDGET = 0.02
+FRAME_BUDGET = 64
 # The settings a running relay cannot change: they take a restart.
 RESTART_ONLY = ("listen", "identity_file", "metrics")
 
@@ -82,7 +91,13 @@ class RelayServer:
         self.limits = config.limits
         self.timeouts = config.timeouts
         self.core = RelayCore(self._core_limits(config), can_queue=self._can_queue)
-        self.admission = Admission(config.limits, self.stats, self.selector, self.listen_sockets)
+        self.admission = Admission(
+            config.limits,
+            self.stats,
+            self.selector,
+            self.listen_sockets,
+            orphans_from=self.core.orphans_from,
+        )
         self.output = Output(
             self.selector,
             self.clients,
@@ -102,6 +117,11 @@ class RelayServer:
         self._wakeup_w: socket.socket | None = None
         self._watchdog = 0.0
         self._next_watchdog = 0.0
+        # Real elapsed time for the turn's budget (``clock`` may be a test's fake one).
+        self._work_clock = time.perf_counter
+        self._turn = 0  # turns so far; each client remembers the last one it was served in
+        self._backlog: dict[int, Client] = {}  # clients holding frames beyond their budget
+        self._deferred = False  # the last turn ran out of budget before serving everyone
         self._next_status = 0.0
         self._next_status_log = 0.0
         self.metrics: MetricsEndpoint | None = None
@@ -117,11 +137,14 @@ class RelayServer:
             relay_conn_timeout=timeouts.relay_conn_timeout,
             half_tunnel_timeout=timeouts.half_tunnel,
             max_half_tunnels_per_listener=limits.max_half_tunnels_per_listener,
+            max_half_tunnels_per_listener_per_ip=limits.max_half_tunnels_per_listener_per_ip,
             half_tunnel_buffer=limits.half_tunnel_buffer,
+            max_orphaned_bytes=limits.max_orphaned_bytes,
         )
 
     def _apply_limits(self, config: Config) -> None:
-        self.limits = self.admission.limits = self.output.limits = config.limits
+        self.limits = self.output.limits = config.limits
+        self.admission.set_limits(config.limits)
         self.timeouts = config.timeouts
         self.core.limits = self._core_limits(config)
 
@@ -161,6 +184,12 @@ class RelayServer:
                 )
             except OSError as exc:
                 raise BindError(host, port, exc, kind="metrics") from None
+            # Out of descriptors, the metrics listener is paused with the relay's own.
+            metrics = self.metrics
+            self.admission.also_paused.append(metrics)
+            metrics.out_of_descriptors = lambda exc: self.admission.shed(
+                metrics.sock, exc, self.clock()
+            )
         return bound
 
     def _install_signals(self) -> None:
@@ -210,29 +239,60 @@ class RelayServer:
 
     def step(self, timeout: float = 1.0) -> int:
         """One turn of the loop: wait for events (until the next deadline, at most
-        ``timeout`` seconds), handle them, run the timers that are due and write. Returns
-        the number of sockets that had events."""
+        ``timeout`` seconds), serve them within the turn's budget, run the timers that are
+        due and write. Returns the number of sockets that had events."""
         actions = self.core.actions
         now = self.clock()
-        if self.output.dirty or actions:
+        backlog = self._backlog
+        if (
+            self.output.dirty
+            or actions
+            or self._deferred
+            or any(not client.paused for client in backlog.values())
+        ):
             wait = 0.0
         else:
             wait = max(0.0, min(self._next_deadline(), now + timeout) - now)
         clients = self.clients
         events = self.selector.select(wait)
+        self._turn += 1
+        # Listening sockets, the wake-up pipe and /metrics first (each bounded on its own),
+        # then the connections, those that waited longest first.
+        ready: list[tuple[int, int, Client, int]] = []
         for key, mask in events:
             obj = key.data
             if type(obj) is Client:
-                if mask & selectors.EVENT_WRITE:
-                    self.output.write(obj)
-                if mask & selectors.EVENT_READ and obj.id in clients:
-                    self._on_readable(obj)
+                ready.append((obj.served_in, obj.id, obj, mask))
             elif obj is self._wakeup_r:
                 self._drain_wakeup()
             elif isinstance(obj, socket.socket):
                 self._on_acceptable(obj)
             else:
                 obj.handle(mask)
+            if actions:
+                self._drain()
+        if backlog:
+            listed = {item[1] for item in ready}
+            for cid, client in backlog.items():
+                if cid not in listed and not client.paused:
+                    ready.append((client.served_in, cid, client, selectors.EVENT_READ))
+        if len(ready) > 1:
+            ready.sort()
+        work_clock = self._work_clock
+        budget_end = work_clock() + TURN_BUDGET
+        turn = self._turn
+        self._deferred = False
+        for index, (_, cid, client, mask) in enumerate(ready):
+            if index and work_clock() >= budget_end:
+                # The rest are still readable (or hold a backlog): they come first next turn.
+                self._deferred = True
+                self._feed_watchdog()
+                break
+            client.served_in = turn
+            if mask & selectors.EVENT_WRITE:
+                self.output.write(client)
+            if mask & selectors.EVENT_READ and cid in clients:
+                self._on_readable(client)
             if actions:
                 self._drain()
         now = self.clock()
@@ -242,9 +302,7 @@ class RelayServer:
             self._drain()
         if self._reload_requested:
             self._reload()
-        if self._watchdog and now >= self._next_watchdog:
-            self.notifier.notify("WATCHDOG=1")
-            self._next_watchdog = now + self._watchdog
+        self._feed_watchdog()
         if now >= self._next_status:
             self.notifier.notify("STATUS=" + self.status_line())
             self._next_status = now + STATUS_INTERVAL
@@ -255,6 +313,14 @@ class RelayServer:
             log.info("status: %s", self.status_line())
             self._next_status_log = now + STATUS_LOG_INTERVAL
         return len(events)
+
+    def _feed_watchdog(self) -> None:
+        """Tell systemd the loop is alive, when it is due (also from within long passes)."""
+        if self._watchdog:
+            now = self.clock()
+            if now >= self._next_watchdog:
+                self.notifier.notify("WATCHDOG=1")
+                self._next_watchdog = now + self._watchdog
 
     def _next_deadline(self) -> float:
         timers = self._timers
@@ -331,11 +397,12 @@ class RelayServer:
         """Serve an accepted socket, if admission allows it; returns its client, or None."""
         if now is None:
             now = self.clock()
-        decision = self.admission.decide(addr[0], len(self.clients))
+        decision = self.admission.decide(addr[0], len(self.clients), now)
         if decision.refused is not None:
             sock.close()
             limit = decision.refused
-            self.refusals.refused(limit, getattr(self.limits, limit), addr[0], now)
+            setting = "new_connections_per_ip_per_second" if limit == "connection_rate" else limit
+            self.refusals.refused(limit, getattr(self.limits, setting), addr[0], now)
             return None
         if decision.evict is not None:
             evicted = decision.evict.ip
@@ -365,29 +432,37 @@ class RelayServer:
     # ---- reading -----------------------------------------------------------------------
 
     def _on_readable(self, client: Client) -> None:
-        try:
-            data = client.sock.recv(client.recv_size)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:
-            self._close(client, CloseReason.RESET, f"receive failed: {exc.strerror}")
-            return
-        if not data:
-            self._close(client, CloseReason.PEER_CLOSED)
-            return
-        if len(data) == client.recv_size:
-            if client.recv_size < RECV_MAX:
-                client.recv_size *= 2
-        elif client.recv_size > RECV_MIN and len(data) < client.recv_size // 4:
-            client.recv_size //= 2
-        now = self.clock()
         wire = client.wire
+        if wire.backlog:
+            # Frames already received wait their turn: read no more until they are served.
+            data = b""
+        else:
+            try:
+                data = client.sock.recv(client.recv_size)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self._close(client, CloseReason.RESET, f"receive failed: {exc.strerror}")
+                return
+            if not data:
+                self._close(client, CloseReason.PEER_CLOSED)
+                return
+            if len(data) == client.recv_size:
+                if client.recv_size < RECV_MAX:
+                    client.recv_size *= 2
+            elif client.recv_size > RECV_MIN and len(data) < client.recv_size // 4:
+                client.recv_size //= 2
+        now = self.clock()
         was_open = wire.state is State.OPEN
         try:
-            messages = wire.receive_data(data, now)
+            messages = wire.receive_data(data, now, FRAME_BUDGET)
         except ProtocolError as exc:
             self._close(client, exc.reason, str(exc))
             return
+        if wire.backlog:
+            self._backlog[client.id] = client
+        else:
+            self._backlog.pop(client.id, None)
         if not was_open and wire.state is State.OPEN:
             self._opened(client, wire.peer_public_key, now)  # type: ignore[arg-type]
         if wire.pending_output:
@@ -402,7 +477,7 @@ class RelayServer:
     def _opened(self, client: Client, peer_key: bytes, now: float) -> None:
         """The client's handshake finished: it is the core's from now on."""
         self.admission.opened(client)
-        self.core.opened(client.id, peer_key, now)
+        self.core.opened(client.id, peer_key, now, source_of(client.ip))
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
                 "%s: open, key %s, after %.3f s",
@@ -474,6 +549,12 @@ class RelayServer:
                 self._close(client, CloseReason.FLUSH_TIMEOUT)
                 continue
             wire = client.wire
+            if not client.paused and wire.timer_would_close(now):
+                # Before closing for silence or an unfinished set-up, read what the peer has
+                # sent: a loop that was busy must not take its own delay for the peer's.
+                self._on_readable(client)
+                if clients.get(cid) is not client:
+                    continue
             try:
                 wire.handle_timer(now)
             except ProtocolError as exc:
@@ -520,6 +601,7 @@ class RelayServer:
             self._schedule(client, client.close_by)
             return
         del self.clients[cid]
+        self._backlog.pop(cid, None)
         self.accounting.closed(
             client,
             reason,

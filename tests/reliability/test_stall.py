@@ -14,6 +14,7 @@ from __future__ import annotations
 import socket
 import time
 
+import pytest
 from nacl.signing import SigningKey
 
 from offset_appliance.wire.connection import VERSION_FRAME, Connection, State
@@ -69,18 +70,19 @@ def _release_and_measure(relay, attackers: list[socket.socket]) -> float:
     return _honest_delay(relay)
 
 
-def test_unauthenticated_slow_frames_do_not_stall_the_loop(relay_factory, figures):
+@pytest.mark.parametrize("attackers", [ATTACKERS, 512])
+def test_unauthenticated_slow_frames_do_not_stall_the_loop(relay_factory, figures, attackers):
     relay = relay_factory()
     baseline = _honest_delay(relay)
-    attackers = []
+    socks = []
     try:
-        for number in range(ATTACKERS):
+        for number in range(attackers):
             sock = _connect(relay, SOURCE_IPS[number % 8])
             _send_quietly(sock, VERSION_FRAME + frame_header(FRAME) + SLOW_WORDS[:-1])
-            attackers.append(sock)
-        delay = _release_and_measure(relay, attackers)
+            socks.append(sock)
+        delay = _release_and_measure(relay, socks)
     finally:
-        for sock in attackers:
+        for sock in socks:
             sock.close()
     figures.attack_held("slow_frames_unauthenticated")
     print(f"\nhonest delay: {baseline * 1000:.1f} ms alone, {delay * 1000:.1f} ms under attack")

@@ -1,0 +1,168 @@
+"""The loop's fairness and admission limits, in this process under a clock the test moves:
+a frame budget per connection and a time budget per turn (served longest-waiting first),
+idle deadlines that read before they close, and the per-source rate of new connections."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from offset_appliance.relay import server as server_module
+from offset_appliance.relay.metrics import render
+from offset_appliance.wire.messages import Accept, Connect, encode_init_connection
+
+from .server_rig import Rig
+
+
+@pytest.fixture
+def rigs():
+    made: list[Rig] = []
+
+    def make(**kwargs) -> Rig:
+        rig = Rig(**kwargs)
+        made.append(rig)
+        return rig
+
+    yield make
+    for rig in made:
+        rig.close()
+
+
+def _wait_readable(sock: socket.socket) -> None:
+    import select
+
+    select.select([sock], [], [], 5.0)
+
+
+def test_one_read_gives_a_connection_at_most_its_frame_budget_per_turn(rigs):
+    rig = rigs()
+    listener, connector, acceptor = rig.tunnel()
+    server = rig.server
+    messages = [b"m%03d" % n for n in range(200)]
+    for message in messages:
+        connector.send(message)
+    connector.pump()  # all 200 frames in the relay's socket buffer at once
+    client = rig.client_of(connector)
+    _wait_readable(client.sock)
+    before = server.stats.messages_relayed
+    server.step(0)
+    assert server.stats.messages_relayed - before == server_module.FRAME_BUDGET
+    assert client.wire.backlog
+    rig.settle()
+    assert acceptor.inbox[-200:] == messages  # the rest, in order, in later turns
+    assert not client.wire.backlog and client.id not in server._backlog
+
+
+def test_a_turn_serves_the_longest_waiting_connections_first(rigs, monkeypatch):
+    rig = rigs()
+    nodes = [rig.listener() for _ in range(6)]
+    server = rig.server
+    # A budget so small that each turn serves one connection.
+    monkeypatch.setattr(server_module, "TURN_BUDGET", 0.0)
+    for node in nodes:
+        node.send(b"x" * 10)  # not a valid RejectConnection: the listener is closed for it
+        node.pump()
+    clients = [rig.client_of(node) for node in nodes]
+    for client in clients:
+        _wait_readable(client.sock)
+    # The last ones waited longest (were served in the earliest turns).
+    for age, client in enumerate(reversed(clients)):
+        client.served_in = age
+    served_order = []
+    for turn in range(1, 7):
+        server.step(0)
+        gone = [c.id for c in clients if c.id not in server.clients and c.id not in served_order]
+        assert len(gone) == 1, f"turn {turn} served {len(gone)} connections, not one"
+        served_order += gone
+    assert served_order == [c.id for c in reversed(clients)]
+
+
+def test_an_idle_deadline_reads_what_is_waiting_before_it_closes(rigs):
+    rig = rigs(timeouts={"keepalive": 31.0})
+    listener = rig.listener()
+    server = rig.server
+    client = rig.client_of(listener)
+    # The peer spoke in time (a keepalive of the protocol), but the loop was busy and its
+    # bytes wait unread in the socket when the deadline comes.
+    rig.clock.advance(30.0)
+    listener.wire.handle_timer(rig.clock())  # the node owes a keepalive: it sends one
+    listener.pump()
+    _wait_readable(client.sock)
+    rig.clock.advance(1.5)
+    server._run_timers(rig.clock())
+    assert client.id in server.clients, "closed for a silence that was the relay's own"
+    assert server.stats.closed["keepalive_timeout"] == 0
+    # A peer that really is silent is still closed.
+    rig.clock.advance(32.0)
+    server._run_timers(rig.clock())
+    assert client.id not in server.clients
+    assert server.stats.closed["keepalive_timeout"] == 1
+
+
+def test_new_connections_from_one_source_are_rate_limited(rigs):
+    rig = rigs(limits={"new_connections_per_ip_per_second": 2, "new_connections_per_ip_burst": 3})
+    server = rig.server
+    socks = [socket.create_connection(rig.address) for _ in range(5)]
+    try:
+        for _ in range(20):
+            server.step(0.01)
+        assert len(server.clients) == 3
+        assert server.stats.refused["connection_rate"] == 2
+        assert 'offset_relay_connections_refused_total{limit="connection_rate"} 2' in render(
+            server.stats, server.snapshot()
+        )
+        # Tokens come back with time: one more after half a second.
+        rig.clock.advance(0.5)
+        socks.append(socket.create_connection(rig.address))
+        socks.append(socket.create_connection(rig.address))
+        for _ in range(20):
+            server.step(0.01)
+        assert len(server.clients) == 4
+        assert server.stats.refused["connection_rate"] == 3
+        # Another source is not affected by this one's rate.
+        other = socket.socket()
+        other.bind(("127.0.0.2", 0))
+        other.connect(rig.address)
+        socks.append(other)
+        for _ in range(20):
+            server.step(0.01)
+        assert len(server.clients) == 5
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def test_orphaned_half_tunnels_hold_their_sources_connections(rigs):
+    rig = rigs(limits={"max_connections_per_ip": 4, "max_handshakes": 4})
+    listener = rig.listener()  # one connection of 127.0.0.1
+    server = rig.server
+    connectors = []
+    for _ in range(2):
+        node = rig.node()
+        node.send(encode_init_connection(Connect(listener.public_key)))
+        node.send(b"early data")
+        connectors.append(node)
+    rig.settle()
+    for node in connectors:
+        node.close()  # hang up before any accept: two orphaned half-tunnels
+    rig.settle()
+    assert server.core.orphans_from("127.0.0.1") == 2
+    assert len(server.clients) == 1
+    # 1 connection + 2 orphans of 4: one more connection, then refused.
+    extra = [socket.create_connection(rig.address) for _ in range(2)]
+    try:
+        for _ in range(20):
+            server.step(0.01)
+        assert len(server.clients) == 2
+        assert server.stats.refused["max_connections_per_ip"] == 1
+    finally:
+        for sock in extra:
+            sock.close()
+    rig.settle()
+    # An accept takes an orphan's data and gives its source its connection back.
+    acceptor = rig.node(listener.identity)
+    acceptor.send(encode_init_connection(Accept(connectors[0].public_key)))
+    rig.settle()
+    assert acceptor.inbox == [b"early data"]
+    assert server.core.orphans_from("127.0.0.1") == 1
