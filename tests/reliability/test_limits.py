@@ -233,7 +233,9 @@ def _stuck_round(relay, figures) -> None:
     listener.on_message = on_incoming
     swarm.run_until(lambda: listener.is_open and not listener.pending, 30, "listener")
     wait_metrics(relay, lambda v: v["offset_relay_listeners"] == 1, 30, "listening")
-    writers = [swarm.open() for _ in range(STUCK_TUNNELS)]
+    # From several addresses, as from several nodes: one address may have only
+    # max_half_tunnels_per_listener_per_ip pending connects to a listener.
+    writers = [swarm.open(source=SOURCE_IPS[n % 50]) for n in range(STUCK_TUNNELS)]
     connect = encode_init_connection(Connect(listener.public_key))
     for number, writer in enumerate(writers):
         writer.on_open = lambda s: swarm.send(s, connect)
@@ -340,7 +342,7 @@ def _unaccepted_round(relay, figures) -> None:
     wait_metrics(relay, lambda v: v["offset_relay_listeners"] == 1, 30, "listening")
     rss_before = relay.rss_kib()
     connect = encode_init_connection(Connect(listener.public_key))
-    writers = [swarm.open() for _ in range(UNACCEPTED)]
+    writers = [swarm.open(source=SOURCE_IPS[n % 50]) for n in range(UNACCEPTED)]
     streams = {}
     for number, writer in enumerate(writers):
         writer.on_open = lambda s: swarm.send(s, connect)
@@ -409,7 +411,7 @@ def _early_data_round(relay, swarm: Swarm, number: int) -> None:
     connectors = []
     for index in range(EARLY_CONNECTS):
         stream = Stream(number * EARLY_CONNECTS + index, 0, index, EARLY_DATA, MESSAGE)
-        connector = swarm.open()
+        connector = swarm.open(source=SOURCE_IPS[index % 50])
 
         def on_open(session: Session, stream: Stream = stream) -> None:
             swarm.send(session, connect)
