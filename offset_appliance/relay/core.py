@@ -211,6 +211,25 @@ class RelayCore:
         """When ``handle_timer`` next has work (first-message and half-tunnel deadlines)."""
         return self._timers[0][0] if self._timers else float("inf")
 
+    def due_first_messages(self, now: float) -> list[int]:
+        """Connections whose first message is overdue and that ``handle_timer(now)`` would
+        close: an IO shell whose loop was busy reads them first, so that its own delay is
+        not taken for theirs."""
+        timers = self._timers
+        popped = []
+        due = []
+        while timers and timers[0][0] <= now:
+            item = heapq.heappop(timers)
+            popped.append(item)
+            ref = item[2]
+            if isinstance(ref, int):
+                conn = self._conns.get(ref)
+                if conn is not None and conn.role is Role.PENDING:
+                    due.append(ref)
+        for item in popped:
+            heapq.heappush(timers, item)
+        return due
+
     def handle_timer(self, now: float) -> None:
         """Expire overdue first messages and half-tunnels."""
         timers = self._timers

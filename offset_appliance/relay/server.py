@@ -564,6 +564,11 @@ class RelayServer:
                 self.output.take(client)
             self._schedule(client, min(wire.next_deadline(), client.close_by))
         if self.core.next_deadline() <= now:
+            # As above: a first message waiting unread is read before its deadline closes.
+            for cid in self.core.due_first_messages(now):
+                client = clients.get(cid)
+                if client is not None and not client.paused:
+                    self._on_readable(client)
             self.core.handle_timer(now)
         if self.core.actions:
             self._drain()

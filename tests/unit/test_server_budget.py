@@ -10,7 +10,7 @@ import pytest
 
 from offset_appliance.relay import server as server_module
 from offset_appliance.relay.metrics import render
-from offset_appliance.wire.messages import Accept, Connect, encode_init_connection
+from offset_appliance.wire.messages import Accept, Connect, Listen, encode_init_connection
 
 from .server_rig import Rig
 
@@ -166,3 +166,20 @@ def test_orphaned_half_tunnels_hold_their_sources_connections(rigs):
     rig.settle()
     assert acceptor.inbox == [b"early data"]
     assert server.core.orphans_from("127.0.0.1") == 1
+
+
+def test_a_first_message_waiting_unread_is_read_before_its_deadline_closes(rigs):
+    rig = rigs(timeouts={"relay_conn_timeout": 4.0, "keepalive": 100.0})
+    node = rig.node()
+    server = rig.server
+    client = rig.client_of(node)
+    # The node sent its listen in time, but the loop was busy and has not read it yet.
+    rig.clock.advance(3.0)
+    node.send(encode_init_connection(Listen()))
+    node.pump()
+    _wait_readable(client.sock)
+    rig.clock.advance(1.5)
+    server._run_timers(rig.clock())
+    assert client.id in server.clients, "closed for a first message the relay had not read"
+    assert server.core.listener_of(node.public_key) == client.id
+    assert server.stats.closed["first_message_timeout"] == 0
