@@ -436,7 +436,12 @@ class RelayCore:
                     first_message_in[due] = when - now
         conns = []
         for conn in self._conns.values():
-            record: dict = {"id": conn.id, "key": conn.key, "role": conn.role.name}
+            record: dict = {
+                "id": conn.id,
+                "key": conn.key,
+                "role": conn.role.name,
+                "source": conn.source,
+            }
             if conn.role is Role.TUNNEL:
                 record["peer"] = conn.peer
             elif conn.role is Role.PENDING and conn.id in first_message_in:
@@ -450,6 +455,7 @@ class RelayCore:
                 "data": list(half.data),
                 "expires_in": half.expires - now,
                 "paused": half.paused,
+                "source": half.source,
             }
             for half in self._half_tunnels.values()
         ]
@@ -480,7 +486,10 @@ class RelayCore:
                 raise ValueError("connection record of the wrong type")
             if cid in conns:
                 raise ValueError(f"connection {cid} recorded twice")
-            conn = _Conn(cid, key)
+            source = record.get("source", "")
+            if not isinstance(source, str):
+                raise ValueError("connection source of the wrong type")
+            conn = _Conn(cid, key, source)
             conn.role = Role[record["role"]]
             if conn.role is Role.TUNNEL:
                 conn.peer = int(record["peer"])
@@ -506,7 +515,10 @@ class RelayCore:
             data = record["data"]
             if not all(isinstance(chunk, bytes) for chunk in data):
                 raise ValueError("half-tunnel data of the wrong type")
-            half = _HalfTunnel(src, dst, cid, now + float(record["expires_in"]))
+            source = record.get("source", "")
+            if not isinstance(source, str):
+                raise ValueError("half-tunnel source of the wrong type")
+            half = _HalfTunnel(src, dst, source, cid, now + float(record["expires_in"]))
             half.data = list(data)
             half.size = sum(map(len, data))
             half.paused = bool(record["paused"])
@@ -519,7 +531,11 @@ class RelayCore:
                 side.half = half
             self._half_tunnels[(src, dst)] = half
             self._half_by_listener.setdefault(dst, set()).add(src)
+            by_source = (dst, source)
+            self._half_by_source[by_source] = self._half_by_source.get(by_source, 0) + 1
             self._push(half.expires, half)
+            if cid is None:
+                self._orphan(half)
         for conn in conns.values():
             if conn.role is Role.HALF_TUNNEL and conn.half is None:
                 raise ValueError("a connecting side without its half-tunnel")

@@ -590,3 +590,6 @@ def _watch(server: RelayServer, client: Client) -> None:
         server.output.dirty.add(client)
     server.output.set_events(client, events)
     server._schedule(client, min(client.wire.next_deadline(), client.close_by))
+    if client.wire.backlog:
+        # Frames received beyond its budget before the hand-over: served in the next turn.
+        server._backlog[client.id] = client

@@ -314,6 +314,7 @@ class Connection:
             "rekey_in": None if self._next_rekey == _INF else self._next_rekey - now,
             "setup_in": None if self._deadline == _INF else self._deadline - now,
             "out": b"".join(self._out),
+            "held": list(self._held),
         }
 
     @classmethod
@@ -356,6 +357,10 @@ class Connection:
         self.peer_public_key = peer
         self._decoder = FrameDecoder(max_frame_length)
         self._decoder.restore_state(state["decoder"])
+        held = state.get("held", [])
+        if not isinstance(held, list) or not all(isinstance(frame, bytes) for frame in held):
+            raise ValueError("held frames of the wrong type")
+        self._held = list(held)
         self._keepalive_interval = float(state["keepalive_interval"])
         self._rekey_interval = float(state["rekey_interval"])
         self._handshake = None

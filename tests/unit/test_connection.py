@@ -321,3 +321,20 @@ def test_a_frame_budget_holds_the_rest_for_the_next_call():
     got += b.receive_data(b"", 1.0, frame_budget=3)
     assert not b.backlog
     assert got == [b"m%d" % i for i in range(10)]
+
+
+def test_held_frames_and_set_up_limits_survive_a_hand_over():
+    a, b = pair()
+    for i in range(5):
+        a.send_message(b"h%d" % i, 1.0)
+    assert b.receive_data(b"".join(a.data_to_send()), 1.0, frame_budget=2) == [b"h0", b"h1"]
+    again = Connection.restore_state(b.export_state(1.0), SigningKey.generate(), 1.0)
+    assert again.backlog
+    assert again.receive_data(b"", 1.0) == [b"h2", b"h3", b"h4"]
+    # A connection still in set-up keeps its small frame limit across the hand-over.
+    identity = SigningKey.generate()
+    fresh = Connection(identity, 0.0)
+    fresh.receive_data(VERSION_FRAME, 0.0)
+    restored = Connection.restore_state(fresh.export_state(0.0), identity, 0.0)
+    with pytest.raises(ProtocolError, match="exceeds the maximum of 1024"):
+        restored.receive_data(frame_header(1 << 20), 0.0)
