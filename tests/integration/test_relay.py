@@ -166,6 +166,10 @@ def test_closing_one_end_flushes_then_closes_the_other(relay):
 
 def test_listener_close_keeps_established_tunnels(relay):
     listener, connector, acceptor = tunnel(relay)
+    # Established: a message went through (the relay serves connections in its own order,
+    # so an accept sent just before the listener's close is not yet known to be spliced).
+    connector.send(b"spliced")
+    assert acceptor.receive() == b"spliced"
     listener.close()
     time.sleep(0.2)
     acceptor.send(b"still here")
