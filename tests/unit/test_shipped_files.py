@@ -76,3 +76,53 @@ def test_the_store_holds_a_hand_over_of_as_many_connections_as_descriptors_allow
     )
     assert settings["NotifyAccess"] == "main"  # no other process adds to or takes from it
     assert int(settings["FileDescriptorStoreMax"]) >= int(settings["LimitNOFILE"])
+
+
+TEMPLATE = ROOT / "systemd" / "offset-relay@.service"
+
+
+def _directives(path: Path) -> list[tuple[str, str]]:
+    return [
+        tuple(line.split("=", 1))  # type: ignore[misc]
+        for line in path.read_text().splitlines()
+        if re.match(r"^\w+=", line)
+    ]
+
+
+def test_the_template_is_the_single_unit_with_per_instance_config_identity_and_state():
+    single = _directives(UNIT)
+    template = _directives(TEMPLATE)
+    per_instance = {
+        ("Description", "Offset relay server %i"),
+        (
+            "ExecStart",
+            "/usr/bin/strelay --config /etc/offset-relay/%i.toml"
+            " --idfile /var/lib/offset-relay/%i/relay.ident",
+        ),
+        (
+            "ExecReload",
+            "/usr/bin/strelay --check-config --config /etc/offset-relay/%i.toml"
+            " --idfile /var/lib/offset-relay/%i/relay.ident",
+        ),
+        ("StateDirectory", "offset-relay/%i"),
+    }
+    assert per_instance <= set(template)
+    # Everything else, hardening included, is the single unit's, in the same order.
+    rest = [d for d in template if d not in per_instance and d[0] != "ExecStartPre"]
+    replaced = {d[0] for d in per_instance}
+    assert rest == [d for d in single if d[0] not in replaced or d[1].startswith("/bin/kill")]
+
+
+def test_the_template_makes_an_instance_identity_once_and_keeps_it(tmp_path):
+    pre = next(v for k, v in _directives(TEMPLATE) if k == "ExecStartPre")
+    argv = shlex.split(pre)
+    assert argv[:2] == ["/bin/sh", "-c"]
+    script = argv[2].replace("/usr/bin/stmgr", str(STRELAY.with_name("stmgr")))
+    state = tmp_path / "state"
+    state.mkdir()
+    env = {"STATE_DIRECTORY": str(state), "PATH": "/usr/bin:/bin"}
+    subprocess.run(["/bin/sh", "-c", script], env=env, check=True)
+    identity = (state / "relay.ident").read_bytes()
+    assert (state / "relay.ident").stat().st_mode & 0o077 == 0
+    subprocess.run(["/bin/sh", "-c", script], env=env, check=True)
+    assert (state / "relay.ident").read_bytes() == identity
