@@ -104,6 +104,20 @@ def targets(results: dict) -> list[Target]:
                 True,
             )
         )
+    instances = results.get("instances")
+    if instances:
+        runs = {run["instances"]: run for run in instances["runs"]}
+        if 1 in runs and 2 in runs:
+            worst = max(each["relay_cpu_us_per_message"] for each in runs[2]["per_instance"])
+            found.append(
+                Target(
+                    "relay CPU per message, 2 instances against 1",
+                    round(worst / runs[1]["relay_cpu_us_per_message"], 3),
+                    1.1,
+                    "x",
+                    True,
+                )
+            )
     return found
 
 
@@ -267,6 +281,30 @@ def table_rows(results: dict) -> list[tuple[str, ...]]:
                     "",
                     "",
                     f"{_n(each['messages_per_s'])} msg/s wall",
+                )
+            )
+    if "instances" in results:
+        runs = results["instances"]["runs"]
+        floor_us = results["instances"].get("floor_cpu_us_per_message")
+        single = next((r for r in runs if r["instances"] == 1), None)
+        for r in runs:
+            each = "; ".join(f"{i['relay_cpu_us_per_message']:.1f} us" for i in r["per_instance"])
+            note = f"{_n(r['messages_per_s'])} msg/s in all (wall), relays busy "
+            note += f"{r['relay_cpu_share']:.2f} cores"
+            if single and r is not single:
+                worst = max(i["relay_cpu_us_per_message"] for i in r["per_instance"])
+                change = worst / single["relay_cpu_us_per_message"] - 1
+                note += f"; per instance {change * 100:+.0f}% against 1 (within 10%: "
+                note += ("yes" if change <= 0.10 else "no") + ")"
+            rows.append(
+                (
+                    f"8 instances: test 2's load over {r['instances']} relay(s), "
+                    f"{_n(r['tunnels'])} tunnels",
+                    "relay CPU per message, each instance",
+                    each,
+                    f"{floor_us:.1f} us" if floor_us else "",
+                    f"{r['relay_cpu_us_per_message'] / floor_us:.1f}" if floor_us else "",
+                    note,
                 )
             )
     if "wire" in results:

@@ -19,7 +19,7 @@ from . import relay, report, scenarios
 from .relay import BenchError, raise_fd_limit
 
 HERE = Path(__file__).resolve().parent
-TESTS = ("wire", "latency", "bulk", "handshakes", "small", "idle")
+TESTS = ("wire", "latency", "bulk", "handshakes", "small", "idle", "instances")
 
 
 def _relay_python_version() -> str:
@@ -89,7 +89,7 @@ def run(
         _say("7 wire overhead")
         results["wire"] = scenarios.wire(sizes)
     wire_bytes = (results.get("wire") or scenarios.wire(sizes))["ours"]
-    needs_floors = any(name in only for name in ("bulk", "small", "handshakes"))
+    needs_floors = any(name in only for name in ("bulk", "small", "handshakes", "instances"))
     if needs_floors:
         _say("floors, first reading")
         first = scenarios.measure_floors(sizes, wire_bytes)
@@ -124,6 +124,12 @@ def run(
     if "idle" in only:
         _say(f"4 idle: {sizes.idle_connections} connections held {sizes.idle_seconds:g} s")
         results["idle"] = scenarios.idle(workdir, sizes)
+    if "instances" in only:
+        runs = []
+        for count in (1, 2):
+            _say(f"8 instances: test 2's headline load over {count} relay(s)")
+            runs.append(scenarios.instances(workdir, sizes, count))
+        results["instances"] = {"runs": runs}
     if original is not None:
         results["original"] = _original(sizes, only, workdir, original)
     if needs_floors:

@@ -390,6 +390,9 @@ def apply_floors(results: dict, floor: Floors) -> None:
     small = results.get("small")
     if small:
         small["floor_cpu_us_per_message"] = round(floor.small_per_message * 1e6, 2)
+    instances = results.get("instances")
+    if instances:
+        instances["floor_cpu_us_per_message"] = round(floor.small_per_message * 1e6, 2)
 
 
 # ---- 3. handshakes -------------------------------------------------------------------------
@@ -540,3 +543,93 @@ def wire(sizes: Sizes) -> dict:
     """Bytes on the wire per 64-byte message: ours and the original's padding rule."""
     result = floors.wire_overhead(sizes.small_message, sizes.wire_samples)
     return {key: round(value, 1) for key, value in result.items()}
+
+
+# ---- 8. instances: one relay per core ------------------------------------------------------
+
+
+def instances(workdir: Path, sizes: Sizes, count: int) -> dict:
+    """Test 2's headline load (window ``small_window``) spread over ``count`` relays.
+
+    The same tunnels and the same client processes as with one relay, each relay getting
+    its share of both (with 2 relays and 2 client processes: one process per relay). Every
+    relay's CPU is read at the window's edges; the figures are per instance and in total.
+    """
+    tunnels = max(1, sizes.small_headline // 2)
+    window = sizes.small_window
+    relays: list[BenchRelay] = []
+    groups: list[list[Worker]] = []
+    try:
+        for index in range(count):
+            relays.append(BenchRelay(workdir / f"instances-{count}-{index}"))
+        for relay in relays:
+            _baseline(relay)
+        shares = _split(tunnels, count)
+        processes = _split(max(sizes.workers, count), count)
+        for index, (relay, share) in enumerate(zip(relays, shares, strict=True)):
+            target = _target(relay)
+            groups.append(
+                [
+                    Worker(
+                        f"tunnel client {index}.{part}",
+                        tunnel_worker,
+                        target,
+                        tunnels_here,
+                        window,
+                        sizes.small_message,
+                        PAYLOAD_SEED,
+                    )
+                    for part, tunnels_here in enumerate(_split(share, processes[index]))
+                ]
+            )
+        everyone = [worker for group in groups for worker in group]
+        opened = sum(worker.expect("ready", 600)["connections"] for worker in everyone)
+        for worker in everyone:
+            worker.tell("go")
+        time.sleep(sizes.warmup)
+        meters = [Meter(relay, group) for relay, group in zip(relays, groups, strict=True)]
+        for meter in meters:
+            meter.start()
+        time.sleep(sizes.small_seconds)
+        measured = [meter.stop() for meter in meters]
+    except BaseException:
+        for relay, group in zip(relays, groups + [[]] * (len(relays) - len(groups)), strict=True):
+            _abandon(relay, group, [])
+        raise
+    for relay, group in zip(relays, groups, strict=True):
+        _finish(relay, group)
+    per_instance = []
+    for index, window_of in enumerate(measured):
+        messages, _bytes, failed = window_of.counts
+        if messages == 0:
+            raise BenchError(f"instance {index} of {count} relayed no messages")
+        if failed:
+            raise BenchError(f"{failed} tunnel connections failed on instance {index}")
+        per_instance.append(
+            {
+                "tunnels": shares[index],
+                "messages": messages,
+                "messages_per_s": round(messages / window_of.seconds),
+                "relay_cpu_us_per_message": round(window_of.relay_cpu / messages * 1e6, 2),
+                "messages_per_relay_cpu_second": round(messages / window_of.relay_cpu)
+                if window_of.relay_cpu
+                else None,
+                **window_of.as_dict(),
+            }
+        )
+    messages = sum(each["messages"] for each in per_instance)
+    seconds = max(window_of.seconds for window_of in measured)
+    relay_cpu = sum(window_of.relay_cpu for window_of in measured)
+    return {
+        "instances": count,
+        "connections": opened,
+        "tunnels": tunnels,
+        "window": window,
+        "messages": messages,
+        "messages_per_s": round(messages / seconds),
+        "relay_cpu_us_per_message": round(relay_cpu / messages * 1e6, 2),
+        "relay_cpu_share": round(relay_cpu / seconds, 3),
+        "client_cpu_seconds": round(sum(w.client_cpu for w in measured), 3),
+        "seconds": round(seconds, 3),
+        "per_instance": per_instance,
+    }

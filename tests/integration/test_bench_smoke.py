@@ -149,3 +149,17 @@ def test_targets_and_table_are_written(smoke):
     assert "| Test | Figure | Measured |" in markdown
     assert results["machine"]["cpu"] in markdown
     assert "| Test | Figure | Measured |" in stdout
+
+
+def test_instances_spread_the_load_over_one_and_two_relays(smoke):
+    results, markdown, _ = smoke
+    runs = results["instances"]["runs"]
+    assert [run["instances"] for run in runs] == [1, 2]
+    for run in runs:
+        assert len(run["per_instance"]) == run["instances"]
+        assert sum(each["tunnels"] for each in run["per_instance"]) == run["tunnels"]
+        assert sum(each["messages"] for each in run["per_instance"]) == run["messages"]
+        for each in run["per_instance"]:
+            assert _positive(each["messages"], each["relay_cpu_us_per_message"])
+    assert results["instances"]["floor_cpu_us_per_message"] > 0
+    assert "8 instances: test 2's load over 2 relay(s)" in markdown
