@@ -174,6 +174,14 @@ class RelayCore:
         conn = self._conns.get(conn_id)
         return conn.peer if conn is not None else None
 
+    def tunnel_peer(self, conn_id: int) -> int | None:
+        """The other end of a connection that is in a tunnel, else None: what the loop
+        sends that connection's messages to without making them actions."""
+        conn = self._conns.get(conn_id)
+        if conn is not None and conn.role is Role.TUNNEL:
+            return conn.peer
+        return None
+
     def listener_of(self, key: bytes) -> int | None:
         """The listen connection of a key, if it is listening."""
         return self._listeners.get(key)

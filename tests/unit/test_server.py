@@ -380,3 +380,43 @@ def test_node_end_of_the_rig_is_a_real_client(rigs):
     node = Node(rig)
     rig.settle()
     assert node.wire.state is State.OPEN
+
+
+# ---- the direct tunnel path ---------------------------------------------------------------
+
+
+def test_a_tunnels_messages_go_to_its_other_end_without_the_core(rigs, monkeypatch):
+    rig = rigs()
+    _listener, connector, acceptor = rig.tunnel()
+    rig.settle()
+    server = rig.server
+    through_core: list[int] = []
+    real_message = server.core.message
+
+    def counting(conn_id, data, now):
+        through_core.append(conn_id)
+        real_message(conn_id, data, now)
+
+    monkeypatch.setattr(server.core, "message", counting)
+    before = server.stats.messages_relayed, server.stats.bytes_relayed
+    burst = [b"m%03d" % index for index in range(50)]
+    for message in burst:
+        connector.send(message)
+    acceptor.send(b"back")
+    rig.settle()
+    assert acceptor.inbox[-50:] == burst
+    assert connector.inbox[-1:] == [b"back"]
+    assert through_core == []
+    assert server.stats.messages_relayed - before[0] == 51
+    assert server.stats.bytes_relayed - before[1] == 50 * 4 + 4
+
+
+def test_a_tunnel_message_waits_behind_actions_already_queued(rigs):
+    rig = rigs()
+    _listener, connector, acceptor = rig.tunnel()
+    rig.settle()
+    a_id = rig.client_of(acceptor).id
+    rig.server.core.actions.append(Send(a_id, b"queued first"))
+    connector.send(b"read second")
+    rig.settle()
+    assert acceptor.inbox[-2:] == [b"queued first", b"read second"]
