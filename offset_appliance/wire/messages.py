@@ -101,6 +101,14 @@ class ExchangeRandNonce:
 
     def encode(self) -> bytes:
         """The packed Cap'n Proto encoding."""
+        if self.opt_dest_public_key is None:
+            return _RAND_NONCE_FIXED.encode((self.rand_nonce, self.src_public_key))
+        return _RAND_NONCE_DEST_FIXED.encode(
+            (self.rand_nonce, self.src_public_key, self.opt_dest_public_key)
+        )
+
+    def encode_general(self) -> bytes:
+        """The same encoding through the general builder (what the fixed layouts copy)."""
         builder = MessageBuilder()
         root = builder.set_struct(0, 1, 3)
         _put_buffer(builder, root + 1, self.rand_nonce)
@@ -113,6 +121,14 @@ class ExchangeRandNonce:
     @classmethod
     def decode(cls, data: bytes) -> Self:
         """Parse a packed encoding; raises ProtocolError if it is malformed."""
+        words = _unpack_for_fixed(data)
+        if words is not None:
+            fields = _RAND_NONCE_FIXED.decode(words)
+            if fields is not None:
+                return cls(fields[0], fields[1], None)
+            fields = _RAND_NONCE_DEST_FIXED.decode(words)
+            if fields is not None:
+                return cls(*fields)
         root = _root(data)
         rand_nonce = _get_buffer(root, 0, RAND_NONCE_LEN, "randNonce")
         src = _get_buffer(root, 1, PUBLIC_KEY_LEN, "srcPublicKey")
@@ -143,6 +159,12 @@ class ExchangeDh:
 
     def encode(self) -> bytes:
         """The packed Cap'n Proto encoding."""
+        return _DH_FIXED.encode(
+            (self.dh_public_key, self.rand_nonce, self.key_salt, self.signature)
+        )
+
+    def encode_general(self) -> bytes:
+        """The same encoding through the general builder (what the fixed layout copies)."""
         builder = MessageBuilder()
         root = builder.set_struct(0, 0, 4)
         _put_buffer(builder, root, self.dh_public_key)
@@ -154,6 +176,11 @@ class ExchangeDh:
     @classmethod
     def decode(cls, data: bytes) -> Self:
         """Parse a packed encoding; raises ProtocolError if it is malformed."""
+        words = _unpack_for_fixed(data)
+        if words is not None:
+            fields = _DH_FIXED.decode(words)
+            if fields is not None:
+                return cls(*fields)
         root = _root(data)
         return cls(
             _get_buffer(root, 0, DH_PUBLIC_KEY_LEN, "dhPublicKey"),
@@ -161,6 +188,79 @@ class ExchangeDh:
             _get_buffer(root, 2, SALT_LEN, "keySalt"),
             _get_buffer(root, 3, SIGNATURE_LEN, "signature"),
         )
+
+
+# ---- fixed layouts of the handshake messages ------------------------------------------------
+#
+# Our encoder always writes the same words for a handshake message but for the BufferN values,
+# so the unpacked message is a template with the values at fixed offsets. Encoding fills the
+# template and packs it; decoding checks that every other byte is the template's and reads the
+# values out. Any other encoding (another valid layout) goes through the general reader.
+
+
+def _unpack_for_fixed(data: bytes) -> bytearray | None:
+    if type(data) is not bytes or len(data) > 1024:
+        return None
+    try:
+        return unpack_bytearray(data)
+    except ProtocolError:
+        return None  # the general reader says what is wrong
+
+
+class _FixedLayout:
+    """The unpacked template of one handshake layout and where its BufferN values go."""
+
+    __slots__ = ("template", "fields", "_blank")
+
+    def __init__(self, encode_general, sizes: tuple[int, ...]) -> None:
+        zeros = tuple(bytes(size) for size in sizes)
+        self.template = bytes(unpack_bytearray(encode_general(zeros)))
+        fields = []
+        for index, size in enumerate(sizes):
+            marker = bytes(range(1, size + 1))
+            values = list(zeros)
+            values[index] = marker
+            marked = bytes(unpack_bytearray(encode_general(tuple(values))))
+            stored = _WORDS_LE[size].pack(*_WORDS_BE[size].unpack(marker))
+            at = marked.find(stored)
+            if len(marked) != len(self.template) or at < 0 or at % 8:
+                raise RuntimeError("a handshake message has no fixed layout")  # a codec bug
+            fields.append((at, size))
+        self.fields = tuple(fields)
+        self._blank = tuple(bytes(size) for size in sizes)
+
+    def encode(self, values: tuple[bytes, ...]) -> bytes:
+        words = bytearray(self.template)
+        for (at, size), value in zip(self.fields, values, strict=True):
+            words[at : at + size] = _WORDS_LE[size].pack(*_WORDS_BE[size].unpack(value))
+        return pack(bytes(words))
+
+    def decode(self, words: bytearray) -> tuple[bytes, ...] | None:
+        if len(words) != len(self.template):
+            return None
+        values = []
+        for at, size in self.fields:
+            values.append(_WORDS_BE[size].pack(*_WORDS_LE[size].unpack_from(words, at)))
+        words = bytearray(words)
+        for (at, size), blank in zip(self.fields, self._blank, strict=True):
+            words[at : at + size] = blank
+        if words != self.template:
+            return None
+        return tuple(values)
+
+
+_RAND_NONCE_FIXED = _FixedLayout(
+    lambda v: ExchangeRandNonce(v[0], v[1], None).encode_general(),
+    (RAND_NONCE_LEN, PUBLIC_KEY_LEN),
+)
+_RAND_NONCE_DEST_FIXED = _FixedLayout(
+    lambda v: ExchangeRandNonce(*v).encode_general(),
+    (RAND_NONCE_LEN, PUBLIC_KEY_LEN, PUBLIC_KEY_LEN),
+)
+_DH_FIXED = _FixedLayout(
+    lambda v: ExchangeDh(*v).encode_general(),
+    (DH_PUBLIC_KEY_LEN, RAND_NONCE_LEN, SALT_LEN, SIGNATURE_LEN),
+)
 
 
 @dataclass(frozen=True, slots=True)
