@@ -399,6 +399,8 @@ def test_a_tunnels_messages_go_to_its_other_end_without_the_core(rigs, monkeypat
 
     monkeypatch.setattr(server.core, "message", counting)
     before = server.stats.messages_relayed, server.stats.bytes_relayed
+    sender, receiver = rig.client_of(connector), rig.client_of(acceptor)
+    counted = sender.bytes_in, receiver.bytes_out
     burst = [b"m%03d" % index for index in range(50)]
     for message in burst:
         connector.send(message)
@@ -409,6 +411,7 @@ def test_a_tunnels_messages_go_to_its_other_end_without_the_core(rigs, monkeypat
     assert through_core == []
     assert server.stats.messages_relayed - before[0] == 51
     assert server.stats.bytes_relayed - before[1] == 50 * 4 + 4
+    assert (sender.bytes_in - counted[0], receiver.bytes_out - counted[1]) == (200, 200)
 
 
 def test_a_tunnel_message_waits_behind_actions_already_queued(rigs):
