@@ -1,0 +1,68 @@
+"""``offset_relay_instances``: the role deploys one relay per instance of
+offset-relay@.service on a freshly booted bookworm host, each with its own port, identity
+and ticket, and goes back to the single offset-relay.service at 1."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from .rig import Host, Rig
+from .test_ansible import Controller, assert_probe_passes, copy_ansible_dir
+
+pytestmark = pytest.mark.deploy
+
+
+def _state(host: Host, unit: str) -> tuple[str, str]:
+    active = host.ssh(f"systemctl is-active {unit}", check=False).stdout.strip()
+    enabled = host.ssh(f"systemctl is-enabled {unit}", check=False).stdout.strip()
+    return active, enabled
+
+
+@pytest.fixture(scope="module")
+def controller(
+    make_rig: Callable[..., Rig], deb_package: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Controller:
+    rig = make_rig(1, name="ansinst", repo_debs=[deb_package], repo_packages=["python3-apt"])
+    directory = copy_ansible_dir(tmp_path_factory.mktemp("controller") / "ansible")
+    host = rig.hosts[0]
+    return Controller(rig, directory, {host.name: {"offset_relay_instances": 2}})
+
+
+def test_two_instances_each_with_its_own_port_identity_and_ticket(controller: Controller) -> None:
+    host = controller.rig.hosts[0]
+    run_ = controller.playbook()
+    assert run_.returncode == 0, run_.tail()
+    keys = set()
+    for index, port in ((1, 4567), (2, 4568)):
+        ticket = controller.directory / "tickets" / f"{host.name}-{index}.relay"
+        content = json.loads(ticket.read_text())
+        assert content["address"] == f"{host.address}:{port}"
+        keys.add(content["publicKey"])
+        assert_probe_passes(ticket)
+        assert _state(host, f"offset-relay@{index}.service") == ("active", "enabled")
+        mode = host.ssh(f"stat -c '%U %a' /var/lib/offset-relay/{index}/relay.ident").stdout
+        assert mode.split() == ["offset-relay", "600"]
+    assert len(keys) == 2
+    assert _state(host, "offset-relay.service") == ("inactive", "disabled")
+    assert not (controller.directory / "tickets" / f"{host.name}.relay").exists()
+
+
+def test_a_second_run_with_instances_changes_nothing(controller: Controller) -> None:
+    controller.playbook().assert_clean(controller.names)
+
+
+def test_back_to_one_relay_stops_the_instances(controller: Controller) -> None:
+    host = controller.rig.hosts[0]
+    one = Controller(
+        controller.rig, controller.directory, {host.name: {"offset_relay_instances": 1}}
+    )
+    run_ = one.playbook()
+    assert run_.returncode == 0, run_.tail()
+    for index in (1, 2):
+        assert _state(host, f"offset-relay@{index}.service")[0] == "inactive"
+    assert _state(host, "offset-relay.service") == ("active", "enabled")
+    assert_probe_passes(one.ticket(host))
