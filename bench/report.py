@@ -452,6 +452,15 @@ def markdown(results: dict) -> str:
             f" {run['in_flight'] / run['messages_per_s'] * 1000:.0f} ms here.",
             "",
         ]
+    if results.get("original"):
+        parts += [
+            'The rows "the original strelay" are the original strelay, same machine, same'
+            " clients, in the same run: the same loads against the original's own build"
+            " (github freedomlayer/offset), measured the same way. The"
+            " original pads every message with 0 to 65,535 random bytes (test 7), so each of"
+            " its messages costs it more encryption and more bytes to move than ours.",
+            "",
+        ]
     found = targets(results)
     if found:
         met = sum(1 for target in found if target.met)
