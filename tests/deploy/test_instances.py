@@ -4,6 +4,7 @@ its own ticket."""
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -37,7 +38,8 @@ def instances(host: Host) -> Host:
         host.ssh(f"printf 'listen = [\"0.0.0.0:{port}\"]\\n' > /etc/offset-relay/{name}.toml")
     host.ssh("systemctl start offset-relay@1.service offset-relay@2.service")
     for name in PORTS:
-        wait_for(f"instance {name}", lambda name=name: _active(host, f"offset-relay@{name}"))
+        unit = f"offset-relay@{name}"
+        wait_for(f"instance {name}", functools.partial(_active, host, unit))
     return host
 
 
