@@ -27,20 +27,6 @@ from offset_appliance.wire.messages import (
 from .server_rig import Node, Rig
 
 
-@pytest.fixture
-def rigs():
-    made: list[Rig] = []
-
-    def make(**kwargs) -> Rig:
-        rig = Rig(**kwargs)
-        made.append(rig)
-        return rig
-
-    yield make
-    for rig in made:
-        rig.close()
-
-
 def _half_tunnel(rig: Rig, sock: socket.socket, number: int, connect: bytes) -> int:
     """A connection that has finished its handshake and sent ``connect`` (a Connect).
 

@@ -6,27 +6,9 @@ from __future__ import annotations
 
 import socket
 
-import pytest
-
 from offset_appliance.relay import server as server_module
 from offset_appliance.relay.metrics import render
 from offset_appliance.wire.messages import Accept, Connect, Listen, encode_init_connection
-
-from .server_rig import Rig
-
-
-@pytest.fixture
-def rigs():
-    made: list[Rig] = []
-
-    def make(**kwargs) -> Rig:
-        rig = Rig(**kwargs)
-        made.append(rig)
-        return rig
-
-    yield make
-    for rig in made:
-        rig.close()
 
 
 def _wait_readable(sock: socket.socket) -> None:
