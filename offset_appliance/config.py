@@ -20,8 +20,8 @@ from typing import Any
 
 import tomli_w
 
-from .errors import ConfigError, UsageError
-from .files import split_host_port
+from .errors import ConfigError, DataError, UsageError
+from .files import b64url_decode, split_host_port
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -42,6 +42,54 @@ class Limits:
     buffer_low_water: int = 262144
     new_connections_per_ip_per_second: int = 100
     new_connections_per_ip_burst: int = 500
+    # Every per-IP count is kept per prefix of this length (an IPv6 host commonly owns a
+    # /64); IPv4-mapped IPv6 addresses count as IPv4.
+    ipv4_prefix: int = 32
+    ipv6_prefix: int = 64
+    # Resident memory (bytes) past which new connections are refused and the feeders of
+    # the largest output queues paused, until it is below the low mark (0: 90 % of it).
+    max_memory: int = 0
+    memory_low_mark: int = 0
+
+
+@dataclass(frozen=True)
+class KeyList:
+    """A list of public keys as the configuration gives it (keys, and absolute paths of
+    files of keys), with the keys it names (the files' as read when it was loaded)."""
+
+    entries: tuple[str, ...] = ()
+    keys: frozenset[bytes] = frozenset()
+
+    def __str__(self) -> str:
+        return "[" + ", ".join(self.entries) + "]"
+
+
+@dataclass(frozen=True)
+class Access:
+    """Who may use the relay: keys that may listen (and accept) or connect, and source
+    addresses that may connect at all. Deny wins over allow; an empty allow list admits
+    everyone, a non-empty one only what it lists."""
+
+    listen_allow: KeyList = field(default_factory=KeyList)
+    listen_deny: KeyList = field(default_factory=KeyList)
+    connect_allow: KeyList = field(default_factory=KeyList)
+    connect_deny: KeyList = field(default_factory=KeyList)
+    ip_allow: tuple[str, ...] = ()  # networks, normalised ("198.18.0.0/15", "::1/128")
+    ip_deny: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Bans:
+    """Automatic bans of sources (IP prefixes) refused too often."""
+
+    enabled: bool = False
+    threshold: int = 50
+    window: float = 60.0
+    ban_time: float = 60.0
+    multiplier: float = 2.0
+    max_ban_time: float = 86400.0
+    forget_after: float = 86400.0
+    table_size: int = 65536
 
 
 @dataclass(frozen=True)
@@ -73,6 +121,8 @@ class Config:
     limits: Limits = field(default_factory=Limits)
     timeouts: Timeouts = field(default_factory=Timeouts)
     metrics: Metrics = field(default_factory=Metrics)
+    access: Access = field(default_factory=Access)
+    bans: Bans = field(default_factory=Bans)
 
 
 # Lower bounds that keep the relay working at all (a 4-byte version frame, a handshake).
@@ -89,6 +139,10 @@ LIMIT_MINIMUM = {
     "buffer_low_water": 0,
     "new_connections_per_ip_per_second": 1,
     "new_connections_per_ip_burst": 1,
+    "ipv4_prefix": 8,
+    "ipv6_prefix": 16,
+    "max_memory": 0,
+    "memory_low_mark": 0,
 }
 # Upper bounds on how much work one event can cause: a timer pass that expires every
 # connection, a listener whose close drops all its pending connects in one batch, one frame
@@ -106,13 +160,40 @@ LIMIT_MAXIMUM = {
     "buffer_low_water": 64 << 20,
     "new_connections_per_ip_per_second": 1 << 20,
     "new_connections_per_ip_burst": 1 << 20,
+    "ipv4_prefix": 32,
+    "ipv6_prefix": 128,
+    "max_memory": 1 << 50,
+    "memory_low_mark": 1 << 50,
 }
 # Timers, in seconds: keepalives go out at half the keepalive timeout, on a one-second tick
 # at best; nothing waits longer than a week.
 TIMEOUT_MINIMUM = {"keepalive": 2.0}
 TIMEOUT_MAXIMUM = 7 * 24 * 3600.0
-_TOP_KEYS = ("identity_file", "listen", "log_level", "limits", "timeouts", "metrics")
-_TABLES = ("limits", "timeouts", "metrics")
+_TOP_KEYS = (
+    "identity_file",
+    "listen",
+    "log_level",
+    "limits",
+    "timeouts",
+    "metrics",
+    "access",
+    "bans",
+)
+_TABLES = ("limits", "timeouts", "metrics", "access", "bans")
+# [bans]: (lowest, highest) of each number; times in seconds.
+BANS_BOUNDS: dict[str, tuple[float, float]] = {
+    "threshold": (1, 1 << 20),
+    "window": (0.1, 7 * 24 * 3600.0),
+    "ban_time": (0.1, 365 * 24 * 3600.0),
+    "multiplier": (1.0, 1000.0),
+    "max_ban_time": (0.1, 365 * 24 * 3600.0),
+    "forget_after": (0.1, 365 * 24 * 3600.0),
+    "table_size": (16, 1 << 22),
+}
+KEY_LISTS = ("listen_allow", "listen_deny", "connect_allow", "connect_deny")
+IP_LISTS = ("ip_allow", "ip_deny")
+# Entries in the key files, at most: a list is a set held in memory.
+MAX_KEY_FILE_BYTES = 64 << 20
 
 
 def parse_listen_address(text: str) -> tuple[str, int]:
@@ -248,6 +329,12 @@ def _limits(table: dict[str, Any], origin: dict[str, Path]) -> Limits:
             f"{culprit}: limits.max_handshakes ({limits.max_handshakes}) must not exceed "
             f"max_connections ({limits.max_connections}); lower max_handshakes too"
         )
+    if limits.max_memory and limits.memory_low_mark >= limits.max_memory:
+        key = "memory_low_mark" if "memory_low_mark" in table else "max_memory"
+        raise ConfigError(
+            f"{origin[f'limits.{key}']}: limits.{key}: memory_low_mark "
+            f"({limits.memory_low_mark}) must be below max_memory ({limits.max_memory})"
+        )
     return limits
 
 
@@ -282,6 +369,98 @@ def _metrics(table: dict[str, Any], origin: dict[str, Path]) -> Metrics:
         else:
             raise ConfigError(f"{where}: unknown key")
     return Metrics(**values)
+
+
+def _key(where: str, text: str) -> bytes:
+    """A public key as tickets write it: base64url of 32 bytes (43 characters)."""
+    try:
+        key = b64url_decode(text.strip(), "the key")
+    except DataError:
+        key = b""
+    if len(key) != 32:
+        raise ConfigError(
+            f"{where}: {text.strip()[:60]!r} is not a public key (43 base64url characters)"
+        )
+    return key
+
+
+def _key_file(where: str, path: Path) -> frozenset[bytes]:
+    """The keys of a file of one key a line ('#' comments and blank lines allowed)."""
+    try:
+        with path.open("rb") as handle:
+            data = handle.read(MAX_KEY_FILE_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot read key file {path}: {exc.strerror}") from None
+    if len(data) > MAX_KEY_FILE_BYTES:
+        raise ConfigError(f"{where}: key file {path} is larger than {MAX_KEY_FILE_BYTES} bytes")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{where}: key file {path} is not UTF-8 text") from None
+    keys = set()
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if line:
+            keys.add(_key(f"{where}: {path} line {number}", line))
+    return frozenset(keys)
+
+
+def _access(table: dict[str, Any], origin: dict[str, Path]) -> Access:
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        where = f"{origin[f'access.{key}']}: access.{key}"
+        if key not in KEY_LISTS and key not in IP_LISTS:
+            raise ConfigError(f"{where}: unknown key")
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{where}: expected a list of strings, got {value!r}")
+        if key in KEY_LISTS:
+            keys: set[bytes] = set()
+            for entry in value:
+                if entry.startswith("/"):
+                    keys |= _key_file(where, Path(entry))
+                else:
+                    keys.add(_key(where, entry))
+            values[key] = KeyList(tuple(value), frozenset(keys))
+        else:
+            networks = []
+            for entry in value:
+                try:
+                    network = ipaddress.ip_network(entry.strip(), strict=False)
+                except ValueError:
+                    raise ConfigError(
+                        f"{where}: {entry!r} is not an address or network "
+                        '("198.18.0.0/15", "2001:db8::/32")'
+                    ) from None
+                networks.append(str(network))
+            values[key] = tuple(networks)
+    return Access(**values)
+
+
+def _bans(table: dict[str, Any], origin: dict[str, Path]) -> Bans:
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        where = f"{origin[f'bans.{key}']}: bans.{key}"
+        if key == "enabled":
+            if not isinstance(value, bool):
+                raise ConfigError(f"{where}: expected true or false, got {value!r}")
+            values[key] = value
+            continue
+        if key not in BANS_BOUNDS:
+            raise ConfigError(f"{where}: unknown key")
+        integer = key in ("threshold", "table_size")
+        number = _number(where, value, integer=integer)
+        low, high = BANS_BOUNDS[key]
+        if not low <= number <= high:
+            raise ConfigError(f"{where}: must be between {low:g} and {high:g}, got {number:g}")
+        values[key] = int(number) if integer else float(number)
+    bans = Bans(**values)
+    if bans.max_ban_time < bans.ban_time:
+        key = "max_ban_time" if "max_ban_time" in table else "ban_time"
+        raise ConfigError(
+            f"{origin[f'bans.{key}']}: bans.{key}: max_ban_time ({bans.max_ban_time:g}) "
+            f"must not be below ban_time ({bans.ban_time:g})"
+        )
+    return bans
 
 
 def load_config(
@@ -352,6 +531,8 @@ def load_config(
         limits=_limits(merged.get("limits", {}), origin),
         timeouts=_timeouts(merged.get("timeouts", {}), origin),
         metrics=_metrics(merged.get("metrics", {}), origin),
+        access=_access(merged.get("access", {}), origin),
+        bans=_bans(merged.get("bans", {}), origin),
     )
 
 
@@ -367,6 +548,11 @@ def dump_config(config: Config) -> str:
             "enabled": config.metrics.enabled,
             "listen": format_address(*config.metrics.listen),
         },
+        "access": {
+            **{name: list(getattr(config.access, name).entries) for name in KEY_LISTS},
+            **{name: list(getattr(config.access, name)) for name in IP_LISTS},
+        },
+        "bans": dataclasses.asdict(config.bans),
     }
     return tomli_w.dumps(doc)
 

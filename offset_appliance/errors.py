@@ -35,6 +35,9 @@ class CloseReason(enum.Enum):
     HALF_TUNNEL_LIMIT = "half_tunnel_limit"
     LISTENER_FULL = "listener_full"
     REJECTED = "rejected"
+    # The relay's access lists ([access]): the key may not listen (or accept) / connect.
+    LISTEN_DENIED = "listen_denied"
+    CONNECT_DENIED = "connect_denied"
     # The relay's own limits and life.
     EVICTED = "evicted"
     FLUSH_TIMEOUT = "flush_timeout"

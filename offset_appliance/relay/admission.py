@@ -1,5 +1,6 @@
-"""Admission: who may connect. The connection limits, the per-address counts, eviction of the
-oldest unfinished handshake, and shedding when the process runs out of file descriptors.
+"""Admission: who may connect. Bans, address lists, the memory ceiling, the connection
+limits, the per-source counts, eviction of the oldest unfinished handshake, and shedding
+when the process runs out of file descriptors.
 
 ``Admission.decide`` is the one place that accepts or refuses a new connection; the server
 asks it for every socket it accepts and does what it says.
@@ -17,9 +18,11 @@ from collections.abc import Callable, Iterator
 from typing import NamedTuple, Protocol
 
 from ..config import Limits
+from .access import AccessControl
+from .bans import BanTable
 from .clients import Client
 from .metrics import Stats
-from .ratelimit import RateLimiter, source_of
+from .ratelimit import Prefixes, RateLimiter
 
 log = logging.getLogger("strelay")
 
@@ -42,10 +45,17 @@ class Pausable(Protocol):
 
 class Decision(NamedTuple):
     """What to do with a new connection: refuse it (naming the limit), or admit it, first
-    evicting ``evict`` (the oldest unfinished handshake) if that is set."""
+    evicting ``evict`` (the oldest unfinished handshake) if that is set. ``source`` is the
+    prefix the connection counts under."""
 
     refused: str | None
     evict: Client | None
+    source: str = ""
+
+
+# Refusals that are the source's own doing, and so strikes towards a ban (the relay being
+# full or short of memory or descriptors is nobody's in particular).
+STRIKES = frozenset({"connection_rate", "max_connections_per_ip", "ip_denied"})
 
 
 class Admission:
@@ -58,8 +68,15 @@ class Admission:
         selector: selectors.BaseSelector,
         listen_sockets: list[socket.socket],
         orphans_from: Callable[[str], int] = lambda source: 0,
+        *,
+        access: AccessControl | None = None,
+        bans: BanTable | None = None,
     ) -> None:
         self.limits = limits
+        self.prefixes = Prefixes(limits.ipv4_prefix, limits.ipv6_prefix)
+        self.access = access if access is not None else AccessControl()
+        self.bans = bans if bans is not None else BanTable()
+        self.memory_full = False  # over the memory ceiling: refuse new connections
         self.stats = stats
         self.selector = selector
         self.listen_sockets = listen_sockets
@@ -70,7 +87,7 @@ class Admission:
         )
         # Paused and resumed with the listening sockets when out of descriptors.
         self.also_paused: list[Pausable] = []
-        self.per_ip: dict[str, int] = {}
+        self.per_ip: dict[str, int] = {}  # open connections per source (prefix)
         # Clients whose handshake is under way, oldest first.
         self.handshaking: OrderedDict[int, Client] = OrderedDict()
         self.paused_until = 0.0  # while shedding, the listening sockets are not watched
@@ -80,39 +97,53 @@ class Admission:
     # ---- deciding ----------------------------------------------------------------------
 
     def set_limits(self, limits: Limits) -> None:
-        """New limits (on reload): the rate applies from now on, buckets are kept."""
+        """New limits (on reload): the rate applies from now on, buckets are kept; new
+        prefix lengths apply to new connections (open ones count where they counted)."""
         self.limits = limits
+        self.prefixes = Prefixes(limits.ipv4_prefix, limits.ipv6_prefix)
         self.rate.rate = float(limits.new_connections_per_ip_per_second)
         self.rate.burst = float(limits.new_connections_per_ip_burst)
 
     def decide(self, ip: str, connections: int, now: float = 0.0) -> Decision:
         """Admit or refuse a connection from ``ip`` while ``connections`` are open."""
-        limits = self.limits
-        refused = self.stats.refused
-        source = source_of(ip)
-        # First: a refusal by rate costs the relay nothing but the accept.
-        if not self.rate.allow(source, now):
-            refused["connection_rate"] += 1
-            return Decision("connection_rate", None)
-        if connections >= limits.max_connections:
-            refused["max_connections"] += 1
-            return Decision("max_connections", None)
-        if self.per_ip.get(ip, 0) + self.orphans_from(source) >= limits.max_connections_per_ip:
-            refused["max_connections_per_ip"] += 1
-            return Decision("max_connections_per_ip", None)
-        if len(self.handshaking) >= limits.max_handshakes:
+        source = self.prefixes(ip)
+        refusal = self._refusal(ip, source, connections, now)
+        if refusal is not None:
+            self.stats.refused[refusal] += 1
+            if refusal in STRIKES:
+                self.bans.strike(source, now)
+            return Decision(refusal, None, source)
+        if len(self.handshaking) >= self.limits.max_handshakes:
             # Evict the oldest unfinished handshake: honest peers finish in milliseconds, so
             # the oldest is the likeliest to be a stalled or hostile one.
-            refused["max_handshakes"] += 1
-            return Decision(None, next(iter(self.handshaking.values())))
-        return Decision(None, None)
+            self.stats.refused["max_handshakes"] += 1
+            return Decision(None, next(iter(self.handshaking.values())), source)
+        return Decision(None, None, source)
+
+    def _refusal(self, ip: str, source: str, connections: int, now: float) -> str | None:
+        """The limit that refuses a connection from ``ip`` (``source``), if any: the
+        cheapest checks first, a refusal by rate costing the relay nothing but the accept."""
+        if self.bans.is_banned(source, now):
+            return "banned"
+        if not self.access.ip_allowed(ip):
+            return "ip_denied"
+        if self.memory_full:
+            return "memory"
+        limits = self.limits
+        if not self.rate.allow(source, now):
+            return "connection_rate"
+        if connections >= limits.max_connections:
+            return "max_connections"
+        if self.per_ip.get(source, 0) + self.orphans_from(source) >= limits.max_connections_per_ip:
+            return "max_connections_per_ip"
+        return None
 
     # ---- bookkeeping -------------------------------------------------------------------
 
     def admitted(self, client: Client) -> None:
         """A connection was admitted; its handshake starts."""
         self.handshaking[client.id] = client
-        self.per_ip[client.ip] = self.per_ip.get(client.ip, 0) + 1
+        self.per_ip[client.source] = self.per_ip.get(client.source, 0) + 1
         self.stats.accepted += 1
 
     def opened(self, client: Client) -> None:
@@ -127,11 +158,11 @@ class Admission:
     def left(self, client: Client) -> None:
         """It is closed; it no longer counts against any limit."""
         self.handshaking.pop(client.id, None)
-        count = self.per_ip.get(client.ip, 1) - 1
+        count = self.per_ip.get(client.source, 1) - 1
         if count:
-            self.per_ip[client.ip] = count
+            self.per_ip[client.source] = count
         else:
-            self.per_ip.pop(client.ip, None)
+            self.per_ip.pop(client.source, None)
 
     # ---- accepting and shedding --------------------------------------------------------
 

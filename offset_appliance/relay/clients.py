@@ -19,6 +19,7 @@ RECV_MAX = 1024 * 1024
 PAUSED_BY_PEER = 1  # the connection it feeds has too much queued output
 PAUSED_BY_CORE = 2  # its half-tunnel buffer is full
 PAUSED_BY_CLOSE = 4  # it is closing after a flush
+PAUSED_BY_MEMORY = 8  # the relay is over its memory ceiling and it feeds a large queue
 
 
 class Client:
@@ -28,6 +29,7 @@ class Client:
         "id",
         "sock",
         "ip",
+        "source",
         "label",
         "wire",
         "out",
@@ -50,6 +52,9 @@ class Client:
         self.id = conn_id
         self.sock = sock
         self.ip = ip
+        # The source it counts under for every per-IP limit: its address's prefix
+        # (``limits.ipv4_prefix`` / ``ipv6_prefix``), e.g. "198.18.0.7", "2001:db8::/64".
+        self.source = ip
         self.label = format_address(ip, port)
         self.wire = wire
         self.out: list[bytes | memoryview] = []

@@ -124,10 +124,14 @@ class RelayCore:
         self,
         limits: CoreLimits | None = None,
         can_queue: Callable[[int], bool] = lambda conn_id: True,
+        refuse_request: Callable[[str, bytes], CloseReason | None] = lambda kind, key: None,
     ) -> None:
         self.limits = limits if limits is not None else CoreLimits()
         # Asks the IO shell whether a connection's output has room (for IncomingConnection).
         self._can_queue = can_queue
+        # Asks the access lists why a key may not "listen", "accept" or "connect" (None: it
+        # may); a refused request closes its connection for that reason.
+        self._refuse_request = refuse_request
         self.actions: deque[Action] = deque()
         self._conns: dict[int, _Conn] = {}
         self._listeners: dict[bytes, int] = {}
@@ -337,6 +341,16 @@ class RelayCore:
             self._close(conn, exc.reason)
             return
         if isinstance(init, Listen):
+            kind = "listen"
+        elif isinstance(init, Connect):
+            kind = "connect"
+        else:
+            kind = "accept"
+        refused = self._refuse_request(kind, conn.key)
+        if refused is not None:
+            # The access lists: as early as the protocol allows (the key is known now).
+            self._close(conn, refused)
+        elif isinstance(init, Listen):
             self._listen(conn)
         elif isinstance(init, Connect):
             self._connect(conn, init.public_key, now)

@@ -27,8 +27,11 @@ class RefusalLog:
         # (verb, limit, source) -> [start of the window, refusals in it, the limit's value]
         self._open: dict[tuple[str, str, str], list] = {}
 
-    def refused(self, limit: str, value: int, source: str, now: float, verb: str = "refusing"):
-        """One connection from ``source`` refused (or evicted) by ``limit`` (set to ``value``)."""
+    def refused(
+        self, limit: str, value: int | None, source: str, now: float, verb: str = "refusing"
+    ) -> None:
+        """One connection from ``source`` refused (or evicted) by ``limit`` (set to ``value``;
+        None for a refusal by a list, which has no value to show)."""
         key = (verb, limit, source)
         entry = self._open.get(key)
         if entry is None:
@@ -58,15 +61,15 @@ class RefusalLog:
         else:
             del self._open[key]
 
-    def _line(self, key: tuple[str, str, str], count: int, value: int) -> None:
+    def _line(self, key: tuple[str, str, str], count: int, value: int | None) -> None:
         verb, limit, source = key
         past = "evicted" if verb == "evicting" else "refused"
         log.warning(
-            "%s %s: %s (%d); %d %s in the last %d s",
+            "%s %s: %s%s; %d %s in the last %d s",
             verb,
             source,
             limit,
-            value,
+            "" if value is None else f" ({value})",
             count,
             past,
             self.window,

@@ -513,7 +513,7 @@ def restore_server(
     for client in restored.values():
         server.clients[client.id] = client
         per_ip = server.admission.per_ip
-        per_ip[client.ip] = per_ip.get(client.ip, 0) + 1
+        per_ip[client.source] = per_ip.get(client.source, 0) + 1
     for client in list(restored.values()):
         in_core = server.core.role(client.id) is not None
         if client.wire.state is not State.OPEN:
@@ -570,6 +570,7 @@ def _restore_client(
         raise
     sock.setblocking(False)
     client = Client(cid, sock, remote[0], remote[1], wire)
+    client.source = server.admission.prefixes(remote[0])
     client.started = now  # its debug close line counts from the hand-over
     if out:
         client.out.append(out)

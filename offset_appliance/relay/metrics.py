@@ -49,6 +49,11 @@ REFUSAL_LIMITS = (
     "max_handshakes",
     "file_descriptors",
     "connection_rate",
+    "ip_denied",
+    "listen_denied",
+    "connect_denied",
+    "banned",
+    "memory",
 )
 # accept() errors that mean the process (or system) is out of descriptors or memory.
 OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
@@ -98,6 +103,11 @@ class Snapshot:
     half_tunnels: int
     tunnels: int
     rekeys_live: int
+    memory_rss: int = 0
+    memory_ceiling_active: int = 0
+    memory_ceiling_seconds: float = 0.0
+    bans_active: int = 0
+    bans_total: int = 0
 
 
 def _escape(value: str) -> str:
@@ -189,6 +199,26 @@ def render(stats: Stats, snap: Snapshot) -> str:
         "Connections closed because nothing arrived within the keepalive timeout.",
         [({}, stats.closed["keepalive_timeout"])],
     )
+    metric(
+        "memory_rss_bytes",
+        "gauge",
+        "Resident memory of the relay process.",
+        [({}, snap.memory_rss)],
+    )
+    metric(
+        "memory_ceiling_active",
+        "gauge",
+        "1 while the relay is over limits.max_memory (and not yet below its low mark).",
+        [({}, snap.memory_ceiling_active)],
+    )
+    metric(
+        "memory_ceiling_seconds_total",
+        "counter",
+        "Time spent over the memory ceiling, refusing connections and pausing feeders.",
+        [({}, f"{snap.memory_ceiling_seconds:.3f}")],
+    )
+    metric("bans_active", "gauge", "Sources (IP prefixes) banned now.", [({}, snap.bans_active)])
+    metric("bans_total", "counter", "Bans of sources so far.", [({}, snap.bans_total)])
     return "\n".join(out) + "\n"
 
 

@@ -1,4 +1,9 @@
-"""Per-source rate limits: a token bucket per source address (IPv6 per /64).
+"""Sources and per-source rate limits.
+
+A source is what every per-IP limit counts under: an address's prefix, by default the
+IPv4 address itself (/32) and the IPv6 /64 (one IPv6 host commonly owns a whole /64), both
+configurable (``limits.ipv4_prefix``, ``limits.ipv6_prefix``). IPv4-mapped IPv6 addresses
+count as IPv4.
 
 Each new connection costs the relay a signature, a verification and two X25519 operations
 before it knows anything of the peer, far more than it costs the peer; the bucket bounds
@@ -10,25 +15,48 @@ from __future__ import annotations
 
 import ipaddress
 
+IPV4_PREFIX = 32
 # An IPv6 host commonly owns a whole /64: count it as one source.
 IPV6_PREFIX = 64
 
 
-def source_of(ip: str) -> str:
-    """The key a source address is counted under: itself (IPv4) or its /64 (IPv6)."""
-    if ":" not in ip:
-        return ip
-    try:
-        address = ipaddress.IPv6Address(ip.split("%", 1)[0])
-    except ValueError:
-        return ip
-    mapped = address.ipv4_mapped
-    if mapped is not None:
-        return str(mapped)
-    network = ipaddress.IPv6Network(
-        (int(address) >> (128 - IPV6_PREFIX) << (128 - IPV6_PREFIX), IPV6_PREFIX)
-    )
-    return str(network)
+class Prefixes:
+    """Maps an address to its source: ``198.18.0.7`` (a /32 is the address itself),
+    ``198.18.0.0/24``, ``2001:db8:1:2::/64``."""
+
+    __slots__ = ("ipv4", "ipv6")
+
+    def __init__(self, ipv4: int = IPV4_PREFIX, ipv6: int = IPV6_PREFIX) -> None:
+        self.ipv4 = ipv4
+        self.ipv6 = ipv6
+
+    def __call__(self, ip: str) -> str:
+        if ":" not in ip:
+            if self.ipv4 == 32:
+                return ip
+            try:
+                v4 = ipaddress.IPv4Address(ip)
+            except ValueError:
+                return ip
+            return self._v4(int(v4))
+        try:
+            address = ipaddress.IPv6Address(ip.split("%", 1)[0])
+        except ValueError:
+            return ip
+        mapped = address.ipv4_mapped
+        if mapped is not None:
+            return str(mapped) if self.ipv4 == 32 else self._v4(int(mapped))
+        bits = self.ipv6
+        if bits == 128:
+            return str(address)
+        return str(ipaddress.IPv6Network((int(address) >> (128 - bits) << (128 - bits), bits)))
+
+    def _v4(self, value: int) -> str:
+        bits = self.ipv4
+        return str(ipaddress.IPv4Network((value >> (32 - bits) << (32 - bits), bits)))
+
+
+source_of = Prefixes()
 
 
 class RateLimiter:

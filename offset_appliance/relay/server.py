@@ -26,16 +26,25 @@ from ..config import Config, format_address
 from ..errors import CloseReason, ProtocolError
 from ..files import b64url_encode
 from ..wire.connection import Connection, State
+from .access import AccessControl
 from .accounting import CloseAccounting
 from .admission import Admission
-from .clients import PAUSED_BY_CLOSE, PAUSED_BY_CORE, RECV_MAX, RECV_MIN, Client
+from .bans import BanTable
+from .clients import (
+    PAUSED_BY_CLOSE,
+    PAUSED_BY_CORE,
+    PAUSED_BY_MEMORY,
+    RECV_MAX,
+    RECV_MIN,
+    Client,
+)
 from .core import Close, CoreLimits, Pause, RelayCore, Role, Send
 from .events import RefusalLog
 from .handover import Handover, Inherited, ServiceManager
+from .memory import PAUSE_BATCH, MemoryGuard, read_rss
 from .metrics import MetricsEndpoint, Snapshot, Stats, render
 from .notify import Notifier
 from .output import Output
-from .ratelimit import source_of
 
 log = logging.getLogger("strelay")
 
@@ -47,6 +56,11 @@ _CONNECT_LIMITS = {
     CloseReason.HALF_TUNNEL_LIMIT: "max_half_tunnels_per_listener",
     CloseReason.LISTENER_FULL: "buffer_high_water",
 }
+# Close reasons that are the access lists refusing a request: counted as refusals (under
+# the reason's name) and as strikes towards a ban of the source.
+_DENIED = (CloseReason.LISTEN_DENIED, CloseReason.CONNECT_DENIED)
+# Handshakes that end for these are not the peer's failure (no strike towards a ban).
+_NOT_STRIKES = (CloseReason.SHUTDOWN, CloseReason.EVICTED)
 _ROLE_NAMES = {
     Role.PENDING: "pending",
     Role.LISTENER: "listener",
@@ -90,14 +104,26 @@ class RelayServer:
         self.notifier = Notifier()
         self.limits = config.limits
         self.timeouts = config.timeouts
-        self.core = RelayCore(self._core_limits(config), can_queue=self._can_queue)
+        # Who may use the relay: access lists, automatic bans, the memory ceiling.
+        self.access = AccessControl()
+        self.bans = BanTable()
+        self.memory = MemoryGuard(rss=read_rss)
+        self._memory_swept = False  # connections restored paused for memory were resumed
+        self.core = RelayCore(
+            self._core_limits(config),
+            can_queue=self._can_queue,
+            refuse_request=self.access.refuse_request,
+        )
         self.admission = Admission(
             config.limits,
             self.stats,
             self.selector,
             self.listen_sockets,
             orphans_from=self.core.orphans_from,
+            access=self.access,
+            bans=self.bans,
         )
+        self._apply_controls(config)
         self.output = Output(
             self.selector,
             self.clients,
@@ -147,6 +173,13 @@ class RelayServer:
         self.admission.set_limits(config.limits)
         self.timeouts = config.timeouts
         self.core.limits = self._core_limits(config)
+
+    def _apply_controls(self, config: Config) -> None:
+        """The access lists, bans and memory ceiling of ``config`` (at start and on reload:
+        they apply to what happens from now on)."""
+        self.access.apply_config(config.access)
+        self.bans.apply_config(config.bans)
+        self.memory.apply_config(config.limits)
 
     def bind(self, inherited: Inherited | None = None) -> list[tuple[str, int]]:
         """Open the listening sockets, or take them from ``inherited`` (the service
@@ -297,6 +330,8 @@ class RelayServer:
                 self._drain()
         now = self.clock()
         self._run_timers(now)
+        if now >= self.memory.next_sample:
+            self._check_memory(now)
         self.output.flush()
         if actions:  # a failed write ended a tunnel
             self._drain()
@@ -309,6 +344,7 @@ class RelayServer:
             if self.metrics is not None:
                 self.metrics.expire(now)
             self.refusals.flush(now)
+            self.bans.expire(now)
         if now >= self._next_status_log:
             log.info("status: %s", self.status_line())
             self._next_status_log = now + STATUS_LOG_INTERVAL
@@ -325,7 +361,10 @@ class RelayServer:
     def _next_deadline(self) -> float:
         timers = self._timers
         first = timers[0][0] if timers else float("inf")
-        return min(first, self.core.next_deadline(), self.admission.next_deadline())
+        deadline = min(first, self.core.next_deadline(), self.admission.next_deadline())
+        if self.memory.max_memory or self.memory.active:
+            deadline = min(deadline, self.memory.next_sample)
+        return deadline
 
     def _drain_wakeup(self) -> None:
         try:
@@ -367,12 +406,18 @@ class RelayServer:
                 counts["handshaking"] += 1
             else:
                 counts[names.get(role(cid), "waiting")] += 1  # type: ignore[arg-type]
+        now = self.clock()
         return Snapshot(
             connections=counts,
             listeners=self.core.listener_count,
             half_tunnels=self.core.half_tunnel_count,
             tunnels=self.core.tunnels,
             rekeys_live=rekeys,
+            memory_rss=read_rss(),
+            memory_ceiling_active=int(self.memory.active),
+            memory_ceiling_seconds=self.memory.seconds(now),
+            bans_active=self.bans.active(now),
+            bans_total=self.bans.total,
         )
 
     def metrics_text(self) -> str:
@@ -401,8 +446,8 @@ class RelayServer:
         if decision.refused is not None:
             sock.close()
             limit = decision.refused
-            setting = "new_connections_per_ip_per_second" if limit == "connection_rate" else limit
-            self.refusals.refused(limit, getattr(self.limits, setting), addr[0], now)
+            if limit != "banned":  # a ban is said once, when it starts
+                self.refusals.refused(limit, self._limit_value(limit), addr[0], now)
             return None
         if decision.evict is not None:
             evicted = decision.evict.ip
@@ -421,6 +466,7 @@ class RelayServer:
             max_frame_length=self.limits.max_frame_length,
         )
         client = Client(next(self._ids), sock, addr[0], addr[1], wire)
+        client.source = decision.source
         client.started = now
         self.clients[client.id] = client
         self.admission.admitted(client)
@@ -496,7 +542,7 @@ class RelayServer:
     def _opened(self, client: Client, peer_key: bytes, now: float) -> None:
         """The client's handshake finished: it is the core's from now on."""
         self.admission.opened(client)
-        self.core.opened(client.id, peer_key, now, source_of(client.ip))
+        self.core.opened(client.id, peer_key, now, client.source)
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
                 "%s: open, key %s, after %.3f s",
@@ -545,6 +591,41 @@ class RelayServer:
 
     def _can_queue(self, conn_id: int) -> bool:
         return self.output.can_queue(conn_id)
+
+    def _limit_value(self, limit: str) -> int | None:
+        """The setting behind a refusal by ``limit``, for the log line (None: a list)."""
+        if limit == "connection_rate":
+            return self.limits.new_connections_per_ip_per_second
+        if limit == "memory":
+            return self.limits.max_memory
+        return getattr(self.limits, limit, None)
+
+    # ---- the memory ceiling ------------------------------------------------------------
+
+    def _check_memory(self, now: float) -> None:
+        """Sample the resident size; over the ceiling, refuse new connections and pause the
+        feeders of the largest output queues, more at each sample while it lasts; below
+        the low mark, resume them all."""
+        memory = self.memory
+        memory.sample(now)
+        self.admission.memory_full = memory.active
+        output = self.output
+        clients = self.clients
+        if memory.active:
+            queues = [c for c in clients.values() if c.out_size and not c.closing]
+            peer_of = self.core.peer_of
+            for target in heapq.nlargest(PAUSE_BATCH, queues, key=lambda c: c.out_size):
+                feeder = peer_of(target.id)
+                other = clients.get(feeder) if feeder is not None else None
+                if other is not None and not other.paused & PAUSED_BY_MEMORY:
+                    output.pause(other, PAUSED_BY_MEMORY)
+                    self._memory_swept = False
+        elif not self._memory_swept:
+            # Below the low mark (or the first look after a hand-over, which keeps pauses).
+            self._memory_swept = True
+            for client in list(clients.values()):
+                if client.paused & PAUSED_BY_MEMORY:
+                    output.resume(client, PAUSED_BY_MEMORY, now)
 
     # ---- timers ------------------------------------------------------------------------
 
@@ -614,6 +695,13 @@ class RelayServer:
         if reason in _CONNECT_LIMITS:
             limit = _CONNECT_LIMITS[reason]
             self.refusals.refused(limit, getattr(self.limits, limit), client.ip, self.clock())
+        elif reason in _DENIED:
+            now = self.clock()
+            self.stats.refused[reason.value] += 1
+            self.refusals.refused(reason.value, None, client.ip, now)
+            self.bans.strike(client.source, now)
+        elif reason not in _NOT_STRIKES and self.admission.is_handshaking(client):
+            self.bans.strike(client.source, self.clock())
         if flush and not client.closing and client.out:
             client.closing = True
             client.close_reason = reason
@@ -665,6 +753,7 @@ class RelayServer:
             )
         self.config = config
         self._apply_limits(config)
+        self._apply_controls(config)
         logging.getLogger().setLevel(config.log_level.upper())
         log.info("configuration reloaded (limits, timeouts for new connections, log level)")
 
