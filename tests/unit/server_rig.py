@@ -40,13 +40,15 @@ class FakeClock:
         self.now += seconds
 
 
-def config(limits: dict | None = None, timeouts: dict | None = None) -> Config:
-    """A loopback config with the given limits and timeouts."""
+def config(limits: dict | None = None, timeouts: dict | None = None, **sections) -> Config:
+    """A loopback config with the given limits and timeouts (and other sections, such as
+    ``access=Access(...)``)."""
     return Config(
         identity_file=Path("/nonexistent"),
         listen=(("127.0.0.1", 0),),
         limits=Limits(**(limits or {})),
         timeouts=Timeouts(**(timeouts or {})),
+        **sections,
     )
 
 
@@ -115,9 +117,9 @@ class Node:
 class Rig:
     """A relay server in this process, and the nodes that talk to it."""
 
-    def __init__(self, limits=None, timeouts=None, reload_config=None) -> None:
+    def __init__(self, limits=None, timeouts=None, reload_config=None, **sections) -> None:
         self.clock = FakeClock()
-        self.config = config(limits, timeouts)
+        self.config = config(limits, timeouts, **sections)
         self.server = RelayServer(
             self.config, SigningKey.generate(), clock=self.clock, reload_config=reload_config
         )
