@@ -3,12 +3,15 @@ of resident memory, new connections are refused and the connections feeding the 
 output queues stop being read, until the resident size is below the low mark.
 
 The resident size is sampled from ``/proc/self/statm`` a few times a second while a
-ceiling is set. Python seldom gives freed memory back to the system, so the low mark is
-reached when the memory the relay holds is reused or returned, not at once.
+ceiling is set. Freed memory is not always given back to the system by the allocator, so
+while over the ceiling the relay asks glibc to return what it can (``malloc_trim``), at
+most once a second; the low mark is reached when the memory the relay held is freed.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import os
 from collections.abc import Callable
@@ -21,6 +24,8 @@ SAMPLE_INTERVAL = 0.25
 # Output queues whose feeders are paused at each sample while over the ceiling: the
 # largest first, more at every sample for as long as it lasts.
 PAUSE_BATCH = 16
+
+TRIM_INTERVAL = 1.0
 
 try:
     _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
@@ -37,11 +42,33 @@ def read_rss() -> int:
         return 0
 
 
+def _malloc_trim() -> Callable[[], None]:
+    """glibc's ``malloc_trim(0)`` (give free heap memory back), or nothing elsewhere."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return lambda: None
+    trim.argtypes = [ctypes.c_size_t]
+
+    def call() -> None:
+        trim(0)
+
+    return call
+
+
 class MemoryGuard:
     """Whether the relay is over its memory ceiling, with hysteresis."""
 
-    def __init__(self, limits: Limits | None = None, rss: Callable[[], int] = read_rss) -> None:
+    def __init__(
+        self,
+        limits: Limits | None = None,
+        rss: Callable[[], int] = read_rss,
+        trim: Callable[[], None] | None = None,
+    ) -> None:
         self.rss = rss
+        self.trim = trim if trim is not None else _malloc_trim()
+        self.next_trim = 0.0
         self.max_memory = 0
         self.low_mark = 0
         self.active = False  # over the ceiling, and not yet below the low mark
@@ -82,6 +109,11 @@ class MemoryGuard:
                 self.low_mark / 2**20,
             )
             return True
+        if self.active and rss >= self.low_mark and now >= self.next_trim:
+            # Memory freed since may still be the process's: hand it back, then look again.
+            self.next_trim = now + TRIM_INTERVAL
+            self.trim()
+            rss = self.last_rss = self.rss()
         if self.active and rss < self.low_mark:
             self._end(now)
             log.info(

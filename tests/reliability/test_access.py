@@ -211,20 +211,24 @@ def rss_bytes(relay) -> int:
     return relay.rss_kib() * 1024
 
 
-def test_past_the_memory_ceiling_new_connections_are_refused_until_raised(relay_factory):
+def test_past_the_memory_ceiling_new_connections_are_refused_until_usage_falls(relay_factory):
     relay = relay_factory(METRICS)
     client_from(relay, "127.0.0.1").close()  # warm up the paths a connection takes
-    ceiling = rss_bytes(relay) + (6 << 20)
-    reload(relay, f"[limits]\nmax_memory = {ceiling}\n")
+    base = rss_bytes(relay)
+    ceiling = base + (6 << 20)
+    reload(relay, f"[limits]\nmax_memory = {ceiling}\nmemory_low_mark = {base + (3 << 20)}\n")
     client_from(relay, "127.0.0.1").close()  # below it: served
     # Fill half-tunnels (not accepted) with early data until the relay holds more.
     listener = relay.client()
     listener.listen()
     connectors = []
-    for n in range(24):
-        connector = client_from(relay, f"127.0.8.{n + 1}")
+    for n in range(48):  # 512 KiB each, up to 24 MiB: the ceiling comes first
+        try:
+            connector = client_from(relay, f"127.0.8.{n + 1}")
+        except (ClientError, OSError):
+            break  # refused: over the ceiling already
         connector.connect(listener.public_key)
-        connector.send_many([bytes([n]) * 65536] * 8)  # 512 KiB each, 12 MiB in all
+        connector.send_many([bytes([n]) * 65536] * 8)
         connectors.append(connector)
     values = wait_metrics(
         relay, lambda v: v["offset_relay_memory_ceiling_active"] == 1, DEADLINE, "the ceiling"
@@ -232,16 +236,24 @@ def test_past_the_memory_ceiling_new_connections_are_refused_until_raised(relay_
     assert values["offset_relay_memory_rss_bytes"] > ceiling
     assert closed_at_once(relay, "127.0.0.1")
     assert refused(scrape(relay), "memory") >= 1
-    assert any(
-        "memory ceiling" in line and "refusing new connections" in line for line in relay.lines
-    )
-    # Raised by reload: served again.
-    reload(relay, f"[limits]\nmax_memory = {ceiling + (1 << 30)}\n")
-    wait_metrics(relay, lambda v: v["offset_relay_memory_ceiling_active"] == 0, DEADLINE, "off")
-    client_from(relay, "127.0.0.1").close()
+    assert any("memory ceiling: resident size" in line for line in relay.lines)
+    # The half-tunnels go (the listener leaves): the memory is freed, and new connections
+    # are served again once the resident size is below the low mark.
+    listener.close()
     for connector in connectors:
         connector.close()
-    listener.close()
+    values = wait_metrics(
+        relay, lambda v: v["offset_relay_memory_ceiling_active"] == 0, DEADLINE, "below"
+    )
+    assert values["offset_relay_memory_rss_bytes"] < base + (3 << 20)
+    client_from(relay, "127.0.0.1").close()
+    assert values["offset_relay_memory_ceiling_seconds_total"] > 0
+    # A ceiling raised by reload ends it too.
+    reload(relay, "[limits]\nmax_memory = 1048576\n")
+    assert closed_at_once(relay, "127.0.0.1")
+    reload(relay, f"[limits]\nmax_memory = {1 << 34}\n")
+    wait_metrics(relay, lambda v: v["offset_relay_memory_ceiling_active"] == 0, DEADLINE, "off")
+    client_from(relay, "127.0.0.1").close()
     assert_relay_clean(relay)
 
 

@@ -433,14 +433,20 @@ def test_failed_handshakes_are_strikes(rigs):
 
 def test_memory_guard_has_a_low_mark():
     rss = [100]
-    guard = MemoryGuard(Limits(max_memory=1000), rss=lambda: rss[0])
+    trims: list[float] = []
+    clock = [0.0]
+    guard = MemoryGuard(
+        Limits(max_memory=1000), rss=lambda: rss[0], trim=lambda: trims.append(clock[0])
+    )
     assert guard.low_mark == 900
     assert guard.sample(0.0) is None and not guard.active
     rss[0] = 1001
     assert guard.sample(0.1) is None  # not due yet
     assert guard.sample(SAMPLE_INTERVAL) is True and guard.active
     rss[0] = 950
-    assert guard.sample(1.0) is None and guard.active  # between the marks: still over
+    for clock[0] in (0.5, 0.75, 1.0, 1.25, 1.5):
+        assert guard.sample(clock[0]) is None and guard.active  # between the marks: over
+    assert trims == [0.5, 1.5]  # freed memory handed back, at most once a second
     rss[0] = 899
     assert guard.sample(2.0) is False and not guard.active
     assert guard.seconds(3.0) == pytest.approx(2.0 - SAMPLE_INTERVAL)
