@@ -56,9 +56,10 @@ _CONNECT_LIMITS = {
     CloseReason.HALF_TUNNEL_LIMIT: "max_half_tunnels_per_listener",
     CloseReason.LISTENER_FULL: "buffer_high_water",
 }
-# Close reasons that are the access lists refusing a request: counted as refusals (under
-# the reason's name) and as strikes towards a ban of the source.
-_DENIED = (CloseReason.LISTEN_DENIED, CloseReason.CONNECT_DENIED)
+# Close reasons that refuse a client's request (listen, connect or accept): each is counted
+# in connections_refused_total under the reason's value, logged as the limits are, and is
+# a strike towards a ban of the client's source.
+REFUSED_REQUESTS = frozenset({CloseReason.LISTEN_DENIED, CloseReason.CONNECT_DENIED})
 # Handshakes that end for these are not the peer's failure (no strike towards a ban).
 _NOT_STRIKES = (CloseReason.SHUTDOWN, CloseReason.EVICTED)
 _ROLE_NAMES = {
@@ -695,7 +696,7 @@ class RelayServer:
         if reason in _CONNECT_LIMITS:
             limit = _CONNECT_LIMITS[reason]
             self.refusals.refused(limit, getattr(self.limits, limit), client.ip, self.clock())
-        elif reason in _DENIED:
+        elif reason in REFUSED_REQUESTS:
             now = self.clock()
             self.stats.refused[reason.value] += 1
             self.refusals.refused(reason.value, None, client.ip, now)
