@@ -11,7 +11,6 @@ most once a second; the low mark is reached when the memory the relay held is fr
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 import os
 from collections.abc import Callable
@@ -45,8 +44,9 @@ def read_rss() -> int:
 def _malloc_trim() -> Callable[[], None]:
     """glibc's ``malloc_trim(0)`` (give free heap memory back), or nothing elsewhere."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        trim = libc.malloc_trim
+        # The symbols the process has loaded already (libc's among them): nothing is
+        # searched for or loaded.
+        trim = ctypes.CDLL(None).malloc_trim
     except (OSError, AttributeError):
         return lambda: None
     trim.argtypes = [ctypes.c_size_t]
