@@ -192,7 +192,7 @@ BANS_BOUNDS: dict[str, tuple[float, float]] = {
 }
 KEY_LISTS = ("listen_allow", "listen_deny", "connect_allow", "connect_deny")
 IP_LISTS = ("ip_allow", "ip_deny")
-# Entries in the key files, at most: a list is a set held in memory.
+# The largest key file read (a list is a set held in memory): about a million keys.
 MAX_KEY_FILE_BYTES = 64 << 20
 
 
@@ -385,12 +385,35 @@ def _key(where: str, text: str) -> bytes:
 
 
 def _key_file(where: str, path: Path) -> frozenset[bytes]:
-    """The keys of a file of one key a line ('#' comments and blank lines allowed)."""
+    """The keys of a file of one key a line ('#' comments and blank lines allowed).
+
+    Checked as the configuration files are (an allow list that others could write to would
+    let them in): a regular file, owned by root or the relay's user, not writable by group
+    or others; opened without blocking, so a FIFO is refused rather than waited on.
+    """
     try:
-        with path.open("rb") as handle:
-            data = handle.read(MAX_KEY_FILE_BYTES + 1)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except OSError as exc:
         raise ConfigError(f"{where}: cannot read key file {path}: {exc.strerror}") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise ConfigError(f"{where}: key file {path} is not a regular file")
+    with os.fdopen(fd, "rb") as handle:
+        if info.st_uid not in (0, os.geteuid()):
+            raise ConfigError(
+                f"{where}: key file {path} is owned by uid {info.st_uid}, "
+                "not by root or the user running the relay"
+            )
+        if info.st_mode & 0o022:
+            raise ConfigError(
+                f"{where}: key file {path} is writable by group or others "
+                f"(mode {stat.S_IMODE(info.st_mode):04o}); run: chmod go-w {path}"
+            )
+        try:
+            data = handle.read(MAX_KEY_FILE_BYTES + 1)
+        except OSError as exc:
+            raise ConfigError(f"{where}: cannot read key file {path}: {exc.strerror}") from None
     if len(data) > MAX_KEY_FILE_BYTES:
         raise ConfigError(f"{where}: key file {path} is larger than {MAX_KEY_FILE_BYTES} bytes")
     try:

@@ -4,6 +4,7 @@ ceiling, each under the injected clock (and the loop's rig where the loop takes 
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import tomllib
 from pathlib import Path
@@ -119,6 +120,24 @@ def test_a_bad_line_in_a_key_file_names_the_file_and_line(tmp_path):
     listed = write(tmp_path / "keys", f"{good}\n# fine\n{good[:-1]}\n")
     main = write(tmp_path / "relay.toml", BASE + f'[access]\nlisten_deny = ["{listed}"]\n')
     with pytest.raises(ConfigError, match=rf"access\.listen_deny: {listed} line 3: "):
+        load_config(main)
+
+
+@pytest.mark.parametrize(
+    "make, needle",
+    [
+        (lambda path: path.chmod(0o666), "writable by group or others"),
+        (lambda path: (path.unlink(), os.mkfifo(path)), "not a regular file"),
+        (lambda path: (path.unlink(), path.mkdir()), "not a regular file"),
+    ],
+)
+def test_a_key_file_others_could_change_is_refused(tmp_path, make, needle):
+    listed = write(tmp_path / "keys", key_text(SigningKey.generate()) + "\n")
+    listed.chmod(0o644)
+    main = write(tmp_path / "relay.toml", BASE + f'[access]\nlisten_allow = ["{listed}"]\n')
+    assert len(load_config(main).access.listen_allow.keys) == 1
+    make(listed)
+    with pytest.raises(ConfigError, match=needle):
         load_config(main)
 
 
