@@ -123,12 +123,22 @@ def test_a_bad_line_in_a_key_file_names_the_file_and_line(tmp_path):
         load_config(main)
 
 
+def _fifo(path: Path) -> None:
+    path.unlink()
+    os.mkfifo(path)
+
+
+def _directory(path: Path) -> None:
+    path.unlink()
+    path.mkdir()
+
+
 @pytest.mark.parametrize(
     "make, needle",
     [
         (lambda path: path.chmod(0o666), "writable by group or others"),
-        (lambda path: (path.unlink(), os.mkfifo(path)), "not a regular file"),
-        (lambda path: (path.unlink(), path.mkdir()), "not a regular file"),
+        (_fifo, "not a regular file"),
+        (_directory, "not a regular file"),
     ],
 )
 def test_a_key_file_others_could_change_is_refused(tmp_path, make, needle):
