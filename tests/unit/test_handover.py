@@ -16,7 +16,7 @@ from nacl.signing import SigningKey
 
 from offset_appliance.errors import CloseReason
 from offset_appliance.relay import handover
-from offset_appliance.relay.clients import PAUSED_BY_PEER
+from offset_appliance.relay.clients import PAUSED_BY_MEMORY, PAUSED_BY_PEER
 from offset_appliance.relay.core import CoreLimits, RelayCore, Role, Send
 from offset_appliance.relay.server import RelayServer
 from offset_appliance.wire.connection import Connection, State
@@ -499,5 +499,26 @@ def test_a_closing_connection_finishes_its_flush_after_the_hand_over(store):
         assert acceptor.inbox == [MESSAGE(n) for n in range(12)]
         assert acceptor.eof
         assert rig.server.stats.closed["tunnel_peer_closed"] == 1
+    finally:
+        rig.close()
+
+
+def test_a_feeder_paused_for_memory_reads_again_after_the_hand_over(store):
+    rig = Rig(limits={"max_memory": 1 << 40, "ipv4_prefix": 24})
+    try:
+        _, connector, acceptor = _stalled_tunnel(rig)
+        feeder = rig.client_of(connector)
+        rig.server.memory.rss = lambda: 1 << 41  # over the ceiling
+        rig.clock.advance(1.0)
+        rig.settle()
+        assert feeder.paused & PAUSED_BY_MEMORY
+        _restart(rig, store)  # the new process has a ceiling it is below
+        assert rig.client_of(connector).paused & PAUSED_BY_MEMORY  # as it was handed over
+        assert rig.client_of(connector).source == "127.0.0.0/24"
+        assert rig.server.admission.per_ip == {"127.0.0.0/24": 3}  # the tunnel's three
+        acceptor.reading = True
+        rig.settle()
+        assert not rig.client_of(connector).paused
+        assert acceptor.inbox == [MESSAGE(n) for n in range(40)]
     finally:
         rig.close()
