@@ -112,6 +112,39 @@ class Metrics:
 
 
 @dataclass(frozen=True)
+class Bandwidth:
+    """Token buckets on the bytes read from clients, in bytes per second (0: no limit) and
+    burst bytes (0: one second's worth, at least ``MIN_AUTO_BURST``). Enforced by pausing
+    reads (back-pressure): nothing is dropped, no tunnel closed."""
+
+    connection_rate: int = 0
+    connection_burst: int = 0
+    key_rate: int = 0
+    key_burst: int = 0
+    prefix_rate: int = 0
+    prefix_burst: int = 0
+    total_rate: int = 0
+    total_burst: int = 0
+
+
+@dataclass(frozen=True)
+class Budgets:
+    """Bytes read from clients per public key, per IP prefix (per UTC day and month) and for
+    the whole relay (per month); 0 is no budget. Past one: throttle to ``floor_rate`` (0: not
+    slowed, counted only) or refuse new tunnels. Counts persist in ``state_file``."""
+
+    key_daily: int = 0
+    key_monthly: int = 0
+    prefix_daily: int = 0
+    prefix_monthly: int = 0
+    total_monthly: int = 0
+    action: str = "throttle"
+    floor_rate: int = 65536
+    state_file: str = ""
+    save_interval: float = 60.0
+
+
+@dataclass(frozen=True)
 class Config:
     """Everything ``strelay`` needs to run."""
 
@@ -123,6 +156,8 @@ class Config:
     metrics: Metrics = field(default_factory=Metrics)
     access: Access = field(default_factory=Access)
     bans: Bans = field(default_factory=Bans)
+    bandwidth: Bandwidth = field(default_factory=Bandwidth)
+    budgets: Budgets = field(default_factory=Budgets)
 
 
 # Lower bounds that keep the relay working at all (a 4-byte version frame, a handshake).
@@ -178,8 +213,10 @@ _TOP_KEYS = (
     "metrics",
     "access",
     "bans",
+    "bandwidth",
+    "budgets",
 )
-_TABLES = ("limits", "timeouts", "metrics", "access", "bans")
+_TABLES = ("limits", "timeouts", "metrics", "access", "bans", "bandwidth", "budgets")
 # [bans]: (lowest, highest) of each number; times in seconds.
 BANS_BOUNDS: dict[str, tuple[float, float]] = {
     "threshold": (1, 1 << 20),
@@ -194,6 +231,14 @@ KEY_LISTS = ("listen_allow", "listen_deny", "connect_allow", "connect_deny")
 IP_LISTS = ("ip_allow", "ip_deny")
 # The largest key file read (a list is a set held in memory): about a million keys.
 MAX_KEY_FILE_BYTES = 64 << 20
+# [bandwidth] and [budgets]: a rate below 1 KiB/s would stall a connection's keepalives;
+# 2^40 (1 TiB/s, or bytes) is far beyond any link. Budgets go up to 2^60 bytes.
+RATE_MINIMUM = 1024
+RATE_MAXIMUM = 1 << 40
+BURST_MINIMUM = 4096
+BUDGET_MAXIMUM = 1 << 60
+BUDGET_ACTIONS = ("throttle", "refuse")
+SAVE_INTERVAL_RANGE = (1.0, 86400.0)
 
 
 def parse_listen_address(text: str) -> tuple[str, int]:
@@ -486,6 +531,72 @@ def _bans(table: dict[str, Any], origin: dict[str, Path]) -> Bans:
     return bans
 
 
+def _bandwidth(table: dict[str, Any], origin: dict[str, Path]) -> Bandwidth:
+    names = {f.name for f in dataclasses.fields(Bandwidth)}
+    values: dict[str, int] = {}
+    for key, value in table.items():
+        where = f"{origin[f'bandwidth.{key}']}: bandwidth.{key}"
+        if key not in names:
+            raise ConfigError(f"{where}: unknown key")
+        number = int(_number(where, value, integer=True))
+        low = BURST_MINIMUM if key.endswith("_burst") else RATE_MINIMUM
+        if number != 0 and not low <= number <= RATE_MAXIMUM:
+            raise ConfigError(
+                f"{where}: must be 0 (no limit) or between {low} and {RATE_MAXIMUM}, got {number}"
+            )
+        values[key] = number
+    return Bandwidth(**values)
+
+
+def _budgets(table: dict[str, Any], origin: dict[str, Path]) -> Budgets:
+    names = {f.name for f in dataclasses.fields(Budgets)}
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        where = f"{origin[f'budgets.{key}']}: budgets.{key}"
+        if key not in names:
+            raise ConfigError(f"{where}: unknown key")
+        if key == "action":
+            if value not in BUDGET_ACTIONS:
+                choices = ", ".join(BUDGET_ACTIONS)
+                raise ConfigError(f"{where}: expected one of {choices}, got {value!r}")
+            values[key] = value
+        elif key == "state_file":
+            if not isinstance(value, str):
+                raise ConfigError(f"{where}: expected a path string, got {value!r}")
+            if value:
+                state = Path(value)
+                if not state.is_absolute():
+                    raise ConfigError(f"{where}: expected an absolute path, got {value!r}")
+                if state.is_dir():
+                    raise ConfigError(f"{where}: {value} is a directory")
+                if not state.parent.is_dir():
+                    raise ConfigError(f"{where}: directory {state.parent} does not exist")
+            values[key] = value
+        elif key == "save_interval":
+            number = float(_number(where, value, integer=False))
+            low, high = SAVE_INTERVAL_RANGE
+            if not low <= number <= high:
+                raise ConfigError(f"{where}: must be between {low:g} and {high:g} seconds")
+            values[key] = number
+        elif key == "floor_rate":
+            number = int(_number(where, value, integer=True))
+            if number != 0 and not RATE_MINIMUM <= number <= RATE_MAXIMUM:
+                raise ConfigError(
+                    f"{where}: must be 0 (not slowed) or between {RATE_MINIMUM} and "
+                    f"{RATE_MAXIMUM}, got {number}"
+                )
+            values[key] = number
+        else:
+            number = int(_number(where, value, integer=True))
+            if not 0 <= number <= BUDGET_MAXIMUM:
+                raise ConfigError(
+                    f"{where}: must be 0 (no budget) or between 1 and {BUDGET_MAXIMUM}, "
+                    f"got {number}"
+                )
+            values[key] = number
+    return Budgets(**values)
+
+
 def load_config(
     path: Path | None,
     *,
@@ -556,6 +667,8 @@ def load_config(
         metrics=_metrics(merged.get("metrics", {}), origin),
         access=_access(merged.get("access", {}), origin),
         bans=_bans(merged.get("bans", {}), origin),
+        bandwidth=_bandwidth(merged.get("bandwidth", {}), origin),
+        budgets=_budgets(merged.get("budgets", {}), origin),
     )
 
 
@@ -576,6 +689,8 @@ def dump_config(config: Config) -> str:
             **{name: list(getattr(config.access, name)) for name in IP_LISTS},
         },
         "bans": dataclasses.asdict(config.bans),
+        "bandwidth": dataclasses.asdict(config.bandwidth),
+        "budgets": dataclasses.asdict(config.budgets),
     }
     return tomli_w.dumps(doc)
 

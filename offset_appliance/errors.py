@@ -41,6 +41,7 @@ class CloseReason(enum.Enum):
     # The relay's own limits and life.
     EVICTED = "evicted"
     FLUSH_TIMEOUT = "flush_timeout"
+    BUDGET = "budget"  # over a transfer budget, with budgets.action = "refuse"
     SHUTDOWN = "shutdown"
 
 

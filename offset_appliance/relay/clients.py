@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import socket
+from typing import TYPE_CHECKING
 
 from ..config import format_address
 from ..errors import CloseReason
 from ..wire.connection import Connection
+
+if TYPE_CHECKING:
+    from .bandwidth import Meter
 
 # Read sizes adapt per connection, as event loops do: a read that fills the request doubles
 # the next one (bulk streams), a short one halves it. Small reads keep CPython's bytes
@@ -20,6 +24,7 @@ PAUSED_BY_PEER = 1  # the connection it feeds has too much queued output
 PAUSED_BY_CORE = 2  # its half-tunnel buffer is full
 PAUSED_BY_CLOSE = 4  # it is closing after a flush
 PAUSED_BY_MEMORY = 8  # the relay is over its memory ceiling and it feeds a large queue
+PAUSED_BY_RATE = 16  # a bandwidth bucket it is charged to is in debt (relay/bandwidth.py)
 
 
 class Client:
@@ -46,6 +51,7 @@ class Client:
         "bytes_out",
         "role",
         "served_in",
+        "meter",
     )
 
     def __init__(self, conn_id: int, sock: socket.socket, ip: str, port: int, wire: Connection):
@@ -73,3 +79,5 @@ class Client:
         self.bytes_out = 0
         self.role = ""
         self.served_in = 0  # the turn of the loop it was last served in
+        # What it is charged to, while bandwidth limits or budgets are on.
+        self.meter: Meter | None = None

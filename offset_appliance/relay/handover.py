@@ -459,6 +459,8 @@ def export_server(server: RelayServer, clients: Iterable[Client], now: float) ->
         "monotonic": time.monotonic(),
         "core": server.core.export_state(now),
         "clients": records,
+        # Transfer counts (budgets), newer than the state file's last save.
+        "usage": server.bandwidth.usage_document(),
     }
 
 
@@ -523,6 +525,8 @@ def restore_server(
             server._close(client, CloseReason.SHUTDOWN)
             continue
         _watch(server, client)
+        server.bandwidth.adopt(client, now)
+    server.bandwidth.take_usage(document.get("usage"))
     server.stats.accepted += len(server.clients)
     server._ids = itertools.count(max(restored, default=0) + 1)
     if server.core.actions:

@@ -54,7 +54,10 @@ REFUSAL_LIMITS = (
     "connect_denied",
     "banned",
     "memory",
+    "budget",
 )
+# Why reading was paused: a bandwidth bucket (relay/bandwidth.py) or the memory ceiling.
+THROTTLE_KINDS = ("connection", "key", "prefix", "total", "budget", "memory")
 # accept() errors that mean the process (or system) is out of descriptors or memory.
 OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
@@ -88,6 +91,10 @@ class Stats:
     messages_relayed: int = 0
     bytes_relayed: int = 0
     rekeys_closed: int = 0  # rekeys of connections already gone; live ones are summed on scrape
+    # Seconds connections spent with reading paused, summed over connections, by kind.
+    throttled_seconds: dict[str, float] = field(
+        default_factory=lambda: dict.fromkeys(THROTTLE_KINDS, 0.0)
+    )
 
     @property
     def handshakes_failed_total(self) -> int:
@@ -108,6 +115,9 @@ class Snapshot:
     memory_ceiling_seconds: float = 0.0
     bans_active: int = 0
     bans_total: int = 0
+    # Transfer budgets (relay/bandwidth.py): bytes counted, and who is over a budget.
+    budget_used: dict[str, int] = field(default_factory=dict)
+    budget_over: dict[str, int] = field(default_factory=dict)
 
 
 def _escape(value: str) -> str:
@@ -219,6 +229,25 @@ def render(stats: Stats, snap: Snapshot) -> str:
     )
     metric("bans_active", "gauge", "Sources (IP prefixes) banned now.", [({}, snap.bans_active)])
     metric("bans_total", "counter", "Bans of sources so far.", [({}, snap.bans_total)])
+    metric(
+        "throttled_seconds_total",
+        "counter",
+        "Seconds connections spent with reading paused by a bandwidth limit, a budget's floor "
+        "rate or the memory ceiling, summed over connections.",
+        [({"kind": kind}, f"{seconds:.3f}") for kind, seconds in stats.throttled_seconds.items()],
+    )
+    metric(
+        "budget_used_bytes",
+        "gauge",
+        "Bytes read from clients in the current UTC month (total_month) and day (total_day).",
+        [({"scope": scope}, n) for scope, n in snap.budget_used.items()],
+    )
+    metric(
+        "budget_over",
+        "gauge",
+        "Keys and prefixes over a transfer budget (total: 1 if the relay's monthly one is spent).",
+        [({"scope": s}, snap.budget_over.get(s, 0)) for s in ("key", "prefix", "total")],
+    )
     return "\n".join(out) + "\n"
 
 

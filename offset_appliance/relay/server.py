@@ -29,6 +29,7 @@ from ..wire.connection import Connection, State
 from .access import AccessControl
 from .accounting import CloseAccounting
 from .admission import Admission
+from .bandwidth import BandwidthControl
 from .bans import BanTable
 from .clients import (
     PAUSED_BY_CLOSE,
@@ -135,6 +136,7 @@ class RelayServer:
             self._schedule,
         )
         self.accounting = CloseAccounting(self.stats)
+        self.bandwidth = BandwidthControl(config, self.clients, self.output, self.stats, clock)
         self.refusals = RefusalLog()
         self._ids = itertools.count(1)
         self._timers: list[tuple[float, int]] = []
@@ -265,6 +267,7 @@ class RelayServer:
         self._watchdog = self.notifier.watchdog_interval() or 0.0
         while not self._stopping:
             self.step()
+        self.bandwidth.stop(self.clock())
         if self.handover is not None:
             self.notifier.notify("STOPPING=1")
             if self.handover.hand_over(self):
@@ -346,6 +349,7 @@ class RelayServer:
                 self.metrics.expire(now)
             self.refusals.flush(now)
             self.bans.expire(now)
+            self.bandwidth.tick(now)
         if now >= self._next_status_log:
             log.info("status: %s", self.status_line())
             self._next_status_log = now + STATUS_LOG_INTERVAL
@@ -362,7 +366,12 @@ class RelayServer:
     def _next_deadline(self) -> float:
         timers = self._timers
         first = timers[0][0] if timers else float("inf")
-        deadline = min(first, self.core.next_deadline(), self.admission.next_deadline())
+        deadline = min(
+            first,
+            self.core.next_deadline(),
+            self.admission.next_deadline(),
+            self.bandwidth.next_deadline(),
+        )
         if self.memory.max_memory or self.memory.active:
             deadline = min(deadline, self.memory.next_sample)
         return deadline
@@ -419,6 +428,7 @@ class RelayServer:
             memory_ceiling_seconds=self.memory.seconds(now),
             bans_active=self.bans.active(now),
             bans_total=self.bans.total,
+            **self.bandwidth.gauges(),
         )
 
     def metrics_text(self) -> str:
@@ -500,6 +510,8 @@ class RelayServer:
             elif client.recv_size > RECV_MIN and len(data) < client.recv_size // 4:
                 client.recv_size //= 2
         now = self.clock()
+        if data and self.bandwidth.enabled:
+            self.bandwidth.charge(client, len(data), now)
         was_open = wire.state is State.OPEN
         try:
             messages = wire.receive_data(data, now, FRAME_BUDGET)
@@ -543,6 +555,11 @@ class RelayServer:
     def _opened(self, client: Client, peer_key: bytes, now: float) -> None:
         """The client's handshake finished: it is the core's from now on."""
         self.admission.opened(client)
+        if self.bandwidth.enabled:
+            over = self.bandwidth.opened(client)
+            if over is not None:
+                self._refuse_over_budget(client, over, now)
+                return
         self.core.opened(client.id, peer_key, now, client.source)
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
@@ -552,6 +569,13 @@ class RelayServer:
                 now - client.started,
             )
         self._schedule(client, client.wire.next_deadline())
+
+    def _refuse_over_budget(self, client: Client, over: tuple[str, int], now: float) -> None:
+        """``budgets.action = "refuse"``: a client over a budget gets no new tunnel (it is
+        closed right after its handshake, before its Listen, Connect or Accept)."""
+        self.stats.refused["budget"] += 1
+        self.refusals.refused("budget", over[1], f"{client.ip} ({over[0]})", now)
+        self._close(client, CloseReason.BUDGET)
 
     # ---- the core's actions ------------------------------------------------------------
 
@@ -674,6 +698,8 @@ class RelayServer:
         if self.core.actions:
             self._drain()
         self.admission.handle_timer(now)
+        if self.bandwidth.next_deadline() <= now:
+            self.bandwidth.handle_timer(now)
 
     # ---- closing -----------------------------------------------------------------------
 
@@ -723,6 +749,8 @@ class RelayServer:
             now=self.clock(),
         )
         self.admission.left(client)
+        if client.meter is not None:
+            self.bandwidth.closed(client)
         self.output.forget(client)
         client.sock.close()
         self.core.closed(cid)
@@ -755,6 +783,7 @@ class RelayServer:
         self.config = config
         self._apply_limits(config)
         self._apply_controls(config)
+        self.bandwidth.apply_config(config)
         logging.getLogger().setLevel(config.log_level.upper())
         log.info("configuration reloaded (limits, timeouts for new connections, log level)")
 
@@ -773,6 +802,7 @@ class RelayServer:
             self._close(client, CloseReason.SHUTDOWN)
         self.core.actions.clear()  # every connection is closed already
         self.admission.stop()
+        self.bandwidth.stop(self.clock())
         log.info("stopped")
 
 

@@ -1,0 +1,571 @@
+"""Bandwidth limits and transfer budgets: what each client may read into the relay.
+
+Every byte read from a client is charged, after the read, to token buckets (per connection,
+per public key, per IP prefix, for the whole relay: ``[bandwidth]``) and to transfer counts
+(per key and prefix per UTC day and month, the relay per month: ``[budgets]``). A bucket in
+debt pauses the connection's reading (back-pressure, as a full output queue does) until it
+has refilled: nothing is dropped and no tunnel is closed; reads are kept small while a rate
+applies, so the pauses stay short and the rate even. Past a budget a client is slowed to
+``floor_rate`` (a bucket of its own) or, with ``action = "refuse"``, its new tunnels are
+refused (``RelayServer._opened``).
+
+With every setting at 0 the server's read path pays one attribute test per read and nothing
+else. Before the handshake a connection's bytes count against its connection, its prefix and
+the relay; its key's buckets and counts apply from the handshake on.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from ..config import Bandwidth as BandwidthConfig
+from ..config import Budgets as BudgetsConfig
+from ..config import Config
+from ..files import b64url_encode
+from .clients import PAUSED_BY_RATE, Client
+from .metrics import Stats
+from .output import Output
+from .usage import Entry, Usage, UsageFileError, read_usage_file, write_usage_file
+
+log = logging.getLogger("strelay")
+
+# A burst of 0 is one second's worth of the rate, and at least this.
+MIN_AUTO_BURST = 64 * 1024
+# While a rate applies, one read takes at most about 1/32 s of the lowest rate (and at least
+# this), so a pause lasts tens of milliseconds, not a whole read's worth of seconds.
+MIN_READ = 16 * 1024
+READ_FRACTION = 32
+# A pause ends once every bucket is within this many bytes of paid off.
+SLACK = 1.0
+STATE_FILE_NAME = "usage.json"
+
+
+def source_key(client: Client) -> str:
+    """The IP prefix a connection counts under (limits.ipv4_prefix / ipv6_prefix)."""
+    return client.source
+
+
+def auto_burst(rate: int, burst: int) -> float:
+    return float(burst) if burst else float(max(rate, MIN_AUTO_BURST))
+
+
+class Bucket:
+    """A token bucket of ``rate`` bytes a second holding up to ``burst``; it may go into
+    debt (the bytes were read already), and its users wait until the debt is paid."""
+
+    __slots__ = ("kind", "rate", "burst", "tokens", "last", "users", "table", "name")
+
+    def __init__(self, kind: str, rate: float, burst: float, now: float) -> None:
+        self.kind = kind
+        self.rate = rate
+        self.burst = burst
+        self.tokens = burst
+        self.last = now
+        self.users = 0
+        self.table: dict | None = None  # the shared table it is kept in, if any
+        self.name: object = None
+
+    def set(self, rate: float, burst: float) -> None:
+        self.rate = rate
+        self.burst = burst
+        if self.tokens > burst:
+            self.tokens = burst
+
+    def wait(self, now: float) -> float:
+        """Seconds until its debt is paid (0 if there is none), without taking anything."""
+        tokens = self.tokens + (now - self.last) * self.rate
+        return -tokens / self.rate if tokens < -SLACK else 0.0
+
+
+class Meter:
+    """What one connection is charged to; rebuilt when the settings or the tables change."""
+
+    __slots__ = (
+        "generation",
+        "buckets",
+        "shared",
+        "usage",
+        "max_read",
+        "paused_since",
+        "kind",
+        "resume_at",
+    )
+
+    def __init__(self) -> None:
+        self.generation = -1
+        self.buckets: tuple[Bucket, ...] = ()
+        self.shared: list[Bucket] = []
+        self.usage: tuple[Entry, ...] = ()
+        self.max_read = 0
+        self.paused_since: float | None = None
+        self.kind = ""
+        self.resume_at = 0.0
+
+
+class BandwidthControl:
+    """The ``[bandwidth]`` and ``[budgets]`` of one server."""
+
+    def __init__(
+        self,
+        config: Config,
+        clients: dict[int, Client],
+        output: Output,
+        stats: Stats,
+        clock: Callable[[], float],
+        wallclock: Callable[[], float] = time.time,
+    ) -> None:
+        self.clients = clients
+        self.output = output
+        self.stats = stats
+        self.clock = clock
+        self.wallclock = wallclock
+        self.enabled = False  # read by the server on every read: False costs nothing more
+        self.generation = 0
+        self.rates = BandwidthConfig()
+        self.budgets = BudgetsConfig()
+        self.usage: Usage | None = None
+        self.state_path: Path | None = None
+        self._dirty = False
+        self._next_save = 0.0
+        self._total: Bucket | None = None
+        self._total_floor: Bucket | None = None
+        self._keys: dict[bytes, Bucket] = {}
+        self._prefixes: dict[str, Bucket] = {}
+        self._floors: dict[tuple[str, str], Bucket] = {}
+        self._timers: list[tuple[float, int, int]] = []
+        self._seq = itertools.count()
+        self.apply_config(config)
+
+    # ---- settings ----------------------------------------------------------------------
+
+    @property
+    def budgets_on(self) -> bool:
+        b = self.budgets
+        return bool(
+            b.key_daily or b.key_monthly or b.prefix_daily or b.prefix_monthly or b.total_monthly
+        )
+
+    def apply_config(self, config: Config) -> None:
+        """Take new settings (at start and on reload); they apply to every connection at once."""
+        now = self.clock()
+        rates, budgets = config.bandwidth, config.budgets
+        was_on = self.budgets_on
+        old_path = self.state_path
+        self.rates, self.budgets = rates, budgets
+        if self.budgets_on:
+            self.state_path = self._state_path(budgets)
+            if not was_on:
+                self._start_counting(now)
+            elif self.state_path != old_path:
+                self._dirty = True
+                self._next_save = now
+                if self.state_path is None:
+                    log.info("budgets: no state file now; counts start at 0 on the next start")
+            self._set_budgets()
+        elif was_on:
+            self.save(now)
+            self.usage = None
+            self.state_path = None
+            self._floors.clear()
+            self._total_floor = None
+        self.enabled = self.budgets_on or bool(
+            rates.connection_rate or rates.key_rate or rates.prefix_rate or rates.total_rate
+        )
+        self._set_rates(now)
+        self.generation += 1
+        # Paused connections are looked at again now: a rate raised or lifted frees them.
+        for client in self.clients.values():
+            meter = client.meter
+            if meter is None:
+                continue
+            if not self.enabled:
+                client.meter = None
+                self._detach(meter)
+                if client.paused & PAUSED_BY_RATE:
+                    self._resume(client, meter, now)
+            elif meter.paused_since is not None:
+                meter.resume_at = now
+                heapq.heappush(self._timers, (now, next(self._seq), client.id))
+        if not self.enabled:
+            self._timers.clear()
+
+    def _state_path(self, budgets: BudgetsConfig) -> Path | None:
+        if budgets.state_file:
+            return Path(budgets.state_file)
+        directory = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+        return Path(directory) / STATE_FILE_NAME if directory else None
+
+    def _set_rates(self, now: float) -> None:
+        r = self.rates
+        if r.total_rate:
+            burst = auto_burst(r.total_rate, r.total_burst)
+            if self._total is None:
+                self._total = Bucket("total", float(r.total_rate), burst, now)
+            else:
+                self._total.set(float(r.total_rate), burst)
+        else:
+            self._total = None
+        for table, rate, burst in (
+            (self._keys, r.key_rate, r.key_burst),
+            (self._prefixes, r.prefix_rate, r.prefix_burst),
+        ):
+            if not rate:
+                table.clear()
+            for bucket in table.values():
+                bucket.set(float(rate), auto_burst(rate, burst))
+        floor = self.budgets.floor_rate
+        for bucket in self._floors.values():
+            bucket.set(float(floor), auto_burst(floor, 0))
+        if self._total_floor is not None:
+            self._total_floor.set(float(floor), auto_burst(floor, 0))
+
+    def _set_budgets(self) -> None:
+        usage = self.usage
+        assert usage is not None
+        b = self.budgets
+        usage.key_scope.set_limits(b.key_daily, b.key_monthly)
+        usage.prefix_scope.set_limits(b.prefix_daily, b.prefix_monthly)
+        usage.total_scope.set_limits(0, b.total_monthly)
+        for entry in usage.refresh_over():
+            self._log_over(entry)
+        if not (b.action == "throttle" and b.floor_rate):
+            self._floors.clear()
+            self._total_floor = None
+
+    # ---- the state file ----------------------------------------------------------------
+
+    def _start_counting(self, now: float) -> None:
+        wall = self.wallclock()
+        self.usage = Usage(wall)
+        self._dirty = False
+        self._next_save = now + self.budgets.save_interval
+        path = self.state_path
+        if path is None:
+            log.info(
+                "budgets: no state file (budgets.state_file unset and no STATE_DIRECTORY): "
+                "transfer counts start at 0 on every start"
+            )
+            return
+        try:
+            document = read_usage_file(path)
+        except FileNotFoundError:
+            log.info("budgets: no state file at %s yet; counting from 0", path)
+            return
+        except (OSError, UsageFileError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            log.warning(
+                "budgets: state file %s unusable (%s): counting from 0; it is replaced at the "
+                "next save",
+                path,
+                reason,
+            )
+            return
+        self.usage.take(document, wall)
+        log.info(
+            "budgets: counts read from %s (%d keys, %d prefixes, %d bytes this month)",
+            path,
+            len(self.usage.keys),
+            len(self.usage.prefixes),
+            self.usage.total.month,
+        )
+
+    def save(self, now: float) -> None:
+        """Write the state file now, if there is one and anything changed."""
+        if self.usage is None or self.state_path is None or not self._dirty:
+            return
+        self._next_save = now + self.budgets.save_interval
+        try:
+            write_usage_file(self.state_path, self.usage.document(self.wallclock()))
+        except OSError as exc:
+            log.error("budgets: cannot write %s: %s", self.state_path, exc.strerror or exc)
+            return
+        self._dirty = False
+
+    def tick(self, now: float) -> None:
+        """Every few seconds: a new UTC day or month, and the periodic save."""
+        usage = self.usage
+        if usage is None:
+            return
+        if usage.roll(self.wallclock()):
+            log.info("budgets: a new period, %s: daily counts start again", usage.day)
+            self._dirty = True
+            self._floors.clear()
+            self._total_floor = None
+            self.generation += 1
+            self._wake_paused(now)
+        if self._dirty and now >= self._next_save:
+            self.save(now)
+
+    def stop(self, now: float) -> None:
+        """The relay stops (or hands over): save the counts."""
+        self.save(now)
+
+    def usage_document(self) -> dict | None:
+        """The counts, for the hand-over to the next process."""
+        return self.usage.document(self.wallclock()) if self.usage is not None else None
+
+    def take_usage(self, document: object) -> None:
+        """The counts handed over by the previous process (newer than the state file)."""
+        if self.usage is None or document is None:
+            return
+        try:
+            self.usage.take(document, self.wallclock())
+        except UsageFileError as exc:
+            log.warning("budgets: handed-over counts unusable (%s); keeping the state file's", exc)
+            return
+        self.generation += 1
+
+    # ---- metrics -----------------------------------------------------------------------
+
+    def gauges(self) -> dict:
+        usage = self.usage
+        if usage is None:
+            return {"budget_used": {"total_month": 0, "total_day": 0}, "budget_over": {}}
+        return {
+            "budget_used": {"total_month": usage.total.month, "total_day": usage.total.day},
+            "budget_over": usage.over_counts(),
+        }
+
+    # ---- the read path -----------------------------------------------------------------
+
+    def opened(self, client: Client) -> tuple[str, int] | None:
+        """``client`` finished its handshake: its key counts from now on. If its new tunnels
+        are to be refused (``action = "refuse"``), returns who is over and that budget."""
+        meter = client.meter
+        if meter is not None:
+            meter.generation = -1  # attach the key's bucket and counts at the next read
+        usage = self.usage
+        if usage is None or self.budgets.action != "refuse":
+            return None
+        key = client.wire.peer_public_key
+        candidates = [usage.total, usage.prefixes.get(source_key(client))]
+        if key is not None:
+            candidates.append(usage.keys.get(b64url_encode(key)))
+        for entry in candidates:
+            if entry is not None and entry.over:
+                return self._spent(entry)
+        return None
+
+    def _spent(self, entry: Entry) -> tuple[str, int]:
+        """Who is over, and the budget (in bytes) it has spent."""
+        scope = entry.scope
+        who = "the relay" if scope.name == "total" else f"{scope.name} {entry.name}"
+        if entry.month >= scope.month_limit:
+            return f"{who}, monthly budget", int(scope.month_limit)
+        return f"{who}, daily budget", int(scope.day_limit)
+
+    def charge(self, client: Client, size: int, now: float) -> None:
+        """``size`` bytes were read from ``client``: count them, pause it if in debt."""
+        meter = client.meter
+        if meter is None or meter.generation != self.generation:
+            meter = self._attach(client, now)
+        if meter.usage:
+            self._dirty = True
+            for entry in meter.usage:
+                entry.day += size
+                entry.month += size
+                if not entry.over and entry.is_over():
+                    self._went_over(entry, now)
+        buckets = meter.buckets
+        if not buckets:
+            return
+        wait = 0.0
+        kind = ""
+        for bucket in buckets:
+            tokens = bucket.tokens + (now - bucket.last) * bucket.rate
+            if tokens > bucket.burst:
+                tokens = bucket.burst
+            tokens -= size
+            bucket.tokens = tokens
+            bucket.last = now
+            if tokens < -SLACK:
+                need = -tokens / bucket.rate
+                if need > wait:
+                    wait, kind = need, bucket.kind
+        if client.recv_size > meter.max_read:
+            client.recv_size = meter.max_read
+        if wait:
+            if meter.paused_since is None:
+                meter.paused_since = now
+                meter.kind = kind
+                self.output.pause(client, PAUSED_BY_RATE)
+            meter.resume_at = now + wait
+            heapq.heappush(self._timers, (meter.resume_at, next(self._seq), client.id))
+
+    def closed(self, client: Client) -> None:
+        """``client`` is gone: let go of its shared buckets."""
+        meter = client.meter
+        if meter is not None:
+            client.meter = None
+            self._detach(meter)
+            if meter.paused_since is not None:
+                self.stats.throttled_seconds[meter.kind] += self.clock() - meter.paused_since
+
+    def adopt(self, client: Client, now: float) -> None:
+        """A connection handed over while paused by a rate: look at it again now."""
+        if client.paused & PAUSED_BY_RATE:
+            meter = client.meter = Meter()
+            meter.paused_since, meter.kind, meter.resume_at = now, "connection", now
+            heapq.heappush(self._timers, (now, next(self._seq), client.id))
+
+    # ---- timers ------------------------------------------------------------------------
+
+    def next_deadline(self) -> float:
+        return self._timers[0][0] if self._timers else float("inf")
+
+    def handle_timer(self, now: float) -> None:
+        """Resume the connections whose buckets have refilled."""
+        timers = self._timers
+        clients = self.clients
+        while timers and timers[0][0] <= now:
+            when, _, cid = heapq.heappop(timers)
+            client = clients.get(cid)
+            if client is None:
+                continue
+            meter = client.meter
+            if meter is None or meter.paused_since is None or meter.resume_at != when:
+                continue
+            if meter.generation != self.generation:
+                meter = self._attach(client, now)
+            # A shared bucket may have been drawn on since: wait for it, do not add to it.
+            wait = max((bucket.wait(now) for bucket in meter.buckets), default=0.0)
+            if wait:
+                meter.resume_at = now + wait
+                heapq.heappush(timers, (meter.resume_at, next(self._seq), cid))
+            else:
+                self._resume(client, meter, now)
+
+    def _resume(self, client: Client, meter: Meter, now: float) -> None:
+        if meter.paused_since is not None:
+            self.stats.throttled_seconds[meter.kind] += now - meter.paused_since
+            meter.paused_since = None
+        self.output.resume(client, PAUSED_BY_RATE, now)
+
+    def _wake_paused(self, now: float) -> None:
+        for client in self.clients.values():
+            meter = client.meter
+            if meter is not None and meter.paused_since is not None:
+                meter.resume_at = now
+                heapq.heappush(self._timers, (now, next(self._seq), client.id))
+
+    # ---- attaching a connection to its buckets and counts ------------------------------
+
+    def _shared(self, table: dict, name: object, kind: str, rate: int, burst: int, now: float):
+        bucket = table.get(name)
+        if bucket is None:
+            bucket = table[name] = Bucket(kind, float(rate), auto_burst(rate, burst), now)
+            bucket.table, bucket.name = table, name
+        return bucket
+
+    def _detach(self, meter: Meter) -> None:
+        for bucket in meter.shared:
+            bucket.users -= 1
+            if bucket.users <= 0 and bucket.table is not None:
+                if bucket.table.get(bucket.name) is bucket:
+                    del bucket.table[bucket.name]
+        meter.shared = []
+
+    def _attach(self, client: Client, now: float) -> Meter:
+        old = client.meter
+        meter = Meter()
+        connection = None
+        if old is not None:
+            meter.paused_since, meter.kind, meter.resume_at = (
+                old.paused_since,
+                old.kind,
+                old.resume_at,
+            )
+            connection = next((b for b in old.buckets if b.kind == "connection"), None)
+            self._detach(old)
+        meter.generation = self.generation
+        client.meter = meter
+        r = self.rates
+        buckets: list[Bucket] = []
+        shared: list[Bucket] = []
+        key = client.wire.peer_public_key
+        prefix = source_key(client)
+        if r.connection_rate:
+            burst = auto_burst(r.connection_rate, r.connection_burst)
+            if connection is None:
+                connection = Bucket("connection", float(r.connection_rate), burst, now)
+            else:
+                connection.set(float(r.connection_rate), burst)
+            buckets.append(connection)
+        if r.key_rate and key is not None:
+            shared.append(self._shared(self._keys, key, "key", r.key_rate, r.key_burst, now))
+        if r.prefix_rate:
+            shared.append(
+                self._shared(self._prefixes, prefix, "prefix", r.prefix_rate, r.prefix_burst, now)
+            )
+        if self._total is not None:
+            buckets.append(self._total)
+        usage = self.usage
+        if usage is not None:
+            entries = [usage.total]
+            entry, pruned = usage.entry(usage.prefixes, usage.prefix_scope, prefix)
+            entries.append(entry)
+            if key is not None:
+                key_entry, pruned_keys = usage.entry(
+                    usage.keys, usage.key_scope, b64url_encode(key)
+                )
+                entries.append(key_entry)
+                pruned = pruned or pruned_keys
+            if pruned:
+                self.generation += 1
+                meter.generation = self.generation
+            meter.usage = tuple(entries)
+            b = self.budgets
+            if b.action == "throttle" and b.floor_rate:
+                for entry in entries:
+                    if not entry.over:
+                        continue
+                    if entry is usage.total:
+                        if self._total_floor is None:
+                            self._total_floor = Bucket(
+                                "budget", float(b.floor_rate), auto_burst(b.floor_rate, 0), now
+                            )
+                        buckets.append(self._total_floor)
+                    else:
+                        shared.append(
+                            self._shared(
+                                self._floors,
+                                (entry.scope.name, entry.name),
+                                "budget",
+                                b.floor_rate,
+                                0,
+                                now,
+                            )
+                        )
+        for bucket in shared:
+            bucket.users += 1
+        meter.shared = shared
+        meter.buckets = tuple(buckets + shared)
+        if meter.buckets:
+            lowest = min(bucket.rate for bucket in meter.buckets)
+            meter.max_read = max(MIN_READ, int(lowest) // READ_FRACTION)
+        return meter
+
+    # ---- budgets -----------------------------------------------------------------------
+
+    def _went_over(self, entry: Entry, now: float) -> None:
+        entry.over = True
+        self._log_over(entry)
+        if self.budgets.action == "throttle" and self.budgets.floor_rate:
+            self.generation += 1  # its connections get the floor bucket at their next read
+
+    def _log_over(self, entry: Entry) -> None:
+        b = self.budgets
+        if b.action == "refuse":
+            outcome = "new tunnels refused"
+        elif b.floor_rate:
+            outcome = f"slowed to {b.floor_rate} B/s"
+        else:
+            outcome = "counted only (floor_rate = 0)"
+        who, budget = self._spent(entry)
+        log.warning("budgets: %s of %d bytes spent: %s", who, budget, outcome)
