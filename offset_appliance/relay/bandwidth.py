@@ -180,7 +180,11 @@ class BandwidthControl:
         self._set_rates(now)
         self.generation += 1
         # Paused connections are looked at again now: a rate raised or lifted frees them.
+        rates_on = bool(rates.connection_rate or rates.key_rate or rates.prefix_rate)
+        rates_on = rates_on or bool(rates.total_rate)
         for client in self.clients.values():
+            if rates_on and client.recv_size > MIN_READ:
+                client.recv_size = MIN_READ  # the next read is charged to a rate: a small one
             meter = client.meter
             if meter is None:
                 continue
@@ -371,7 +375,7 @@ class BandwidthControl:
                 entry.day += size
                 entry.month += size
                 if not entry.over and entry.is_over():
-                    self._went_over(entry, now)
+                    self._went_over(entry, client)
         buckets = meter.buckets
         if not buckets:
             return
@@ -553,11 +557,14 @@ class BandwidthControl:
 
     # ---- budgets -----------------------------------------------------------------------
 
-    def _went_over(self, entry: Entry, now: float) -> None:
+    def _went_over(self, entry: Entry, client: Client) -> None:
         entry.over = True
         self._log_over(entry)
         if self.budgets.action == "throttle" and self.budgets.floor_rate:
             self.generation += 1  # its connections get the floor bucket at their next read
+            # The next read is charged to the floor: keep it small, not a bulk read.
+            if client.recv_size > MIN_READ:
+                client.recv_size = MIN_READ
 
     def _log_over(self, entry: Entry) -> None:
         b = self.budgets

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from nacl.signing import SigningKey
 
-from offset_appliance.config import Config, Limits, Timeouts
+from offset_appliance.config import Bandwidth, Budgets, Config, Limits, Timeouts
 from offset_appliance.relay.clients import Client
 from offset_appliance.relay.server import RelayServer
 from offset_appliance.wire.connection import Connection, State
@@ -40,9 +40,17 @@ class FakeClock:
         self.now += seconds
 
 
+# Sections that may be given as a dict of their keys.
+DATACLASSES = {"bandwidth": Bandwidth, "budgets": Budgets}
+
+
 def config(limits: dict | None = None, timeouts: dict | None = None, **sections) -> Config:
     """A loopback config with the given limits and timeouts (and other sections, such as
-    ``access=Access(...)``)."""
+    ``access=Access(...)``, or ``bandwidth={...}`` for a table given as a dict)."""
+    sections = {
+        name: DATACLASSES[name](**value) if isinstance(value, dict) else value
+        for name, value in sections.items()
+    }
     return Config(
         identity_file=Path("/nonexistent"),
         listen=(("127.0.0.1", 0),),
