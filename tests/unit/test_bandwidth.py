@@ -269,7 +269,7 @@ def test_a_new_utc_day_lifts_a_daily_budget(rigs):
     rig = rigs(budgets={"key_daily": 100_000, "action": "refuse"})
     control = rig.server.bandwidth
     control.wallclock = lambda: utc("2026-11-30T23:59:58")
-    control.usage.roll(control.wallclock())  # type: ignore[union-attr]
+    control.usage.roll(control.wallclock())
     heavy = SigningKey.generate()
     _, connector, _ = tunnel(rig, heavy)
     flood(connector, 20)
@@ -280,7 +280,7 @@ def test_a_new_utc_day_lifts_a_daily_budget(rigs):
     control.wallclock = lambda: utc("2026-12-01T00:00:01")
     rig.clock.advance(3)  # the next status tick
     rig.settle()
-    assert control.usage.day == "2026-12-01"  # type: ignore[union-attr]
+    assert control.usage.day == "2026-12-01"
     assert rig.node(heavy).is_open
 
 
@@ -354,7 +354,7 @@ def test_a_damaged_state_file_is_one_line_and_a_fresh_start(tmp_path, caplog, co
     try:
         lines = [r for r in caplog.records if "unusable" in r.getMessage()]
         assert len(lines) == 1 and str(path) in lines[0].getMessage()
-        assert rig.server.bandwidth.usage.total.month == 0  # type: ignore[union-attr]
+        assert rig.server.bandwidth.usage.total.month == 0
         rig.node()  # and it serves
     finally:
         rig.close()
@@ -435,7 +435,7 @@ def test_the_handover_carries_the_counts(rigs):
     document = export_server(rig.server, [], rig.clock())
     other = rigs(budgets={"total_monthly": 10**9})
     other.server.bandwidth.take_usage(document["usage"])
-    assert other.server.bandwidth.usage.total.month == rig.server.bandwidth.usage.total.month  # type: ignore[union-attr]
+    assert other.server.bandwidth.usage.total.month == rig.server.bandwidth.usage.total.month
 
 
 # ---- configuration -------------------------------------------------------------------------
