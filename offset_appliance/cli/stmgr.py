@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
-from ..errors import UsageError
+from ..errors import DataError, NoInputError, UsageError
 from ..files import (
     Ticket,
     address_warnings,
@@ -30,6 +31,11 @@ _PROBE_EXAMPLE = """examples:
   stmgr probe relay/relay.relay --address 203.0.113.7:4567   # before DNS points at it
   stmgr probe --address 203.0.113.7:4567 --idfile /var/lib/offset-relay/relay.ident
   stmgr probe relay/relay.relay --format prometheus > relay_probe.prom"""
+_USAGE_EXAMPLE = """examples:
+  stmgr usage                                  # top 10 keys this month
+  stmgr usage --by prefix --period day --top 20
+  stmgr usage --state /var/lib/offset-relay/NAME/usage.json   # an instance's"""
+DEFAULT_STATE = "/var/lib/offset-relay/usage.json"
 _MAIN_EXAMPLE = f"""{_GEN_EXAMPLE}
   stmgr relay-ticket --address relay.example.org:4567 \\
       --idfile relay/relay.ident --output relay/relay.relay
@@ -94,6 +100,24 @@ def build_parser() -> argparse.ArgumentParser:
     key.add_argument("--public-key", help="the relay's public key (base64url, as in tickets)")
     probe.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
     probe.add_argument("--format", choices=("text", "prometheus"), default="text")
+
+    usage = commands.add_parser(
+        "usage",
+        help="print the top users of the relay's transfer budgets, from its state file",
+        description="Print who read the most bytes into the relay this month or today, from "
+        "the budgets'\nstate file (written by the relay every budgets.save_interval seconds "
+        "and at stop).",
+        epilog=_USAGE_EXAMPLE,
+        formatter_class=raw,
+    )
+    usage.add_argument(
+        "--state",
+        type=Path,
+        help="the state file (default: $STATE_DIRECTORY/usage.json, else " + DEFAULT_STATE + ")",
+    )
+    usage.add_argument("--top", type=int, default=10, help="how many to print (default 10)")
+    usage.add_argument("--period", choices=("day", "month"), default="month")
+    usage.add_argument("--by", choices=("key", "prefix"), default="key")
     return parser
 
 
@@ -147,9 +171,54 @@ def _probe(args: argparse.Namespace) -> int:
     return run_probe(args.ticket, args.timeout, args.format, address=address, public_key=public_key)
 
 
+def _usage(args: argparse.Namespace) -> int:
+    from ..relay.usage import UsageFileError, read_usage_file
+
+    if not 1 <= args.top <= 1_000_000:
+        raise UsageError("--top must be between 1 and 1000000")
+    path = args.state
+    if path is None:
+        directory = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+        path = Path(directory) / "usage.json" if directory else Path(DEFAULT_STATE)
+    try:
+        doc = read_usage_file(path)
+    except FileNotFoundError:
+        raise NoInputError(
+            f"no usage state file at {path} (the relay writes it when budgets are set)"
+        ) from None
+    except IsADirectoryError:
+        raise NoInputError(f"{path} is a directory, not a usage state file") from None
+    except OSError as exc:
+        raise NoInputError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except UsageFileError as exc:
+        raise DataError(f"{path} is not a usable usage state file: {exc}") from None
+    column = 0 if args.period == "day" else 1
+    when = doc["day"] if args.period == "day" else doc["month"]
+    table = doc["keys"] if args.by == "key" else doc["prefixes"]
+    total_day, total_month = doc["total"]
+    print(f"{path}, saved {doc['saved'] if isinstance(doc.get('saved'), str) else '?'}")
+    print(f"relay total: {total_month:,} bytes in {doc['month']}, {total_day:,} on {doc['day']}")
+    ranked = sorted(table.items(), key=lambda item: (-item[1][column], item[0]))
+    ranked = [item for item in ranked if item[1][column]][: args.top]
+    name = "keys" if args.by == "key" else "prefixes"
+    if not ranked:
+        print(f"no {name} with traffic in {when}")
+        return 0
+    print(f"top {len(ranked)} {name} by bytes in {when} (of {len(table)} counted):")
+    width = max(len(f"{counts[column]:,}") for _, counts in ranked)
+    for rank, (who, counts) in enumerate(ranked, 1):
+        print(f"{rank:4}  {counts[column]:>{width},}  {who}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"gen-ident": _gen_ident, "relay-ticket": _relay_ticket, "probe": _probe}
+    handler = {
+        "gen-ident": _gen_ident,
+        "relay-ticket": _relay_ticket,
+        "probe": _probe,
+        "usage": _usage,
+    }
     return run_main("stmgr", lambda: handler[args.command](args))
 
 

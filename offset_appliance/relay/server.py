@@ -575,7 +575,9 @@ class RelayServer:
         closed right after its handshake, before its Listen, Connect or Accept)."""
         self.stats.refused["budget"] += 1
         self.refusals.refused("budget", over[1], f"{client.ip} ({over[0]})", now)
-        self._close(client, CloseReason.BUDGET)
+        # The end of its handshake goes out first: the client sees a close, not a failure.
+        self.output.take(client)
+        self._close(client, CloseReason.BUDGET, flush=True)
 
     # ---- the core's actions ------------------------------------------------------------
 
