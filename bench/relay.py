@@ -15,6 +15,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import tomli_w
+
 from offset_appliance.files import generate_identity
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -121,18 +123,27 @@ class BenchRelay:
             cls = OriginalRelay
         return super().__new__(cls)
 
-    def __init__(self, workdir: Path, *, profile: Path | None = None) -> None:
+    def __init__(
+        self, workdir: Path, *, profile: Path | None = None, settings: dict | None = None
+    ) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         self.workdir = workdir
         self.identity = generate_identity(workdir / "relay.ident")
         self.public_key = bytes(self.identity.verify_key)
         config = workdir / "relay.toml"
-        limits = "".join(f"{key} = {value}\n" for key, value in BENCH_LIMITS.items())
+        # ``settings``: more tables of the relay's config ({"bandwidth": {...}, ...}); its
+        # "limits", if any, are added to BENCH_LIMITS.
+        tables = {key: dict(value) for key, value in (settings or {}).items()}
+        tables["limits"] = {**BENCH_LIMITS, **tables.get("limits", {})}
         config.write_text(
-            f'identity_file = "{workdir / "relay.ident"}"\n'
-            'listen = ["127.0.0.1:0"]\n'
-            'log_level = "info"\n'
-            f"[limits]\n{limits}"
+            tomli_w.dumps(
+                {
+                    "identity_file": str(workdir / "relay.ident"),
+                    "listen": ["127.0.0.1:0"],
+                    "log_level": "info",
+                    **tables,
+                }
+            )
         )
         self.lines: list[str] = []
         self.status = ""

@@ -118,6 +118,17 @@ def targets(results: dict) -> list[Target]:
                     True,
                 )
             )
+    controls = results.get("controls")
+    if controls:
+        found.append(
+            Target(
+                "relay CPU per message, all controls on against off",
+                round(1 + controls["overhead"], 3),
+                1.1,
+                "x",
+                True,
+            )
+        )
     return found
 
 
@@ -319,6 +330,22 @@ def table_rows(results: dict) -> list[tuple[str, ...]]:
                 f"{w['ours'] / w['no_padding']:.2f}",
                 f"the original's padding (0-65535 B): {_n(w['original'])} B, "
                 f"{w['original'] / w['ours']:.0f}x ours",
+            )
+        )
+    if "controls" in results:
+        c = results["controls"]
+        name = "relay CPU per message, all controls on against off"
+        rows.append(
+            (
+                f"9 controls: test 2's load ({_n(c['connections'])} connections), every "
+                "control on with generous limits",
+                "relay CPU per message, off; on",
+                f"{c['relay_cpu_us_per_message_off']:.1f} us; "
+                f"{c['relay_cpu_us_per_message_on']:.1f} us",
+                "",
+                f"{1 + c['overhead']:.3f}",
+                f"<= 1.10: {verdict[name]} ({c['overhead'] * 100:+.1f}%, cheapest of "
+                f"{c['rounds']} run(s) each)",
             )
         )
     rows.extend(_original_rows(results))

@@ -19,7 +19,7 @@ from . import relay, report, scenarios
 from .relay import BenchError, raise_fd_limit
 
 HERE = Path(__file__).resolve().parent
-TESTS = ("wire", "latency", "bulk", "handshakes", "small", "idle", "instances")
+TESTS = ("wire", "latency", "bulk", "handshakes", "small", "idle", "instances", "controls")
 
 
 def _relay_python_version() -> str:
@@ -76,7 +76,7 @@ def run(
     started = time.monotonic()
     fd_limit = raise_fd_limit()
     needed = max(sizes.idle_connections, max(sizes.small_connections)) + 1000
-    if fd_limit < needed and ("idle" in only or "small" in only):
+    if fd_limit < needed and any(name in only for name in ("idle", "small", "controls")):
         raise BenchError(f"RLIMIT_NOFILE hard limit {fd_limit} is below the {needed} needed")
     results: dict = {
         "date": datetime.date.today().isoformat(),
@@ -130,6 +130,10 @@ def run(
             _say(f"8 instances: test 2's headline load over {count} relay(s)")
             runs.append(scenarios.instances(workdir, sizes, count))
         results["instances"] = {"runs": runs}
+    if "controls" in only:
+        _say(f"9 controls: test 2's headline load with every control off and on, "
+             f"{sizes.controls_rounds} round(s)")  # fmt: skip
+        results["controls"] = scenarios.controls(workdir, sizes)
     if original is not None:
         results["original"] = _original(sizes, only, workdir, original)
     if needs_floors:

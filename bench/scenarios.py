@@ -62,6 +62,7 @@ class Sizes:
     warmup: float = 1.0
     floor_handshakes: int = 2000
     floor_small: int = 20_000
+    controls_rounds: int = 2  # test 9: each configuration runs this many times, alternating
 
 
 FULL = Sizes()
@@ -80,6 +81,7 @@ SMOKE = Sizes(
     warmup=0.2,
     floor_handshakes=50,
     floor_small=500,
+    controls_rounds=1,
 )
 
 
@@ -270,11 +272,15 @@ def small(
     latency: bool,
     window: int | None = None,
     profile: Path | None = None,
+    settings: dict | None = None,
+    name: str = "small",
 ) -> dict:
     """64-byte messages over many tunnels (``connections`` / 2 of them), flowing both ways."""
     tunnels = max(1, connections // 2)
     window = window or sizes.small_window
-    relay = BenchRelay(workdir / f"small-{connections}-{window}", profile=profile)
+    relay = BenchRelay(
+        workdir / f"{name}-{connections}-{window}", profile=profile, settings=settings
+    )
     workers: list[Worker] = []
     clients: list[RelayClient] = []
     try:
@@ -342,6 +348,64 @@ def small(
     if latency:
         result["latency"] = percentiles(samples)
     return result
+
+
+# ---- 9. controls: bandwidth limits, budgets, access lists, bans on -------------------------
+
+
+def controls_settings(workdir: Path) -> dict:
+    """Every control of the relay on, with limits so generous that none ever acts: what is
+    measured is the cost of checking and counting. Tables of the relay's config; a new
+    control adds its table (or its keys to "limits") here."""
+    huge = 1 << 40  # bytes a second, or bytes: never reached in a bench run
+    return {
+        "bandwidth": {
+            "connection_rate": huge,
+            "key_rate": huge,
+            "prefix_rate": huge,
+            "total_rate": huge,
+        },
+        "budgets": {
+            "key_daily": huge,
+            "key_monthly": huge,
+            "prefix_daily": huge,
+            "prefix_monthly": huge,
+            "total_monthly": huge,
+            "action": "refuse",
+            "state_file": str(workdir / "usage.json"),
+            "save_interval": 5.0,
+        },
+    }
+
+
+def controls(workdir: Path, sizes: Sizes) -> dict:
+    """Test 2's headline load with every control off, then on (``controls_settings``),
+    alternating ``controls_rounds`` times; the cheapest run of each is compared, since a
+    shared machine only ever adds to a reading."""
+    connections = sizes.small_headline
+    runs: dict[str, list[dict]] = {"off": [], "on": []}
+    for index in range(sizes.controls_rounds):
+        for state in ("off", "on"):
+            directory = workdir / f"controls-{state}-{index}"
+            settings = controls_settings(directory) if state == "on" else None
+            if settings:
+                directory.mkdir(parents=True, exist_ok=True)
+            result = small(
+                directory, sizes, connections, latency=False, settings=settings, name="load"
+            )
+            runs[state].append(result)
+    off = min(run["relay_cpu_us_per_message"] for run in runs["off"])
+    on = min(run["relay_cpu_us_per_message"] for run in runs["on"])
+    return {
+        "connections": runs["off"][0]["connections"],
+        "window": sizes.small_window,
+        "rounds": sizes.controls_rounds,
+        "settings": controls_settings(workdir / "controls-on-N"),
+        "relay_cpu_us_per_message_off": off,
+        "relay_cpu_us_per_message_on": on,
+        "overhead": round(on / off - 1, 4),
+        "runs": runs,
+    }
 
 
 # ---- floors --------------------------------------------------------------------------------

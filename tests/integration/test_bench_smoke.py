@@ -138,7 +138,8 @@ def test_wire_overhead_orders_the_padding_rules(smoke):
 def test_targets_and_table_are_written(smoke):
     results, markdown, stdout = smoke
     names = {target["name"] for target in results["targets"]}
-    assert len(names) == 6  # five of the issue "Performance", and 2 instances against 1
+    # Five of the issue "Performance", 2 instances against 1, all controls on against off.
+    assert len(names) == 7
     for target in results["targets"]:
         assert target["met"] == (
             target["value"] <= target["target"]
@@ -163,3 +164,14 @@ def test_instances_spread_the_load_over_one_and_two_relays(smoke):
             assert _positive(each["messages"], each["relay_cpu_us_per_message"])
     assert results["instances"]["floor_cpu_us_per_message"] > 0
     assert "8 instances: test 2's load over 2 relay(s)" in markdown
+
+
+def test_controls_compare_every_control_on_against_off(smoke):
+    results, markdown, _ = smoke
+    controls = results["controls"]
+    assert controls["settings"]["bandwidth"]["connection_rate"] > 0
+    assert _positive(
+        controls["relay_cpu_us_per_message_off"], controls["relay_cpu_us_per_message_on"]
+    )
+    assert len(controls["runs"]["off"]) == len(controls["runs"]["on"]) == controls["rounds"]
+    assert "9 controls: test 2's load" in markdown
