@@ -31,7 +31,7 @@ from ..files import b64url_encode
 from .clients import PAUSED_BY_RATE, Client
 from .metrics import Stats
 from .output import Output
-from .usage import Entry, Usage, UsageFileError, read_usage_file, write_usage_file
+from .usage import Entry, Usage, UsageFileError, period_of, read_usage_file, write_usage_file
 
 log = logging.getLogger("strelay")
 
@@ -41,6 +41,8 @@ MIN_AUTO_BURST = 64 * 1024
 # this), so a pause lasts tens of milliseconds, not a whole read's worth of seconds.
 MIN_READ = 16 * 1024
 READ_FRACTION = 32
+# Without a rate, a connection's bytes are added to its budgets once this many are pending.
+BUDGET_BATCH = 64 * 1024
 # A pause ends once every bucket is within this many bytes of paid off.
 SLACK = 1.0
 STATE_FILE_NAME = "usage.json"
@@ -95,10 +97,14 @@ class Meter:
         "paused_since",
         "kind",
         "resume_at",
+        "pending",
+        "batch",
     )
 
     def __init__(self) -> None:
         self.generation = -1
+        self.pending = 0  # bytes read and not yet charged
+        self.batch = 1  # charged once this many are pending
         self.buckets: tuple[Bucket, ...] = ()
         self.shared: list[Bucket] = []
         self.usage: tuple[Entry, ...] = ()
@@ -281,7 +287,10 @@ class BandwidthControl:
 
     def save(self, now: float) -> None:
         """Write the state file now, if there is one and anything changed."""
-        if self.usage is None or self.state_path is None or not self._dirty:
+        if self.usage is None or self.state_path is None:
+            return
+        self._flush(now)
+        if not self._dirty:
             return
         self._next_save = now + self.budgets.save_interval
         try:
@@ -296,7 +305,10 @@ class BandwidthControl:
         usage = self.usage
         if usage is None:
             return
-        if usage.roll(self.wallclock()):
+        wall = self.wallclock()
+        if period_of(wall) != (usage.day, usage.month):
+            self._flush(now)  # the bytes read so far belong to the period that ends
+        if usage.roll(wall):
             log.info("budgets: a new period, %s: daily counts start again", usage.day)
             self._dirty = True
             self._floors.clear()
@@ -312,7 +324,10 @@ class BandwidthControl:
 
     def usage_document(self) -> dict | None:
         """The counts, for the hand-over to the next process."""
-        return self.usage.document(self.wallclock()) if self.usage is not None else None
+        if self.usage is None:
+            return None
+        self._flush(self.clock())
+        return self.usage.document(self.wallclock())
 
     def take_usage(self, document: object) -> None:
         """The counts handed over by the previous process (newer than the state file)."""
@@ -365,10 +380,24 @@ class BandwidthControl:
         return f"{who}, daily budget", int(scope.day_limit)
 
     def charge(self, client: Client, size: int, now: float) -> None:
-        """``size`` bytes were read from ``client``: count them, pause it if in debt."""
+        """``size`` bytes were read from ``client``: count them, pause it if in debt.
+
+        Small reads are added up on the connection and settled once they reach its batch
+        (the size of one paced read, or ``BUDGET_BATCH``): a chatty connection of small
+        messages costs one addition a read. The rate over time is unchanged; a bucket or a
+        budget only learns of the bytes up to one batch late."""
         meter = client.meter
         if meter is None or meter.generation != self.generation:
             meter = self._attach(client, now)
+        pending = meter.pending + size
+        if pending < meter.batch:
+            meter.pending = pending
+            return
+        meter.pending = 0
+        self._settle(client, meter, pending, now)
+
+    def _settle(self, client: Client, meter: Meter, size: int, now: float, pause=True) -> None:
+        """Charge ``size`` bytes to the counts and buckets of ``meter``."""
         if meter.usage:
             self._dirty = True
             for entry in meter.usage:
@@ -394,7 +423,7 @@ class BandwidthControl:
                     wait, kind = need, bucket.kind
         if client.recv_size > meter.max_read:
             client.recv_size = meter.max_read
-        if wait:
+        if wait and pause:
             if meter.paused_since is None:
                 meter.paused_since = now
                 meter.kind = kind
@@ -402,10 +431,21 @@ class BandwidthControl:
             meter.resume_at = now + wait
             heapq.heappush(self._timers, (meter.resume_at, next(self._seq), client.id))
 
+    def _flush(self, now: float) -> None:
+        """Settle every connection's batch (before the counts are saved or a period ends);
+        a connection in debt is paused at its next read."""
+        for client in self.clients.values():
+            meter = client.meter
+            if meter is not None and meter.pending:
+                pending, meter.pending = meter.pending, 0
+                self._settle(client, meter, pending, now, pause=False)
+
     def closed(self, client: Client) -> None:
-        """``client`` is gone: let go of its shared buckets."""
+        """``client`` is gone: count what it read last, let go of its shared buckets."""
         meter = client.meter
         if meter is not None:
+            if meter.pending:
+                self._settle(client, meter, meter.pending, self.clock(), pause=False)
             client.meter = None
             self._detach(meter)
             if meter.paused_since is not None:
@@ -486,6 +526,7 @@ class BandwidthControl:
                 old.resume_at,
             )
             connection = next((b for b in old.buckets if b.kind == "connection"), None)
+            meter.pending = old.pending
             self._detach(old)
         meter.generation = self.generation
         client.meter = meter
@@ -553,6 +594,9 @@ class BandwidthControl:
         if meter.buckets:
             lowest = min(bucket.rate for bucket in meter.buckets)
             meter.max_read = max(MIN_READ, int(lowest) // READ_FRACTION)
+            meter.batch = meter.max_read
+        elif meter.usage:
+            meter.batch = BUDGET_BATCH
         return meter
 
     # ---- budgets -----------------------------------------------------------------------

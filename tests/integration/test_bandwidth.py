@@ -251,7 +251,11 @@ def test_every_key_changes_by_sighup_with_tunnels_open(relay_factory, tmp_path):
             base + f'[budgets]\nkey_daily = 100000\naction = "throttle"\nfloor_rate = 65536\n'
             f'state_file = "{state}"\nsave_interval = 1\n',
         )
-        wait_for(lambda: throttled("budget") > before, "the floor rate")
+        try:
+            wait_for(lambda: throttled("budget") > before, "the floor rate")
+        except AssertionError:
+            tail = "\n".join(line for line in relay.lines[-200:] if "DEBUG" not in line)
+            raise AssertionError(f"no floor rate; the relay's log ends:\n{tail}") from None
         wait_for(state.exists, "the state file", timeout=10)
         # Refuse: a new tunnel of the connector's key is refused; the open one carries on.
         _reload(relay, base + '[budgets]\nkey_daily = 100000\naction = "refuse"\n')
