@@ -8,7 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from offset_appliance.config import LIMIT_MAXIMUM, Limits, Timeouts, dump_config, load_config
+from offset_appliance.config import (
+    LIMIT_MAXIMUM,
+    Bandwidth,
+    Budgets,
+    Limits,
+    Timeouts,
+    dump_config,
+    load_config,
+)
 from offset_appliance.errors import ConfigError, UsageError
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "relay.toml"
@@ -28,6 +36,7 @@ def test_example_config_is_valid_and_spells_out_the_defaults():
     assert config.timeouts == Timeouts()
     assert config.limits.max_handshakes == 512
     assert config.limits.max_frame_length == 1048576
+    assert config.bandwidth == Bandwidth() and config.budgets == Budgets()
 
 
 def test_drop_ins_override_in_name_order(tmp_path):

@@ -106,7 +106,8 @@ def test_package_installs_bash_completion():
 @pytest.mark.parametrize(
     "line, expected",
     [
-        ("stmgr ", {"gen-ident", "relay-ticket", "probe", "--help", "--version"}),
+        ("stmgr ", {"gen-ident", "relay-ticket", "probe", "usage", "--help", "--version"}),
+        ("stmgr usage --by ", {"key", "prefix"}),
         ("stmgr relay-ticket --a", {"--address", "--allow-private"}),
         ("stmgr probe --format ", {"text", "prometheus"}),
         ("strelay --log-level ", {"debug", "info", "warning", "error"}),
