@@ -490,3 +490,25 @@ def test_bad_values_name_the_file_and_key(tmp_path, table, key, value, words):
         _load(tmp_path, f"[{table}]\n{key} = {value}\n")
     message = str(raised.value)
     assert f"relay.toml: {table}.{key}" in message and words in message
+
+
+def test_a_throttled_connection_and_the_counts_travel_through_the_handover(tmp_path, monkeypatch):
+    from .test_handover import FakeStore, _restart
+
+    monkeypatch.delenv("STATE_DIRECTORY", raising=False)  # no state file: the hand-over only
+    store = FakeStore(tmp_path / "notify")
+    rig = Rig(bandwidth={"connection_rate": 50_000}, budgets={"total_monthly": 10**12})
+    try:
+        _, connector, acceptor = tunnel(rig)
+        flood(connector, 40)
+        rig.settle()
+        assert rig.client_of(connector).paused & PAUSED_BY_RATE
+        counted = rig.server.bandwidth.usage.total.month
+        _restart(rig, store)
+        assert rig.server.bandwidth.usage.total.month >= counted
+        run_for(rig, 10)  # resumed after the hand-over, still at the rate
+        assert payload(acceptor) == 40 * len(CHUNK)
+        assert connector.is_open and acceptor.is_open
+    finally:
+        rig.close()
+        store.close()
