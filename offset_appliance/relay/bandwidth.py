@@ -138,6 +138,7 @@ class BandwidthControl:
         self.usage: Usage | None = None
         self.state_path: Path | None = None
         self._dirty = False
+        self._write_failed = False
         self._next_save = 0.0
         self._total: Bucket | None = None
         self._total_floor: Bucket | None = None
@@ -296,8 +297,19 @@ class BandwidthControl:
         try:
             write_usage_file(self.state_path, self.usage.document(self.wallclock()))
         except OSError as exc:
-            log.error("budgets: cannot write %s: %s", self.state_path, exc.strerror or exc)
+            # Said once, not at every save_interval while it lasts.
+            if not self._write_failed:
+                log.error(
+                    "budgets: cannot write %s: %s (counting goes on; tried again every %g s)",
+                    self.state_path,
+                    exc.strerror or exc,
+                    self.budgets.save_interval,
+                )
+            self._write_failed = True
             return
+        if self._write_failed:
+            log.info("budgets: %s written again", self.state_path)
+            self._write_failed = False
         self._dirty = False
 
     def tick(self, now: float) -> None:

@@ -512,3 +512,26 @@ def test_a_throttled_connection_and_the_counts_travel_through_the_handover(tmp_p
     finally:
         rig.close()
         store.close()
+
+
+def test_a_state_file_that_cannot_be_written_is_said_once(tmp_path, caplog):
+    path = tmp_path / "usage.json"
+    blocker = tmp_path / ".usage.json.tmp"  # a directory where the temporary file goes
+    blocker.mkdir()
+    rig = Rig(budgets={"total_monthly": 10**9, "state_file": str(path), "save_interval": 1})
+    try:
+        with caplog.at_level(logging.INFO, "strelay"):
+            for _ in range(3):
+                rig.node()
+                rig.clock.advance(3)
+                rig.settle()
+            assert not path.exists()
+            blocker.rmdir()
+            rig.node()
+            rig.clock.advance(3)
+            rig.settle()
+        assert caplog.text.count("cannot write") == 1
+        assert caplog.text.count("written again") == 1
+        assert read_usage_file(path)["total"][1] > 0
+    finally:
+        rig.close()
