@@ -13,7 +13,10 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from nacl.signing import SigningKey
+
 from offset_appliance.client import RelayClient
+from offset_appliance.files import b64url_encode
 from offset_appliance.probe import HEALTHY, probe
 
 from . import floors
@@ -358,7 +361,18 @@ def controls_settings(workdir: Path) -> dict:
     measured is the cost of checking and counting. Tables of the relay's config; a new
     control adds its table (or its keys to "limits") here."""
     huge = 1 << 40  # bytes a second, or bytes: never reached in a bench run
+    # Keys of no bench client (the clients' identities are fresh each run): the deny lists
+    # are looked up on every request and never match.
+    strangers = [b64url_encode(bytes(SigningKey.generate().verify_key)) for _ in range(2)]
     return {
+        "access": {
+            "ip_allow": ["127.0.0.0/8"],
+            "ip_deny": ["198.51.100.0/24"],
+            "listen_deny": strangers[:1],
+            "connect_deny": strangers[1:],
+        },
+        "bans": {"enabled": True, "threshold": 1 << 20},
+        "limits": {"max_memory": 64 << 30, "ipv6_prefix": 56},
         "bandwidth": {
             "connection_rate": huge,
             "key_rate": huge,

@@ -56,8 +56,9 @@ REFUSAL_LIMITS = (
     "memory",
     "budget",
 )
-# Why reading was paused: a bandwidth bucket (relay/bandwidth.py) or the memory ceiling.
-THROTTLE_KINDS = ("connection", "key", "prefix", "total", "budget", "memory")
+# Why reading was paused by relay/bandwidth.py: the kind of bucket (the memory ceiling's pauses
+# are counted in memory_ceiling_seconds_total).
+THROTTLE_KINDS = ("connection", "key", "prefix", "total", "budget")
 # accept() errors that mean the process (or system) is out of descriptors or memory.
 OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
@@ -232,8 +233,8 @@ def render(stats: Stats, snap: Snapshot) -> str:
     metric(
         "throttled_seconds_total",
         "counter",
-        "Seconds connections spent with reading paused by a bandwidth limit, a budget's floor "
-        "rate or the memory ceiling, summed over connections.",
+        "Seconds connections spent with reading paused by a bandwidth limit or a budget's "
+        "floor rate, summed over connections.",
         [({"kind": kind}, f"{seconds:.3f}") for kind, seconds in stats.throttled_seconds.items()],
     )
     metric(

@@ -572,9 +572,13 @@ class RelayServer:
 
     def _refuse_over_budget(self, client: Client, over: tuple[str, int], now: float) -> None:
         """``budgets.action = "refuse"``: a client over a budget gets no new tunnel (it is
-        closed right after its handshake, before its Listen, Connect or Accept)."""
+        closed right after its handshake, before its Listen, Connect or Accept). Counted,
+        logged and a strike towards a ban of its source, as a request refused by the access
+        lists is (``REFUSED_REQUESTS``); here, since the close flushes and would be seen
+        twice there."""
         self.stats.refused["budget"] += 1
         self.refusals.refused("budget", over[1], f"{client.ip} ({over[0]})", now)
+        self.bans.strike(client.source, now)
         # The end of its handshake goes out first: the client sees a close, not a failure.
         self.output.take(client)
         self._close(client, CloseReason.BUDGET, flush=True)

@@ -535,3 +535,23 @@ def test_a_state_file_that_cannot_be_written_is_said_once(tmp_path, caplog):
         assert read_usage_file(path)["total"][1] > 0
     finally:
         rig.close()
+
+
+def test_a_budget_refusal_is_a_strike_towards_a_ban(rigs):
+    from offset_appliance.config import Bans
+
+    rig = rigs(
+        budgets={"key_daily": 100_000, "action": "refuse"},
+        bans=Bans(enabled=True, threshold=1),
+    )
+    heavy = SigningKey.generate()
+    _, connector, _ = tunnel(rig, heavy)
+    flood(connector, 20)
+    rig.settle()
+    for _ in range(2):
+        refused = Node(rig, heavy)
+        rig.settle()
+        assert refused.eof
+    # More refusals than the threshold: loopback is banned, once.
+    assert rig.server.bans.is_banned("127.0.0.1", rig.clock())
+    assert rig.server.stats.refused["budget"] == 2
