@@ -695,6 +695,22 @@ def dump_config(config: Config) -> str:
     return tomli_w.dumps(doc)
 
 
+def config_values(config: Config) -> dict[str, Any]:
+    """Every setting of ``config`` by its dotted name (``"limits.max_connections"``), as
+    ``dump_config`` spells it: what a reload compares to say what changed."""
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, table: dict[str, Any]) -> None:
+        for key, value in table.items():
+            if isinstance(value, dict):
+                walk(f"{prefix}{key}.", value)
+            else:
+                flat[prefix + key] = value
+
+    walk("", tomllib.loads(dump_config(config)))
+    return flat
+
+
 def config_sources(path: Path) -> tuple[list[Path], dict[str, Path]]:
     """The files ``load_config(path)`` reads, in order, and which file set each key
     (``"listen"``, ``"metrics.listen"``, ...)."""

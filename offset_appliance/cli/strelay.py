@@ -6,6 +6,7 @@ import argparse
 import errno
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -50,6 +51,15 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="check the configuration (the file, its drop-ins, the options above and the "
         "identity file) and exit: 0 if the relay would start with it, 78 if not",
+    )
+    mode.add_argument(
+        "--reload",
+        type=int,
+        metavar="PID",
+        help="check the configuration as --check-config does, then signal the relay running "
+        "as PID to reload it (SIGHUP; the relay checks it again, and logs and reports its "
+        "verdict); exit 0 if it is valid, 78 if not (the relay keeps its running one); "
+        "the unit's ExecReload=",
     )
     mode.add_argument(
         "--print-config",
@@ -208,9 +218,36 @@ def _check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _signal_reload(args: argparse.Namespace) -> int:
+    """Check, then have the running relay reload whatever the verdict: a bad file fails
+    ``systemctl reload`` here and is also refused, logged and reported by the relay itself
+    (its log line, STATUS= and offset_relay_config_last_reload_successful)."""
+    pid = args.reload
+    if pid <= 0:
+        raise UsageError(f"--reload {pid}: expected the relay's process id")
+    problem: OffsetError | None = None
+    try:
+        _identity(_load(args))
+    except OffsetError as exc:
+        problem = exc
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except ProcessLookupError:
+        raise UnavailableError(f"--reload {pid}: no such process") from None
+    except PermissionError:
+        raise UnavailableError(f"--reload {pid}: not allowed to signal that process") from None
+    if problem is not None:
+        raise problem
+    where = str(args.config) if args.config is not None else "the command line"
+    print(f"strelay: configuration from {where} is valid; process {pid} reloads it")
+    return 0
+
+
 def _serve(args: argparse.Namespace) -> int:
     if args.check_config:
         return _check(args)
+    if args.reload is not None:
+        return _signal_reload(args)
     if args.print_config:
         sys.stdout.write(dump_config(_load(args)))
         return 0

@@ -96,6 +96,10 @@ class Stats:
     throttled_seconds: dict[str, float] = field(
         default_factory=lambda: dict.fromkeys(THROTTLE_KINDS, 0.0)
     )
+    # The last reload's verdict, and when the running configuration was last read in full
+    # (the start, or the last reload that succeeded).
+    reload_successful: bool = True
+    reload_success_time: float = field(default_factory=time.time)
 
     @property
     def handshakes_failed_total(self) -> int:
@@ -248,6 +252,18 @@ def render(stats: Stats, snap: Snapshot) -> str:
         "gauge",
         "Keys and prefixes over a transfer budget (total: 1 if the relay's monthly one is spent).",
         [({"scope": s}, snap.budget_over.get(s, 0)) for s in ("key", "prefix", "total")],
+    )
+    metric(
+        "config_last_reload_successful",
+        "gauge",
+        "Whether the last reload of the configuration succeeded (1) or was refused (0).",
+        [({}, int(stats.reload_successful))],
+    )
+    metric(
+        "config_last_reload_success_timestamp_seconds",
+        "gauge",
+        "When the running configuration was last read: the start or the last good reload.",
+        [({}, f"{stats.reload_success_time:.3f}")],
     )
     return "\n".join(out) + "\n"
 

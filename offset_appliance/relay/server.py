@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 from nacl.signing import SigningKey
 
-from ..config import Config, format_address
+from ..config import Config, config_values, format_address
 from ..errors import CloseReason, ProtocolError
 from ..files import b64url_encode
 from ..wire.connection import Connection, State
@@ -79,6 +79,8 @@ TURN_BUDGET = 0.02
 FRAME_BUDGET = 64
 # The settings a running relay cannot change: they take a restart.
 RESTART_ONLY = ("listen", "identity_file", "metrics")
+# A changed value longer than this is shortened in the reload's log line.
+CHANGE_SHOWN = 200
 
 Clock = Callable[[], float]
 
@@ -142,6 +144,7 @@ class RelayServer:
         self._timers: list[tuple[float, int]] = []
         self._stopping = False
         self._reload_requested = False
+        self.reload_error = ""  # why the last reload was refused; "" once one succeeds
         self._wakeup_r: socket.socket | None = None
         self._wakeup_w: socket.socket | None = None
         self._watchdog = 0.0
@@ -170,6 +173,19 @@ class RelayServer:
             half_tunnel_buffer=limits.half_tunnel_buffer,
             max_orphaned_bytes=limits.max_orphaned_bytes,
         )
+
+    def _apply_config(self, config: Config) -> None:
+        """Put a checked configuration in force, all of it in one turn of the loop.
+
+        Nothing here may fail: ``load_config`` has checked everything. Each component
+        takes what concerns it; limits and timeouts apply to what happens from now on
+        (new connections, new half-tunnels, timers set from now), log level at once.
+        """
+        self.config = config
+        self._apply_limits(config)
+        self._apply_controls(config)
+        self.bandwidth.apply_config(config)
+        logging.getLogger().setLevel(config.log_level.upper())
 
     def _apply_limits(self, config: Config) -> None:
         self.limits = self.output.limits = config.limits
@@ -343,7 +359,7 @@ class RelayServer:
             self._reload()
         self._feed_watchdog()
         if now >= self._next_status:
-            self.notifier.notify("STATUS=" + self.status_line())
+            self.notifier.notify("STATUS=" + self.status_text())
             self._next_status = now + STATUS_INTERVAL
             if self.metrics is not None:
                 self.metrics.expire(now)
@@ -382,6 +398,12 @@ class RelayServer:
                 pass
         except OSError:
             pass
+
+    def status_text(self) -> str:
+        """systemd's STATUS=: after a refused reload, first the reason (until a reload
+        succeeds), then the headline counts."""
+        failed = f"reload failed: {self.reload_error}; " if self.reload_error else ""
+        return failed + self.status_line()
 
     def status_line(self) -> str:
         """The headline counts, as systemd's STATUS= shows them (the same as /metrics)."""
@@ -764,6 +786,7 @@ class RelayServer:
     # ---- reload and shutdown -----------------------------------------------------------
 
     def _reload(self) -> None:
+        """Read the configuration again; apply all of it, or none of it if it is bad."""
         self._reload_requested = False
         if self._reload_config is None:
             log.info("reload requested, but the relay runs without a config file")
@@ -771,7 +794,7 @@ class RelayServer:
         try:
             config = self._reload_config()
         except Exception as exc:  # any failure keeps the running config
-            log.error("reload failed, keeping the running configuration: %s", exc)
+            self._reload_failed(str(exc) or type(exc).__name__)
             return
         running = self.config
         fixed = [name for name in RESTART_ONLY if getattr(config, name) != getattr(running, name)]
@@ -786,12 +809,28 @@ class RelayServer:
             config = dataclasses.replace(
                 config, **{name: getattr(running, name) for name in RESTART_ONLY}
             )
-        self.config = config
-        self._apply_limits(config)
-        self._apply_controls(config)
-        self.bandwidth.apply_config(config)
-        logging.getLogger().setLevel(config.log_level.upper())
-        log.info("configuration reloaded (limits, timeouts for new connections, log level)")
+        changes = _changes(running, config)
+        self._apply_config(config)
+        for line in changes:
+            log.info("reload: %s", line)
+        self.reload_error = ""
+        self.stats.reload_successful = True
+        self.stats.reload_success_time = time.time()
+        log.info(
+            "configuration reloaded: %s",
+            f"{len(changes)} setting{'s' if len(changes) != 1 else ''} changed"
+            if changes
+            else "nothing changed",
+        )
+        self.notifier.notify("STATUS=" + self.status_text())
+
+    def _reload_failed(self, reason: str) -> None:
+        """One line in the log, the verdict in STATUS= and the metric; nothing applied."""
+        reason = " ".join(reason.split())  # one line, whatever the error held
+        log.error("reload failed, keeping the running configuration: %s", reason)
+        self.reload_error = reason
+        self.stats.reload_successful = False
+        self.notifier.notify("STATUS=" + self.status_text())
 
     def shutdown(self) -> None:
         """Stop listening and close every connection (``serve_forever`` ends with this)."""
@@ -810,6 +849,31 @@ class RelayServer:
         self.admission.stop()
         self.bandwidth.stop(self.clock())
         log.info("stopped")
+
+
+def _changes(old: Config, new: Config) -> list[str]:
+    """``"limits.max_connections 20000 -> 100"`` for every setting that differs."""
+    before, after = config_values(old), config_values(new)
+    lines = []
+    for key in sorted(before.keys() | after.keys()):
+        was, now = before.get(key), after.get(key)
+        if was != now:
+            lines.append(f"{key} {_shown(was)} -> {_shown(now)}")
+    return lines
+
+
+def _shown(value: object) -> str:
+    if value is None:
+        text = "(unset)"
+    elif isinstance(value, bool):
+        text = "true" if value else "false"
+    elif isinstance(value, str) and value and not any(c.isspace() for c in value):
+        text = value
+    elif isinstance(value, (str, list)):
+        text = repr(value)
+    else:
+        text = str(value)
+    return text if len(text) <= CHANGE_SHOWN else text[: CHANGE_SHOWN - 3] + "..."
 
 
 class BindError(OSError):
