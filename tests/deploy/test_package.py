@@ -388,20 +388,76 @@ def test_reload_applies_a_new_log_level(
     )
 
 
-def test_reload_with_a_bad_config_fails_and_leaves_the_relay_running(
+def _scrape(host: Host) -> dict[str, float]:
+    """The relay's /metrics, read on the host (the endpoint listens on loopback)."""
+    text = host.ssh(
+        "python3 -c 'import urllib.request as u; "
+        'print(u.urlopen("http://127.0.0.1:9477/metrics", timeout=5).read().decode())\''
+    ).stdout
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+    return values
+
+
+def test_reload_with_a_bad_config_fails_and_the_relay_says_so(
     host: Host, ticket: Path, drop_in: Callable[[str, str], None]
 ) -> None:
+    """A bad drop-in fails ``systemctl reload``; the running relay, which hears of it all the
+    same, keeps every old setting and reports it in its log, STATUS= and /metrics."""
+    drop_in("40-test-metrics.toml", "[metrics]\nenabled = true\n")
+    host.ssh("systemctl restart offset-relay")  # the metrics endpoint takes a restart
+    wait_active(host)
+    wait_for(
+        "the metrics endpoint",
+        lambda: host.ssh("ss -ltn 'sport = :9477' | grep -q 9477", check=False).returncode == 0,
+    )
+    assert _scrape(host)["offset_relay_config_last_reload_successful"] == 1
     pid = unit(host, "MainPID")["MainPID"]
     cursor = journal_cursor(host)
-    drop_in("90-test-bad.toml", "[limits]\nmax_half_tunnels_per_listener = 5000\n")
+    bad = f"{DROP_INS}/90-test-bad.toml"
+    # A good change and a bad one in the same file: neither is applied.
+    drop_in(
+        "90-test-bad.toml", 'log_level = "debug"\n[limits]\nmax_half_tunnels_per_listener = 5000\n'
+    )
     reload = host.ssh("systemctl reload offset-relay", check=False)
-    assert reload.returncode != 0  # ExecReload's strelay --check-config refused it
-    messages = journal_since(host, cursor)
-    assert any("limits.max_half_tunnels_per_listener: must be between" in m for m in messages)
-    # The relay never got the signal: nothing reloaded, nothing restarted.
-    assert not any("reload" in m for m in journal_since(host, cursor, "strelay"))
-    props = unit(host, "MainPID", "ActiveState")
-    assert props == {"MainPID": pid, "ActiveState": "active"}
+    assert reload.returncode != 0, reload.stdout + reload.stderr
+    wait_for(
+        "the relay to refuse the reload",
+        lambda: any("reload failed" in m for m in journal_since(host, cursor, "strelay")),
+    )
+    relay_lines = [
+        m for m in journal_since(host, cursor, "strelay") if "reload failed, keeping" in m
+    ]
+    assert len(relay_lines) == 1, relay_lines
+    assert f"{bad}: limits.max_half_tunnels_per_listener: must be between" in relay_lines[0]
+    props = unit(host, "MainPID", "ActiveState", "StatusText")
+    assert (props["MainPID"], props["ActiveState"]) == (pid, "active")
+    assert props["StatusText"].startswith(f"reload failed: {bad}: limits.max_half_tunnels")
+    values = _scrape(host)
+    assert values["offset_relay_config_last_reload_successful"] == 0
+    since = values["offset_relay_config_last_reload_success_timestamp_seconds"]
+    # The old log level is still in force: the probe's connections log nothing at debug.
+    assert_probe_ok(ticket)
+    assert not any(m.startswith("DEBUG") for m in journal_since(host, cursor, "strelay"))
+
+    # Fixed: the reload goes through, the metric says so, the new level applies.
+    cursor = journal_cursor(host)
+    host.write(bad, 'log_level = "debug"\n')
+    host.ssh("systemctl reload offset-relay")
+    wait_for(
+        "the relay to log the reload",
+        lambda: any("configuration reloaded" in m for m in journal_since(host, cursor)),
+    )
+    changes = [m for m in journal_since(host, cursor, "strelay") if " -> " in m]
+    assert len(changes) == 1 and changes[0].endswith("reload: log_level info -> debug"), changes
+    values = _scrape(host)
+    assert values["offset_relay_config_last_reload_successful"] == 1
+    assert values["offset_relay_config_last_reload_success_timestamp_seconds"] > since
+    assert not unit(host, "StatusText")["StatusText"].startswith("reload failed")
+    assert unit(host, "MainPID")["MainPID"] == pid
     assert_probe_ok(ticket)
 
 
