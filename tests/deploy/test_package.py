@@ -388,12 +388,15 @@ def test_reload_applies_a_new_log_level(
     )
 
 
+_FETCH = (
+    "import urllib.request as u; "
+    'print(u.urlopen("http://127.0.0.1:9477/metrics", timeout=5).read().decode())'
+)
+
+
 def _scrape(host: Host) -> dict[str, float]:
     """The relay's /metrics, read on the host (the endpoint listens on loopback)."""
-    text = host.ssh(
-        "python3 -c 'import urllib.request as u; "
-        'print(u.urlopen("http://127.0.0.1:9477/metrics", timeout=5).read().decode())\''
-    ).stdout
+    text = host.ssh(f"python3 -c {_FETCH!r}").stdout
     values = {}
     for line in text.splitlines():
         if line and not line.startswith("#"):
@@ -412,7 +415,7 @@ def test_reload_with_a_bad_config_fails_and_the_relay_says_so(
     wait_active(host)
     wait_for(
         "the metrics endpoint",
-        lambda: host.ssh("ss -ltn 'sport = :9477' | grep -q 9477", check=False).returncode == 0,
+        lambda: host.ssh(f"python3 -c {_FETCH!r}", check=False).returncode == 0,
     )
     assert _scrape(host)["offset_relay_config_last_reload_successful"] == 1
     pid = unit(host, "MainPID")["MainPID"]
