@@ -25,6 +25,8 @@ from typing import Any
 
 import pytest
 
+from offset_appliance.config import Config
+
 from .conftest import make_signed_repo
 from .rig import NET_PREFIX, Host, Rig, run
 
@@ -468,6 +470,72 @@ def test_limits_and_log_level_change_by_reload(deployment: Deployment) -> None:
     assert unit_state(changed)["MainPID"] == unit["MainPID"]
     journal = changed.ssh("journalctl -u offset-relay.service -n 30 --no-pager -o cat").stdout
     assert "configuration reloaded" in journal, journal
+
+
+# The controls of who uses the relay, each set by its variable, generous enough that the
+# play's own probe still passes (it listens and connects with keys of its own).
+CONTROLS = {
+    "offset_relay_access": {
+        "connect_deny": ["9s1Yw3Y3nBL0hHN3lTxsVr2O8TmTjmBkS5oDq8yRcnA"],
+        "ip_deny": ["198.51.100.0/24", "2001:db8:dead::/48"],
+    },
+    "offset_relay_bandwidth": {"key_rate": 50000000, "total_rate": 500000000},
+    "offset_relay_budgets": {"key_monthly": 10**12, "action": "refuse", "save_interval": 30},
+    "offset_relay_bans": {"enabled": True, "threshold": 500, "window": 60},
+    "offset_relay_limits": {"max_connections_per_ip": 32, "ipv6_prefix": 56},
+}
+CONTROLS_IN_CONFIG = {"access", "bandwidth", "budgets", "bans"} <= set(Config.__dataclass_fields__)
+
+
+@pytest.mark.skipif(
+    not CONTROLS_IN_CONFIG,
+    reason="the relay's configuration has no [access], [bandwidth], [budgets], [bans] yet",
+)
+def test_the_controls_are_set_by_their_variables_and_reloaded(deployment: Deployment) -> None:
+    """offset_relay_access, _bandwidth, _budgets, _bans and the new [limits] keys reach the
+    relay by reload (same process), each change logged; a wrong type fails the play at
+    argument validation, before anything is written."""
+    controller = deployment.controller
+    changed = deployment.hosts[0]
+    settings = controller.host_vars.get(changed.name, {})
+    unit = unit_state(changed)
+    cursor = changed.ssh("journalctl -n 0 --show-cursor --no-pager -o cat").stdout.split()[-1]
+    controller.host_vars[changed.name] = {**settings, **CONTROLS}
+
+    run_ = controller.playbook("--limit", changed.name)
+
+    assert run_.returncode == 0, run_.tail() + relay_journals([changed])
+    assert run_.changed == {
+        (changed.name, "Write the relay's settings drop-in"),
+        (changed.name, "Reload offset-relay"),
+    }, run_.tail()
+    assert unit_state(changed)["MainPID"] == unit["MainPID"]
+    drop_in = changed.read("/etc/offset-relay/relay.d/50-ansible.toml")
+    for table in ("[access]", "[bandwidth]", "[budgets]", "[bans]"):
+        assert table in drop_in, drop_in
+    assert 'action = "refuse"' in drop_in and "save_interval = 30.0" in drop_in
+    assert "enabled = true" in drop_in and "ipv6_prefix = 56" in drop_in
+    journal = changed.ssh(
+        f"journalctl -u offset-relay.service --after-cursor={shlex.quote(cursor)} --no-pager -o cat"
+    ).stdout
+    for line in (
+        "reload: bandwidth.key_rate 0 -> 50000000",
+        "reload: budgets.action throttle -> refuse",
+        "reload: bans.enabled false -> true",
+        "reload: limits.ipv6_prefix 64 -> 56",
+    ):
+        assert line in journal, journal
+
+    controller.host_vars[changed.name] = {
+        **settings,
+        **CONTROLS,
+        "offset_relay_budgets": {"action": "drop"},
+    }
+    refused = controller.playbook("--limit", changed.name)
+    assert refused.returncode != 0
+    assert "action" in refused.output and "throttle, refuse" in refused.output, refused.tail()
+    assert changed.read("/etc/offset-relay/relay.d/50-ansible.toml") == drop_in
+    controller.host_vars[changed.name] = {**settings, **CONTROLS}
 
 
 def test_bad_settings_never_reach_the_relay(deployment: Deployment) -> None:
