@@ -32,10 +32,28 @@ BASH_COMPLETION = Path("/usr/share/bash-completion/bash_completion")
         "### Backing up and restoring the identity",
         "### Sizing",
         "### Installing just `stmgr` on a monitoring host",
+        "## Controlling who uses the relay",
     ],
 )
 def test_readme_has_the_operator_sections(heading):
     assert re.search(rf"^{re.escape(heading)}$", README, re.M)
+
+
+def test_readme_has_an_example_of_each_control():
+    section = README.split("## Controlling who uses the relay\n", 1)[1].split("\n## ", 1)[0]
+    examples = "\n".join(re.findall(r"```(?:toml|sh|text)\n(.*?)```", section, re.S))
+    for needle in (
+        "[access]\nlisten_allow = ",  # a private relay: one setting
+        "ipv6_prefix = ",
+        "[bandwidth]\nkey_rate = ",
+        "[budgets]\n",
+        "stmgr usage ",
+        "[bans]\nenabled = true",
+        "max_memory = ",
+        "reload: limits.max_connections 20000 -> 100",
+        "reload failed, keeping the running configuration: ",
+    ):
+        assert needle in examples, needle
 
 
 def test_readme_says_exactly_where_drop_ins_are():
