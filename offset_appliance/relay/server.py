@@ -810,18 +810,22 @@ class RelayServer:
                 config, **{name: getattr(running, name) for name in RESTART_ONLY}
             )
         changes = _changes(running, config)
-        self._apply_config(config)
+        # Said at the more verbose of the old and the new log level: a reload to warning
+        # still says what it changed, and so does the reload back to info.
+        root = logging.getLogger()
+        root.setLevel(min(root.level, logging.getLevelName(config.log_level.upper())))
         for line in changes:
             log.info("reload: %s", line)
-        self.reload_error = ""
-        self.stats.reload_successful = True
-        self.stats.reload_success_time = time.time()
         log.info(
             "configuration reloaded: %s",
             f"{len(changes)} setting{'s' if len(changes) != 1 else ''} changed"
             if changes
             else "nothing changed",
         )
+        self._apply_config(config)
+        self.reload_error = ""
+        self.stats.reload_successful = True
+        self.stats.reload_success_time = time.time()
         self.notifier.notify("STATUS=" + self.status_text())
 
     def _reload_failed(self, reason: str) -> None:
