@@ -9,6 +9,7 @@ fails until it has one).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import socket
@@ -21,12 +22,13 @@ import pytest
 from nacl.signing import SigningKey
 
 from offset_appliance.client import ClientError
-from offset_appliance.config import config_values, load_config
+from offset_appliance.config import Config, config_values, load_config
 
-from .conftest import BIN, RelayProcess, tunnel
+from .conftest import BIN, RelayProcess
 from .test_metrics import METRICS, metrics_address, parse, scrape_text
 
 EX_CONFIG = 78
+IDLE = 3600.0
 BAD_FILE = "50-bad.toml"
 
 # (setting, a value it must refuse as TOML, what the one-line error says about it)
@@ -55,6 +57,49 @@ BAD_VALUES = [
     ("metrics.enabled", '"yes"', "expected true or false"),
     ("metrics.listen", '"localhost:9477"', "must be an IP address"),
 ]
+# The controls of who uses the relay: rows that apply once the configuration has them.
+CONTROL_BAD_VALUES = [
+    ("access.listen_allow", '["not-a-key"]', "is not a public key (43 base64url characters)"),
+    ("access.listen_deny", '["/nonexistent/keys"]', "cannot read key file /nonexistent/keys"),
+    ("access.connect_allow", '"abc"', "expected a list of strings"),
+    ("access.connect_deny", "[1]", "expected a list of strings"),
+    ("access.ip_allow", '["300.1.2.3"]', "is not an address or network"),
+    ("access.ip_deny", '["2001:db8::/129"]', "is not an address or network"),
+    ("limits.ipv4_prefix", "7", "must be between 8 and 32"),
+    ("limits.ipv6_prefix", "129", "must be between 16 and 128"),
+    ("limits.max_memory", "-1", "must be between 0 and"),
+    ("limits.memory_low_mark", "1.5", "expected an integer"),
+    ("bans.enabled", "1", "expected true or false"),
+    ("bans.threshold", "0", "must be between 1 and"),
+    ("bans.window", "0", "must be between 0.1 and"),
+    ("bans.ban_time", "-1", "must be between 0.1 and"),
+    ("bans.multiplier", "0.5", "must be between 1 and 1000"),
+    ("bans.max_ban_time", "0.01", "must be between 0.1 and"),
+    ("bans.forget_after", '"day"', "expected a number"),
+    ("bans.table_size", "15", "must be between 16 and"),
+    ("bandwidth.connection_rate", "100", "must be 0 (no limit) or between 1024 and"),
+    ("bandwidth.connection_burst", "100", "must be 0 (no limit) or between 4096 and"),
+    ("bandwidth.key_rate", "1.5", "expected an integer"),
+    ("bandwidth.key_burst", "-1", "must be 0 (no limit) or between 4096 and"),
+    ("bandwidth.prefix_rate", '"fast"', "expected a number"),
+    ("bandwidth.prefix_burst", "1e20", "expected an integer"),
+    ("bandwidth.total_rate", str(1 << 41), "must be 0 (no limit) or between 1024 and"),
+    ("bandwidth.total_burst", "true", "expected a number"),
+    ("budgets.key_daily", "-1", "must be 0 (no budget) or between 1 and"),
+    ("budgets.key_monthly", "1.5", "expected an integer"),
+    ("budgets.prefix_daily", '"1G"', "expected a number"),
+    ("budgets.prefix_monthly", str(1 << 61), "must be 0 (no budget) or between 1 and"),
+    ("budgets.total_monthly", "-5", "must be 0 (no budget) or between 1 and"),
+    ("budgets.action", '"drop"', "expected one of throttle, refuse"),
+    ("budgets.floor_rate", "10", "must be 0 (not slowed) or between 1024 and"),
+    ("budgets.state_file", '"relative.json"', "expected an absolute path"),
+    ("budgets.save_interval", "0.5", "must be between 1 and 86400 seconds"),
+]
+CONTROLS_IN_CONFIG = {"access", "bandwidth", "budgets", "bans"} <= {
+    f.name for f in dataclasses.fields(Config)
+}
+if CONTROLS_IN_CONFIG:
+    BAD_VALUES += CONTROL_BAD_VALUES
 
 
 def _drop_in(setting: str, value: str) -> str:
@@ -127,11 +172,20 @@ class LiveRelay:
         self.notify = Notifications()
         with monkeypatch.context() as env:
             env.setenv("NOTIFY_SOCKET", self.notify.path)
-            self.relay = RelayProcess(directory, METRICS)
+            # The listener stays idle through every test of the module: a keepalive timeout
+            # longer than the module runs, on both sides.
+            self.relay = RelayProcess(directory, METRICS + f"[timeouts]\nkeepalive = {IDLE}\n")
         self.metrics = metrics_address(self.relay)
         self.drop_ins = directory / "relay.d"
         self.drop_ins.mkdir()
-        self.listener, self.connector, self.acceptor = tunnel(self.relay)
+        listener_id = SigningKey.generate()
+        self.listener = self.relay.client(listener_id, keepalive=IDLE)
+        self.listener.listen()
+        self.connector = self.relay.client(keepalive=IDLE)
+        self.connector.connect(self.listener.public_key)
+        assert self.listener.next_incoming() == self.connector.public_key
+        self.acceptor = self.relay.client(listener_id, keepalive=IDLE)
+        self.acceptor.accept(self.connector.public_key)
 
     def reload(self) -> subprocess.CompletedProcess:
         """``strelay --reload`` as ExecReload runs it; returns once the relay has reloaded."""

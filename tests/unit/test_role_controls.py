@@ -62,7 +62,7 @@ CONTROLS = {
         "total_monthly": 10**12,
         "action": "refuse",
         "floor_rate": 65536,
-        "state_file": "/var/lib/offset-relay/usage.json",
+        "state_file": "/tmp/offset-relay-usage.json",
         "save_interval": 30,
     },
     "offset_relay_bans": {
@@ -202,7 +202,7 @@ def test_the_templates_write_each_control_as_the_type_the_relay_reads(tmp_path):
         budgets = doc["budgets"]
         assert budgets["action"] == "refuse" and budgets["total_monthly"] == 10**12
         assert budgets["save_interval"] == 30.0 and type(budgets["save_interval"]) is float
-        assert budgets["state_file"] == "/var/lib/offset-relay/usage.json"
+        assert budgets["state_file"] == "/tmp/offset-relay-usage.json"
         bans = doc["bans"]
         assert bans["enabled"] is True and bans["threshold"] == 20
         for key in ("window", "ban_time", "multiplier", "max_ban_time", "forget_after"):
