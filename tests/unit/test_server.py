@@ -3,6 +3,7 @@ bursts of closes, batches of actions, keepalives, flush timeouts and reload."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import resource
@@ -11,7 +12,7 @@ import socket
 import pytest
 
 from offset_appliance.config import LIMIT_MAXIMUM, Config
-from offset_appliance.errors import CloseReason
+from offset_appliance.errors import CloseReason, ConfigError
 from offset_appliance.relay.core import Close, Send
 from offset_appliance.wire import capnp
 from offset_appliance.wire.connection import VERSION_FRAME, State
@@ -358,6 +359,69 @@ def test_reload_says_every_time_what_takes_a_restart_and_keeps_the_running_value
     assert rig.server.config.identity_file == running.identity_file
     assert rig.server.limits.max_handshakes == 7  # what can change did
     assert rig.server.admission.limits.max_handshakes == 7
+    logging.getLogger().setLevel(logging.WARNING)
+
+
+def test_a_refused_reload_changes_nothing_and_says_so_until_one_succeeds(rigs, caplog):
+    """The framework of the checked reload, with the loop turned by hand: a reload whose
+    configuration does not load keeps every running value, and is one log line, the first
+    part of STATUS= and the metric at 0; the next good one applies all of it at once."""
+    outcome: list = [ConfigError("/etc/relay.d/60-x.toml: limits.max_connections: bad\nvalue")]
+
+    def reload_config() -> Config:
+        if isinstance(outcome[0], Exception):
+            raise outcome[0]
+        return outcome[0]
+
+    rig = rigs(reload_config=reload_config)
+    server = rig.server
+    listener, connector, acceptor = rig.tunnel()
+    running = server.config
+    started = server.stats.reload_success_time
+    sent: list[str] = []
+    server.notifier.notify = sent.append
+    with caplog.at_level(logging.INFO, logger="strelay"):
+        server.request_reload()
+        server.step(0)
+    errors = [r.getMessage() for r in caplog.records if "reload" in r.getMessage()]
+    assert errors == [
+        "reload failed, keeping the running configuration: "
+        "/etc/relay.d/60-x.toml: limits.max_connections: bad value"
+    ]
+    assert server.config is running
+    assert sent and sent[-1].startswith(
+        "STATUS=reload failed: /etc/relay.d/60-x.toml: limits.max_connections: bad value; "
+    )
+    assert server.status_text().startswith("reload failed: ")
+    assert "reload failed" not in server.status_line()  # the log's periodic summary
+    assert "offset_relay_config_last_reload_successful 0" in server.metrics_text()
+    assert server.stats.reload_success_time == started
+
+    caplog.clear()
+    outcome[0] = dataclasses.replace(
+        running,
+        limits=dataclasses.replace(running.limits, max_connections=100, max_handshakes=100),
+        timeouts=dataclasses.replace(running.timeouts, half_tunnel=20.0),
+    )
+    with caplog.at_level(logging.INFO, logger="strelay"):
+        server.request_reload()
+        server.step(0)
+    lines = [r.getMessage() for r in caplog.records]
+    assert [line for line in lines if " -> " in line] == [
+        "reload: limits.max_connections 20000 -> 100",
+        "reload: limits.max_handshakes 512 -> 100",
+        "reload: timeouts.half_tunnel 32.0 -> 20.0",
+    ]
+    assert "configuration reloaded: 3 settings changed" in lines
+    assert server.admission.limits.max_connections == 100
+    assert server.core.limits.half_tunnel_timeout == 20.0
+    assert not sent[-1].startswith("STATUS=reload failed")
+    assert "offset_relay_config_last_reload_successful 1" in server.metrics_text()
+    assert server.stats.reload_success_time >= started
+    # The tunnel carried on through both.
+    connector.send(b"still here")
+    rig.settle()
+    assert acceptor.inbox[-1] == b"still here"
     logging.getLogger().setLevel(logging.WARNING)
 
 
