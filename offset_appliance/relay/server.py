@@ -810,10 +810,16 @@ class RelayServer:
                 config, **{name: getattr(running, name) for name in RESTART_ONLY}
             )
         changes = _changes(running, config)
-        # Said at the more verbose of the old and the new log level: a reload to warning
-        # still says what it changed, and so does the reload back to info.
         root = logging.getLogger()
-        root.setLevel(min(root.level, logging.getLevelName(config.log_level.upper())))
+        old_level = root.level
+        self._apply_config(config)
+        self.reload_error = ""
+        self.stats.reload_successful = True
+        self.stats.reload_success_time = time.time()
+        # Said once in force, at the more verbose of the old and the new log level: a
+        # reload to warning still says what it changed, and so does the reload back.
+        new_level = root.level
+        root.setLevel(min(old_level, new_level))
         for line in changes:
             log.info("reload: %s", line)
         log.info(
@@ -822,10 +828,7 @@ class RelayServer:
             if changes
             else "nothing changed",
         )
-        self._apply_config(config)
-        self.reload_error = ""
-        self.stats.reload_successful = True
-        self.stats.reload_success_time = time.time()
+        root.setLevel(new_level)
         self.notifier.notify("STATUS=" + self.status_text())
 
     def _reload_failed(self, reason: str) -> None:
