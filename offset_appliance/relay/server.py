@@ -309,9 +309,10 @@ class RelayServer:
         clients = self.clients
         events = self.selector.select(wait)
         self._turn += 1
-        # Listening sockets, the wake-up pipe and /metrics first (each bounded on its own),
-        # then the connections, those that waited longest first.
+        # The wake-up pipe and /metrics first, then the connections, those that waited
+        # longest first, then the listening sockets (each bounded on its own).
         ready: list[tuple[int, int, Client, int]] = []
+        acceptable: list[socket.socket] = []
         for key, mask in events:
             obj = key.data
             if type(obj) is Client:
@@ -319,7 +320,7 @@ class RelayServer:
             elif obj is self._wakeup_r:
                 self._drain_wakeup()
             elif isinstance(obj, socket.socket):
-                self._on_acceptable(obj)
+                acceptable.append(obj)
             else:
                 obj.handle(mask)
             if actions:
@@ -346,6 +347,18 @@ class RelayServer:
                 self.output.write(client)
             if mask & selectors.EVENT_READ and cid in clients:
                 self._on_readable(client)
+            if actions:
+                self._drain()
+        # Accepting last: at the handshake limit a new connection evicts the oldest handshake,
+        # which must not be one whose frames wait unread because the loop was busy (its peer
+        # may already count it open). So the handshakes that sent something are served
+        # first, and while the turn left some unserved, a full handshake table accepts
+        # nothing (the kernel's backlog holds the connects until the loop catches up).
+        if acceptable and not (
+            self._deferred and len(self.admission.handshaking) >= self.limits.max_handshakes
+        ):
+            for lsock in acceptable:
+                self._on_acceptable(lsock)
             if actions:
                 self._drain()
         now = self.clock()

@@ -10,6 +10,8 @@ from offset_appliance.relay import server as server_module
 from offset_appliance.relay.metrics import render
 from offset_appliance.wire.messages import Accept, Connect, Listen, encode_init_connection
 
+from .server_rig import Node
+
 
 def _wait_readable(sock: socket.socket) -> None:
     import select
@@ -165,3 +167,37 @@ def test_a_first_message_waiting_unread_is_read_before_its_deadline_closes(rigs)
     assert client.id in server.clients, "closed for a first message the relay had not read"
     assert server.core.listener_of(node.public_key) == client.id
     assert server.stats.closed["first_message_timeout"] == 0
+
+
+def test_a_full_handshake_table_does_not_evict_a_handshake_whose_frames_wait_unread(rigs):
+    # Two handshakes fill the table; both peers have sent everything (version, nonce, their
+    # ExchangeDh) before the loop turns again, and a third peer connects meanwhile. Its
+    # accept must not evict the oldest handshake, which is only waiting for the loop.
+    rig = rigs(limits={"max_handshakes": 2})
+    server = rig.server
+    first, second = Node(rig), Node(rig)
+    for _ in range(50):
+        server.step(0.01)
+        if len(server.admission.handshaking) == 2:
+            break
+    assert len(server.admission.handshaking) == 2
+    for node in (first, second):
+        # Each pump sends what is queued and reads the relay's version and nonce, which
+        # queues our ExchangeDh: two pumps send all of it without the loop turning.
+        for _ in range(50):
+            node.pump()
+            if node.pending == b"" and not node.wire.pending_output and node.received:
+                break
+            _wait_readable(node.sock)
+        assert node.received
+    third = socket.create_connection(rig.address)
+    try:
+        _wait_readable(rig.client_of(first).sock)
+        _wait_readable(rig.client_of(second).sock)
+        rig.settle()
+        assert server.stats.refused["max_handshakes"] == 0
+        assert first.is_open and second.is_open
+        assert server.stats.handshakes_completed == 2
+        assert len(server.clients) == 3  # the third is admitted, its handshake under way
+    finally:
+        third.close()
