@@ -548,8 +548,16 @@ class RelayServer:
         if data and self.bandwidth.enabled:
             self.bandwidth.charge(client, len(data), now)
         was_open = wire.state is State.OPEN
+        core = self.core
+        cid = client.id
+        # The direct path: a tunnel's messages go straight to its other end, packed as they
+        # came, one queue move for the batch. Anything else (and a tunnel while actions wait,
+        # so that they keep their order) goes through the core.
+        peer = None if core.actions else core.tunnel_peer(cid)
+        target = self.clients.get(peer) if peer is not None else None
+        forward = target is not None and not target.closing
         try:
-            messages = wire.receive_data(data, now, FRAME_BUDGET)
+            messages = wire.receive_data(data, now, FRAME_BUDGET, forward)
         except ProtocolError as exc:
             self._close(client, exc.reason, str(exc))
             return
@@ -562,19 +570,9 @@ class RelayServer:
         if wire.pending_output:
             self.output.take(client)
         if messages:
-            core = self.core
-            cid = client.id
-            # The direct path: a tunnel's messages go straight to its other end, one queue
-            # move for the batch. Anything else (and a tunnel while actions wait, so that
-            # they keep their order) goes through the core.
-            peer = None if core.actions else core.tunnel_peer(cid)
-            target = self.clients.get(peer) if peer is not None else None
-            if target is not None and not target.closing:
-                send = target.wire.send_message
-                size = 0
-                for payload in messages:
-                    send(payload, now)
-                    size += len(payload)
+            if forward:
+                target.wire.send_packed(messages, now)  # type: ignore[union-attr]
+                size = wire.forwarded_bytes
                 client.bytes_in += size
                 target.bytes_out += size
                 stats = self.stats

@@ -309,13 +309,14 @@ def _alike(data: bytes, pos: int, stride: int, tag: bytes, most: int) -> int:
     return count
 
 
-def _unpack(data: bytes, max_words: int) -> bytearray:
+def _unpack(data: bytes, max_words: int, steps: int | None = None) -> bytearray:
     out = bytearray()
     view = memoryview(data)
     length = len(data)
     words = 0
     pos = 0
-    steps = MAX_STEPS + length // MAX_STEP_BYTES
+    if steps is None:
+        steps = MAX_STEPS + length // MAX_STEP_BYTES
     cache = _UNPACKED_WORDS
     while pos < length:
         steps -= 1
@@ -405,14 +406,88 @@ def _unpack(data: bytes, max_words: int) -> bytearray:
     return out
 
 
+# What the walks below leave of the step bound for the rest of a message (its header words
+# and a last run), so that input they accept never takes ``_unpack`` too many steps (it
+# takes at most one step per packed item, fewer where it takes like items at once).
+_HEADER_STEPS = 8
+
+
+def packed_words(data: bytes, pos: int = 0) -> int:
+    """How many words ``data[pos:]`` unpacks to, found without unpacking it: one step per
+    packed word or run, under the step bound of ``_unpack`` less room for a message's
+    header words. Raises ``ProtocolError`` for truncation or too many steps."""
+    length = len(data)
+    words = 0
+    steps = MAX_STEPS + length // MAX_STEP_BYTES - _HEADER_STEPS
+    popcount = _POPCOUNT
+    while pos < length:
+        steps -= 1
+        if steps < 0:
+            raise ProtocolError("packed message takes too many steps to unpack")
+        tag = data[pos]
+        if tag == 0xFF:
+            if pos + 9 >= length:
+                raise ProtocolError("packed message truncated in a verbatim run")
+            count = data[pos + 9]
+            pos += 10 + WORD * count
+            words += 1 + count
+            if pos > length:
+                raise ProtocolError("packed message truncated in a verbatim run")
+        elif tag == 0:
+            if pos + 1 >= length:
+                raise ProtocolError("packed message truncated in a zero run")
+            words += 1 + data[pos + 1]
+            pos += 2
+        else:
+            pos += 1 + popcount[tag]
+            words += 1
+            if pos > length:
+                raise ProtocolError("packed message truncated in a word")
+    return words
+
+
+def skip_packed_words(data: bytes, pos: int, words: int) -> tuple[int, int]:
+    """``(where the packed item after words words from pos starts, steps taken)``, or
+    ``(-1, 0)`` when an item ends beyond that many words, the data ends first, or it takes
+    more steps than ``_unpack`` allows for data of this size, less room for a message's
+    header words."""
+    length = len(data)
+    bound = MAX_STEPS + length // MAX_STEP_BYTES - _HEADER_STEPS
+    steps = 0
+    popcount = _POPCOUNT
+    while words > 0:
+        steps += 1
+        if steps > bound or pos >= length:
+            return -1, 0
+        tag = data[pos]
+        if tag == 0xFF:
+            if pos + 9 >= length:
+                return -1, 0
+            count = data[pos + 9]
+            pos += 10 + WORD * count
+            words -= 1 + count
+        elif tag == 0:
+            if pos + 1 >= length:
+                return -1, 0
+            words -= 1 + data[pos + 1]
+            pos += 2
+        else:
+            pos += 1 + popcount[tag]
+            words -= 1
+    if words or pos > length:
+        return -1, 0
+    return pos, steps
+
+
 def default_max_words(packed_length: int) -> int:
     """The unpacked size (in words) a packed message of ``packed_length`` bytes may have."""
     return min(MAX_MESSAGE_WORDS, MAX_EXPANSION_WORDS + (packed_length + WORD - 1) // WORD)
 
 
-def unpack_bytearray(data: bytes) -> bytearray:
-    """``unpack`` without the final copy, for readers that slice what they need out of it."""
-    return _unpack(data, default_max_words(len(data)))
+def unpack_bytearray(data: bytes, steps: int | None = None) -> bytearray:
+    """``unpack`` without the final copy, for readers that slice what they need out of it;
+    ``steps``, if given, is the step bound instead of the one for data of this size."""
+    return _unpack(data, default_max_words(len(data)), steps)
 
 
 def unpack(data: bytes, max_words: int | None = None) -> bytes:

@@ -18,7 +18,7 @@ from .channel import Handshake, SecureChannel
 from .frames import HEADER_LEN, SETUP_FRAMES, FrameDecoder, frame_header
 from .keepalive import Keepalive
 from .messages import KEEPALIVE as KEEPALIVE_MESSAGE
-from .messages import decode_ka_message, encode_ka_message
+from .messages import decode_ka_message, encode_ka_message, forward_ka_message
 
 PROTOCOL_VERSION = 0
 VERSION_FRAME = frame_header(4) + PROTOCOL_VERSION.to_bytes(4, "big")
@@ -62,6 +62,7 @@ class Connection:
         "_keepalive_interval",
         "_rekey_interval",
         "_next_rekey",
+        "forwarded_bytes",
     )
 
     def __init__(
@@ -87,6 +88,8 @@ class Connection:
         self._keepalive_interval = keepalive
         self._rekey_interval = rekey_interval
         self._next_rekey = _INF
+        # Payload bytes of the messages the last ``receive_data(..., forward=True)`` returned.
+        self.forwarded_bytes = 0
         self._deadline = now + conn_timeout  # the whole set-up must finish by then
         # Both sides speak first: version, then our handshake nonce, without waiting.
         hello = self._handshake.start()
@@ -95,8 +98,15 @@ class Connection:
 
     # ---- input -------------------------------------------------------------------------
 
-    def receive_data(self, data: bytes, now: float, frame_budget: int | None = None) -> list[bytes]:
+    def receive_data(
+        self, data: bytes, now: float, frame_budget: int | None = None, forward: bool = False
+    ) -> list[bytes]:
         """Feed received bytes; returns the relay messages they complete, in order.
+
+        With ``forward`` (a relay's tunnel), the messages come as packed KaMessages to pass
+        to another connection's ``send_packed``, checked as ``decode_ka_message`` checks
+        them but not decoded when they are in the usual layout; ``forwarded_bytes`` is then
+        the total of their payloads' lengths.
 
         With ``frame_budget``, at most that many complete frames are processed; the rest
         are held (``backlog`` is then true) for the next call, which may pass no new bytes.
@@ -114,6 +124,8 @@ class Connection:
                 self._held = frames[frame_budget:]
                 del frames[frame_budget:]
             if self.state is State.OPEN:
+                if forward:
+                    return self._receive_forward(frames, now)
                 return self._receive_open(frames, now)
             return self._receive_setup(frames, now)
         except ProtocolError:
@@ -179,6 +191,34 @@ class Connection:
             keepalive.last_recv = now
         return messages
 
+    def _receive_forward(self, frames: list[bytes], now: float) -> list[bytes]:
+        # _receive_open, with the KaMessages checked and kept packed.
+        self.forwarded_bytes = 0
+        if not frames:
+            return []
+        channel = self._channel
+        keepalive = self._keepalive
+        assert channel is not None and keepalive is not None
+        messages = []
+        size = 0
+        heard = False
+        for frame in frames:
+            user = channel.open(frame)
+            if user is None:
+                self._next_rekey = now + self._rekey_interval
+                if channel.outbox:
+                    self._flush_outbox(channel)
+                continue
+            heard = True
+            forwarded = forward_ka_message(user)
+            if forwarded is not None:
+                messages.append(forwarded[0])
+                size += forwarded[1]
+        if heard:
+            keepalive.last_recv = now
+        self.forwarded_bytes = size
+        return messages
+
     @property
     def backlog(self) -> bool:
         """Complete frames are held beyond a frame budget, waiting for ``receive_data``."""
@@ -212,6 +252,24 @@ class Connection:
         out.append(len(payload).to_bytes(HEADER_LEN, "big"))
         out.append(payload)
         self._out_size += HEADER_LEN + len(payload)
+        self._keepalive.last_send = now  # type: ignore[union-attr]
+
+    def send_packed(self, messages: list[bytes], now: float) -> None:
+        """Queue packed KaMessages (from another connection's ``receive_data(...,
+        forward=True)``) for the peer, as they are."""
+        channel = self._channel
+        if channel is None or self.state is not State.OPEN:
+            raise LocalProtocolError("cannot send before the secure channel is open")
+        seal = channel.seal
+        out = self._out
+        append = out.append
+        size = 0
+        for message in messages:
+            payload = seal(message)
+            append(len(payload).to_bytes(HEADER_LEN, "big"))
+            append(payload)
+            size += HEADER_LEN + len(payload)
+        self._out_size += size
         self._keepalive.last_send = now  # type: ignore[union-attr]
 
     def start_rekey(self, now: float) -> bool:
@@ -368,6 +426,7 @@ class Connection:
         self._keepalive = None
         self._next_rekey = _INF
         self._deadline = _INF
+        self.forwarded_bytes = 0
         if phase is State.OPEN:
             if peer is None or state["handshake"] is not None or state["channel"] is None:
                 raise ValueError("an open connection without its channel")

@@ -16,14 +16,20 @@ from typing import Self, TypeVar
 
 from ..errors import ProtocolError
 from .capnp import (
+    MAX_STEP_BYTES,
+    MAX_STEPS,
     MessageBuilder,
     StructReader,
     data_pointer,
+    default_max_words,
     pack,
     pack_message,
+    packed_words,
     read_message,
     read_unpacked,
+    skip_packed_words,
     struct_pointer,
+    unpack,
     unpack_bytearray,
 )
 
@@ -448,6 +454,7 @@ def _expect_init(cls: type[_Init], data: bytes) -> _Init:
 # Data bodies as verbatim runs, so a payload is only ever sliced and joined.
 
 _HEADER_4 = struct.Struct("<4Q")
+_U64 = struct.Struct("<Q")
 _HEADER_6 = struct.Struct("<6Q")
 
 # KaMessage: root pointer, the struct (tag word, Data pointer), then the Data body.
@@ -537,6 +544,84 @@ def decode_ka_message(data: bytes) -> bytes | None:
     raise ProtocolError(f"unknown KaMessage variant {tag}")
 
 
+# Forwarding (the relay's tunnels): a KaMessage ``message`` is sent on as it was received when
+# it is in the layout our encoder writes (and the reference's, for one segment): its packed
+# header words are exactly ours for its length, and the packed body unpacks to exactly the
+# words of the payload. Then the bytes decode to the same payload as a re-encoding would, and
+# nothing but the header and the body's run structure needs reading. The packed headers seen
+# map to their payload length; a header missing from the map is checked once, by unpacking.
+_KA_FORWARD_HEADERS: dict[bytes, int] = {}
+_KA_FORWARD_LIMIT = 4096
+# The root pointer and the tag word as packed: the bytes between the first and last header words.
+_KA_MIDDLE = pack(_HEADER_4.pack(0, _KA_ROOT, _KA_MESSAGE, 0))[2:7]
+_POP = tuple(bin(tag).count("1") for tag in range(256))
+
+
+def _ka_forward_length(header: bytes) -> int | None:
+    """The payload length of a packed KaMessage header (its first 4 words as packed), if it
+    is exactly what ``encode_ka_message`` writes for that length; None otherwise."""
+    try:
+        segments, size, root, tag, pointer = _KA_FIXED.unpack(unpack(header))
+    except (ProtocolError, struct.error):
+        return None
+    length = pointer >> 35
+    expected = _HEADER_4.pack(
+        (3 + (length + 7) // 8) << 32, _KA_ROOT, _KA_MESSAGE, data_pointer(0, length)
+    )
+    if _packed_header(expected) != header:
+        return None
+    if len(_KA_FORWARD_HEADERS) >= _KA_FORWARD_LIMIT:
+        _KA_FORWARD_HEADERS.clear()
+    _KA_FORWARD_HEADERS[header] = length
+    return length
+
+
+def forward_ka_message(data: bytes) -> tuple[bytes, int] | None:
+    """A received packed KaMessage as the relay sends it on: ``(packed, payload length)``, or
+    None for ``keepAlive``. ``packed`` is ``data`` itself when it is in our layout (see above),
+    else the canonical encoding of its payload; whatever ``decode_ka_message`` refuses raises
+    the same ``ProtocolError``, and ``decode_ka_message(packed)`` is always its payload."""
+    if type(data) is bytes and len(data) > 8:
+        # The header: the segment table word and the data pointer vary with the length, the
+        # two words between them do not.
+        middle = 1 + _POP[data[0]]
+        last = middle + 5
+        if data[middle:last] == _KA_MIDDLE and last < len(data):
+            end = last + 1 + _POP[data[last]]
+            header = data[:end]
+            length = _KA_FORWARD_HEADERS.get(header)
+            if length is None:
+                length = _ka_forward_length(header)
+            if length is not None:
+                body_words = (length + 7) // 8
+                rest = len(data) - end
+                if rest == 0:
+                    if body_words == 0:
+                        return data, 0
+                elif (
+                    # The usual body: one verbatim run.
+                    data[end] == 0xFF
+                    and rest > 9
+                    and data[end + 9] + 1 == body_words
+                    and rest == 10 + 8 * data[end + 9]
+                ) or (
+                    4 + body_words <= default_max_words(len(data))
+                    and _body_words(data, end) == body_words
+                ):
+                    return data, length
+    payload = decode_ka_message(data)
+    if payload is None:
+        return None
+    return encode_ka_message(payload), len(payload)
+
+
+def _body_words(data: bytes, pos: int) -> int:
+    try:
+        return packed_words(data, pos)
+    except ProtocolError:
+        return -1  # decode_ka_message says what is wrong
+
+
 def encode_channel_user(padding: bytes, user: bytes) -> bytes:
     """The packed ChannelMessage carrying ``user`` data after ``padding``."""
     padding_words = (len(padding) + 7) // 8
@@ -567,8 +652,100 @@ def encode_channel_rekey(padding: bytes, rekey: Rekey) -> bytes:
     return builder.finish()
 
 
+# Packed ChannelMessage headers (the 6 words of our layout, as packed) seen, and the padding
+# and user lengths they announce; a header missing from the map is checked once.
+_CHANNEL_HEADERS: dict[bytes, tuple[int, int]] = {}
+_CHANNEL_HEADERS_LIMIT = 4096
+_CHANNEL_ROOT_PACKED = pack(_U64.pack(_CHANNEL_ROOT))
+_CHANNEL_MIDDLE = pack(_HEADER_6.pack(0, 0, 0, _CHANNEL_CONTENT, _CONTENT_USER, 0))[2:7]
+
+
+def _channel_header_lengths(header: bytes) -> tuple[int, int] | None:
+    try:
+        words = unpack(header)
+        if len(words) != 48:
+            return None
+        _, _, _, padding, _, _, user = _CHANNEL_FIXED.unpack(words)
+    except (ProtocolError, struct.error):
+        return None
+    padding_length, user_length = padding >> 35, user >> 35
+    padding_words = (padding_length + 7) // 8
+    expected = _HEADER_6.pack(
+        (5 + padding_words + (user_length + 7) // 8) << 32,
+        _CHANNEL_ROOT,
+        data_pointer(3, padding_length),
+        _CHANNEL_CONTENT,
+        _CONTENT_USER,
+        data_pointer(padding_words, user_length),
+    )
+    if _packed_header(expected) != header:
+        return None
+    if len(_CHANNEL_HEADERS) >= _CHANNEL_HEADERS_LIMIT:
+        _CHANNEL_HEADERS.clear()
+    lengths = _CHANNEL_HEADERS[header] = (padding_length, user_length)
+    return lengths
+
+
+def _user_from_packed(data: bytes) -> bytes | None:
+    """The user data of a packed ChannelMessage in our layout, read from the packed bytes:
+    the header words compared with ours for the lengths they give, the padding skipped by
+    its run structure, the user body sliced out of its verbatim run (or unpacked alone).
+    None when the message is anything else (the general path then decides)."""
+    # Header: segment table, root, padding pointer, content pointer, tag, user pointer.
+    at = 1 + _POP[data[0]]
+    if data[at : at + 2] != _CHANNEL_ROOT_PACKED:
+        return None
+    at += 3 + _POP[data[at + 2]]
+    if data[at : at + 5] != _CHANNEL_MIDDLE or at + 5 >= len(data):
+        return None
+    end = at + 6 + _POP[data[at + 5]]
+    header = data[:end]
+    lengths = _CHANNEL_HEADERS.get(header)
+    if lengths is None:
+        lengths = _channel_header_lengths(header)
+        if lengths is None:
+            return None
+    padding_length, user_length = lengths
+    user_words = (user_length + 7) // 8
+    if 6 + (padding_length + 7) // 8 + user_words > default_max_words(len(data)):
+        return None  # too large to unpack: the general path refuses it
+    steps = 6  # the header's
+    if padding_length:
+        end, taken = skip_packed_words(data, end, (padding_length + 7) // 8)
+        if end < 0:
+            return None
+        steps += taken
+    if user_words == 0:
+        return b"" if end == len(data) else None
+    rest = len(data) - end
+    if rest > 9 and data[end] == 0xFF and rest == 10 + 8 * data[end + 9]:
+        # One verbatim run: its first word, then its count, then the other words.
+        if data[end + 9] + 1 != user_words:
+            return None
+        if user_length <= 8:
+            return data[end + 1 : end + 1 + user_length]
+        return data[end + 1 : end + 9] + data[end + 10 : end + 2 + user_length]
+    try:
+        # Within what the whole message may take to unpack, less what came before.
+        words = unpack_bytearray(data[end:], MAX_STEPS + len(data) // MAX_STEP_BYTES - steps)
+    except ProtocolError:
+        return None
+    if len(words) != 8 * user_words:
+        return None
+    return bytes(words[:user_length])
+
+
 def decode_channel_message(data: bytes) -> bytes | Rekey:
     """The user data of a packed ChannelMessage, or its Rekey (the padding is ignored)."""
+    if type(data) is bytes and len(data) > 16:
+        user = _user_from_packed(data)
+        if user is not None:
+            return user
+    return decode_channel_message_unpacked(data)
+
+
+def decode_channel_message_unpacked(data: bytes) -> bytes | Rekey:
+    """``decode_channel_message`` by unpacking the whole message first (any layout)."""
     words = _unpacked(data)
     if len(words) >= 48:
         segments, size, root, _, content, tag, pointer = _CHANNEL_FIXED.unpack_from(words)
