@@ -309,12 +309,12 @@ def _alike(data: bytes, pos: int, stride: int, tag: bytes, most: int) -> int:
     return count
 
 
-def _unpack(data: bytes, max_words: int, steps: int | None = None) -> bytearray:
+def _unpack(data: bytes, max_words: int, steps: int | None = None, start: int = 0) -> bytearray:
     out = bytearray()
     view = memoryview(data)
     length = len(data)
     words = 0
-    pos = 0
+    pos = start
     if steps is None:
         steps = MAX_STEPS + length // MAX_STEP_BYTES
     cache = _UNPACKED_WORDS
@@ -484,10 +484,11 @@ def default_max_words(packed_length: int) -> int:
     return min(MAX_MESSAGE_WORDS, MAX_EXPANSION_WORDS + (packed_length + WORD - 1) // WORD)
 
 
-def unpack_bytearray(data: bytes, steps: int | None = None) -> bytearray:
+def unpack_bytearray(data: bytes, steps: int | None = None, start: int = 0) -> bytearray:
     """``unpack`` without the final copy, for readers that slice what they need out of it;
-    ``steps``, if given, is the step bound instead of the one for data of this size."""
-    return _unpack(data, default_max_words(len(data)), steps)
+    ``start``: unpack ``data[start:]`` (without copying it); ``steps``, if given, is the
+    step bound instead of the one for data of this size."""
+    return _unpack(data, default_max_words(len(data) - start), steps, start)
 
 
 def unpack(data: bytes, max_words: int | None = None) -> bytes:

@@ -26,6 +26,7 @@ from .messages import (
     decode_channel_message,
     encode_channel_rekey,
     encode_channel_user,
+    encode_channel_user_padded,
 )
 
 NONCE_LEN = 12
@@ -57,8 +58,8 @@ def _encrypt(nonce: bytes, key: bytes, plaintext: bytes) -> bytes:
     size = len(plaintext) + _ABYTES
     out = _alloc("unsigned char[]", NONCE_LEN + size)
     out[0:NONCE_LEN] = nonce
-    out_len = _alloc("unsigned long long *")
-    _aead_encrypt(out + NONCE_LEN, out_len, plaintext, len(plaintext), _NULL, 0, _NULL, nonce, key)
+    # The output length is known (libsodium takes NULL for it).
+    _aead_encrypt(out + NONCE_LEN, _NULL, plaintext, len(plaintext), _NULL, 0, _NULL, nonce, key)
     return _buffer(out, NONCE_LEN + size)[:]
 
 
@@ -66,10 +67,9 @@ def _decrypt(frame: bytes, nonce: bytes, key: bytes) -> bytes | None:
     """The plaintext of ``frame`` (nonce, ciphertext, tag), or None if it fails to verify."""
     size = len(frame) - NONCE_LEN - _ABYTES
     out = _alloc("unsigned char[]", max(size, 1))
-    out_len = _alloc("unsigned long long *")
     source = _ffi.from_buffer(frame)
     result = _aead_decrypt(
-        out, out_len, _NULL, source + NONCE_LEN, size + _ABYTES, _NULL, 0, nonce, key
+        out, _NULL, _NULL, source + NONCE_LEN, size + _ABYTES, _NULL, 0, nonce, key
     )
     if result != 0:
         return None
@@ -108,6 +108,16 @@ class PaddingSource:
         self._random = random
         self._pool = b""
         self._pos = 0
+
+    def length(self) -> int:
+        """A padding length alone, 0..255 (for ``encode_channel_user_padded``)."""
+        pos = self._pos
+        pool = self._pool
+        if pos >= len(pool):
+            pool = self._pool = self._random(self.POOL)
+            pos = 0
+        self._pos = pos + 1
+        return pool[pos]
 
     def __call__(self) -> bytes:
         pos = self._pos
@@ -171,7 +181,12 @@ class SecureChannel:
 
     def seal(self, user: bytes) -> bytes:
         """The frame payload carrying ``user`` (a KaMessage) to the peer."""
-        return self._seal(encode_channel_user(self._padding(), user))
+        padding = self._padding
+        if padding is _SHARED_PADDING:
+            # The process's padding bytes for a random length: the packed start of the
+            # message is then made once per pair of lengths.
+            return self._seal(encode_channel_user_padded(padding.length(), user))
+        return self._seal(encode_channel_user(padding(), user))
 
     def start_rekey(self) -> bytes | None:
         """Begin a rekey; returns the frame to send, or None if one is already pending."""

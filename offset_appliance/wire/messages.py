@@ -10,6 +10,7 @@ big-endian reading of bytes 8i..8i+8; each struct that wraps one (``PublicKey``,
 
 from __future__ import annotations
 
+import os
 import struct
 from dataclasses import dataclass
 from typing import Self, TypeVar
@@ -641,6 +642,50 @@ def encode_channel_user(padding: bytes, user: bytes) -> bytes:
     return pack_message(header, (padding, user), packed_header)
 
 
+# Padding of each length 0..255, drawn once per process: only its length needs to change
+# from message to message (the bytes are encrypted with the rest), so each length's packed
+# body, and with the header words the whole packed start of a message, is made once.
+_PADDINGS = tuple(os.urandom(length) for length in range(256))
+_PADDED_PREFIXES: dict[tuple[int, int], bytes] = {}
+_PADDED_PREFIXES_LIMIT = 8192
+
+
+def encode_channel_user_padded(padding_length: int, user: bytes) -> bytes:
+    """``encode_channel_user`` with this process's padding of ``padding_length`` (0..255)
+    bytes; the same bytes as ``encode_channel_user(padding_of(padding_length), user)``."""
+    length = len(user)
+    if not _one_run(user):
+        return encode_channel_user(_PADDINGS[padding_length], user)
+    prefix = _PADDED_PREFIXES.get((padding_length, length))
+    if prefix is None:
+        prefix = _padded_prefix(padding_length, length)
+        if prefix is None:
+            return encode_channel_user(_PADDINGS[padding_length], user)
+    return b"".join(
+        (prefix, b"\xff", user[:8], _COUNT[(length + 7) // 8 - 1], user[8:], _PAD[-length % 8])
+    )
+
+
+def padding_of(padding_length: int) -> bytes:
+    """The padding ``encode_channel_user_padded`` uses for this length."""
+    return _PADDINGS[padding_length]
+
+
+def _padded_prefix(padding_length: int, length: int) -> bytes | None:
+    # The message for a user body of one verbatim run, less that run: encode a marker
+    # body of the same length and cut its run off.
+    marker = b"\x01" * length
+    whole = encode_channel_user(_PADDINGS[padding_length], marker)
+    run = b"".join(_run_pieces(marker))
+    if not whole.endswith(run):
+        return None
+    prefix = whole[: len(whole) - len(run)]
+    if len(_PADDED_PREFIXES) >= _PADDED_PREFIXES_LIMIT:
+        _PADDED_PREFIXES.clear()
+    _PADDED_PREFIXES[(padding_length, length)] = prefix
+    return prefix
+
+
 def encode_channel_rekey(padding: bytes, rekey: Rekey) -> bytes:
     """The packed ChannelMessage carrying ``rekey`` after ``padding``."""
     builder = MessageBuilder()
@@ -727,7 +772,7 @@ def _user_from_packed(data: bytes) -> bytes | None:
         return data[end + 1 : end + 9] + data[end + 10 : end + 2 + user_length]
     try:
         # Within what the whole message may take to unpack, less what came before.
-        words = unpack_bytearray(data[end:], MAX_STEPS + len(data) // MAX_STEP_BYTES - steps)
+        words = unpack_bytearray(data, MAX_STEPS + len(data) // MAX_STEP_BYTES - steps, end)
     except ProtocolError:
         return None
     if len(words) != 8 * user_words:

@@ -1,7 +1,8 @@
 """The tunnel hot path's fast paths against the general ones: forwarding a KaMessage as it
 came (``forward_ka_message`` accepts exactly what ``decode_ka_message`` accepts, and what it
 returns decodes to the same payload), and reading a ChannelMessage's user data straight from
-its packed bytes (the same outcome as unpacking it whole)."""
+its packed bytes (the same outcome as unpacking it whole), and the padded start of a message
+made once per pair of lengths (the same bytes as the general encoder with that padding)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from nacl.signing import SigningKey
 
 from offset_appliance.errors import ProtocolError
 from offset_appliance.wire.capnp import pack, packed_words, unpack
+from offset_appliance.wire.channel import PaddingSource
 from offset_appliance.wire.connection import Connection
 from offset_appliance.wire.messages import (
     KEEPALIVE,
@@ -22,8 +24,10 @@ from offset_appliance.wire.messages import (
     decode_channel_message_unpacked,
     decode_ka_message,
     encode_channel_user,
+    encode_channel_user_padded,
     encode_ka_message,
     forward_ka_message,
+    padding_of,
 )
 
 SIZES = (0, 1, 7, 8, 9, 64, 2040, 2048, 2049, 5000, 65536)
@@ -164,3 +168,23 @@ def test_a_changed_channel_message_gets_what_the_general_reader_says(padding, us
 @given(st.binary(max_size=200))
 def test_any_bytes_get_what_the_general_reader_says(data):
     _same_channel_outcome(data)
+
+
+# ---- the padded start of a message, made once per pair of lengths -----------------------------
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(0, 255), st.binary(max_size=3000))
+@example(0, b"")
+@example(255, b"\x00" * 8 + b"x")  # a first word with zero bytes: not one run
+def test_padded_encoding_is_the_general_encoding_with_that_padding(padding_length, user):
+    data = encode_channel_user_padded(padding_length, user)
+    assert data == encode_channel_user(padding_of(padding_length), user)
+    assert decode_channel_message(data) == user
+    # A second time, from the prefix made the first time.
+    assert encode_channel_user_padded(padding_length, user) == data
+
+
+def test_the_padding_length_is_drawn_for_each_message():
+    source = PaddingSource(lambda size: bytes(range(256)) * (size // 256))
+    assert [source.length() for _ in range(300)] == [n % 256 for n in range(300)]
