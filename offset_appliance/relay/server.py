@@ -571,7 +571,8 @@ class RelayServer:
             self.output.take(client)
         if messages:
             if forward:
-                target.wire.send_packed(messages, now)  # type: ignore[union-attr]
+                assert target is not None
+                target.wire.send_packed(messages, now)
                 size = wire.forwarded_bytes
                 client.bytes_in += size
                 target.bytes_out += size
