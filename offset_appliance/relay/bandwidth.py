@@ -158,6 +158,12 @@ class BandwidthControl:
             b.key_daily or b.key_monthly or b.prefix_daily or b.prefix_monthly or b.total_monthly
         )
 
+    @property
+    def _floor_on(self) -> bool:
+        """Whether a spent budget slows its connections to a floor bucket."""
+        b = self.budgets
+        return self.budgets_on and b.action == "throttle" and bool(b.floor_rate)
+
     def apply_config(self, config: Config) -> None:
         """Take new settings (at start and on reload); they apply to every connection at once."""
         now = self.clock()
@@ -189,6 +195,8 @@ class BandwidthControl:
         # Paused connections are looked at again now: a rate raised or lifted frees them.
         rates_on = bool(rates.connection_rate or rates.key_rate or rates.prefix_rate)
         rates_on = rates_on or bool(rates.total_rate)
+        # A budget already spent gets its floor bucket at the next read, as a rate does.
+        rates_on = rates_on or self._floor_on
         for client in self.clients.values():
             if rates_on and client.recv_size > MIN_READ:
                 client.recv_size = MIN_READ  # the next read is charged to a rate: a small one
@@ -416,7 +424,7 @@ class BandwidthControl:
                 entry.day += size
                 entry.month += size
                 if not entry.over and entry.is_over():
-                    self._went_over(entry, client)
+                    self._went_over(entry)
         buckets = meter.buckets
         if not buckets:
             return
@@ -613,14 +621,17 @@ class BandwidthControl:
 
     # ---- budgets -----------------------------------------------------------------------
 
-    def _went_over(self, entry: Entry, client: Client) -> None:
+    def _went_over(self, entry: Entry) -> None:
         entry.over = True
         self._log_over(entry)
-        if self.budgets.action == "throttle" and self.budgets.floor_rate:
+        if self._floor_on:
             self.generation += 1  # its connections get the floor bucket at their next read
-            # The next read is charged to the floor: keep it small, not a bulk read.
-            if client.recv_size > MIN_READ:
-                client.recv_size = MIN_READ
+            # Their next read is charged to the floor: keep it small, not a bulk read (whose
+            # debt would pause them for that read's worth of seconds at the floor rate).
+            for other in self.clients.values():
+                meter = other.meter
+                if other.recv_size > MIN_READ and meter is not None and entry in meter.usage:
+                    other.recv_size = MIN_READ
 
     def _log_over(self, entry: Entry) -> None:
         b = self.budgets

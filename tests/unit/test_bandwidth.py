@@ -16,7 +16,7 @@ from nacl.signing import SigningKey
 from offset_appliance.config import Budgets, dump_config, load_config
 from offset_appliance.errors import ConfigError
 from offset_appliance.files import b64url_encode
-from offset_appliance.relay.bandwidth import MIN_READ
+from offset_appliance.relay.bandwidth import BUDGET_BATCH, MIN_READ
 from offset_appliance.relay.clients import PAUSED_BY_RATE
 from offset_appliance.relay.usage import (
     MAX_ENTRIES,
@@ -265,6 +265,54 @@ def test_over_a_budget_with_throttle_a_key_is_slowed_to_the_floor(rigs):
     assert 5 * floor * OVERHEAD - MIN_READ <= moved <= 5 * floor + MIN_READ
     assert rig.server.stats.throttled_seconds["budget"] > 0
     assert rig.server.snapshot().budget_over["key"] == 1
+
+
+def test_a_reload_that_puts_a_key_over_slows_its_open_connection_in_short_pauses(rigs):
+    # Counted without a floor first: the tunnel runs at full speed, its reads grow large.
+    rig = rigs(budgets={"key_daily": 100_000, "action": "refuse"})
+    _, connector, acceptor = tunnel(rig)
+    flood(connector, 400)
+    rig.settle()
+    assert payload(acceptor) == 400 * len(CHUNK)
+    assert rig.client_of(connector).recv_size > 4 * MIN_READ
+    # The same budget, now with a floor: the open connection's next read is a small one,
+    # so it is paused for a fraction of a second at a time, not for a large read's worth.
+    floor = 65536
+    throttle = {"key_daily": 100_000, "action": "throttle", "floor_rate": floor}
+    rig.server.bandwidth.apply_config(config(budgets=throttle))
+    start = payload(acceptor)
+    flood(connector, 400)
+    rig.settle()
+    # The floor bucket's burst (64 KiB), the batch counted before the reload, one read.
+    assert payload(acceptor) - start <= floor + BUDGET_BATCH + MIN_READ
+    assert rig.client_of(connector).paused & PAUSED_BY_RATE
+    run_for(rig, 2)
+    assert rig.server.stats.throttled_seconds["budget"] > 0  # pauses ended
+    moved = payload(acceptor) - start
+    assert moved <= floor + BUDGET_BATCH + 2 * floor + MIN_READ
+
+
+def test_a_connection_of_a_key_that_goes_over_elsewhere_reads_small_at_once(rigs):
+    floor = 65536
+    rig = rigs(budgets={"key_daily": 3_000_000, "action": "throttle", "floor_rate": floor})
+    heavy = SigningKey.generate()
+    _, quiet, quiet_acceptor = tunnel(rig, heavy)
+    # The quiet connection moves a lot once (its reads grow), then waits.
+    flood(quiet, 300)
+    rig.settle()
+    assert rig.client_of(quiet).recv_size > floor + MIN_READ
+    # Another connection of the same key spends the rest of the budget.
+    _, busy, _ = tunnel(rig, heavy)
+    flood(busy, 200)
+    rig.settle()
+    assert rig.server.snapshot().budget_over["key"] == 1
+    # The quiet one speaks again: it gets the floor from its first read on (its bucket's
+    # burst, and one small read), not a large read beyond it.
+    start = payload(quiet_acceptor)
+    flood(quiet, 300)
+    rig.settle()
+    assert payload(quiet_acceptor) - start <= floor + MIN_READ
+    assert rig.client_of(quiet).paused & PAUSED_BY_RATE
 
 
 def test_a_new_utc_day_lifts_a_daily_budget(rigs):
