@@ -146,6 +146,7 @@ class BandwidthControl:
         self._prefixes: dict[str, Bucket] = {}
         self._floors: dict[tuple[str, str], Bucket] = {}
         self._timers: list[tuple[float, int, int]] = []
+        self._throttled_shown: dict[str, float] = {}
         self._seq = itertools.count()
         self.apply_config(config)
 
@@ -370,6 +371,23 @@ class BandwidthControl:
             "budget_used": {"total_month": usage.total.month, "total_day": usage.total.day},
             "budget_over": usage.over_counts(),
         }
+
+    def throttled_seconds(self, now: float) -> dict[str, float]:
+        """Seconds spent paused, by kind, for a scrape: the pauses that ended (counted in
+        ``Stats`` when they end) and those still running, so that a long pause shows while
+        it lasts. Never less than at the scrape before (a pause ending a moment earlier in
+        the loop than a scrape looked at it must not take the counter back)."""
+        seconds = dict(self.stats.throttled_seconds)
+        for client in self.clients.values():
+            meter = client.meter
+            if meter is not None and meter.paused_since is not None and now > meter.paused_since:
+                seconds[meter.kind] = seconds.get(meter.kind, 0.0) + now - meter.paused_since
+        shown = self._throttled_shown
+        for kind, value in seconds.items():
+            if value < shown.get(kind, 0.0):
+                seconds[kind] = shown[kind]
+        self._throttled_shown = seconds
+        return seconds
 
     # ---- the read path -----------------------------------------------------------------
 

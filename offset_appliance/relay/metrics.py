@@ -123,6 +123,8 @@ class Snapshot:
     # Transfer budgets (relay/bandwidth.py): bytes counted, and who is over a budget.
     budget_used: dict[str, int] = field(default_factory=dict)
     budget_over: dict[str, int] = field(default_factory=dict)
+    # Throttled seconds by kind, pauses still running included (None: those of ``Stats``).
+    throttled_seconds: dict[str, float] | None = None
 
 
 def _escape(value: str) -> str:
@@ -234,12 +236,15 @@ def render(stats: Stats, snap: Snapshot) -> str:
     )
     metric("bans_active", "gauge", "Sources (IP prefixes) banned now.", [({}, snap.bans_active)])
     metric("bans_total", "counter", "Bans of sources so far.", [({}, snap.bans_total)])
+    throttled = (
+        stats.throttled_seconds if snap.throttled_seconds is None else snap.throttled_seconds
+    )
     metric(
         "throttled_seconds_total",
         "counter",
         "Seconds connections spent with reading paused by a bandwidth limit or a budget's "
-        "floor rate, summed over connections.",
-        [({"kind": kind}, f"{seconds:.3f}") for kind, seconds in stats.throttled_seconds.items()],
+        "floor rate, summed over connections (pauses still running included).",
+        [({"kind": kind}, f"{seconds:.3f}") for kind, seconds in throttled.items()],
     )
     metric(
         "budget_used_bytes",

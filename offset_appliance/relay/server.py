@@ -464,6 +464,7 @@ class RelayServer:
             bans_active=self.bans.active(now),
             bans_total=self.bans.total,
             **self.bandwidth.gauges(),
+            throttled_seconds=self.bandwidth.throttled_seconds(now),
         )
 
     def metrics_text(self) -> str:

@@ -315,6 +315,34 @@ def test_a_connection_of_a_key_that_goes_over_elsewhere_reads_small_at_once(rigs
     assert rig.client_of(quiet).paused & PAUSED_BY_RATE
 
 
+def test_throttled_seconds_include_the_pauses_still_running(rigs):
+    rig = rigs(bandwidth={"connection_rate": 10_000, "connection_burst": 4096})
+    _, connector, _ = tunnel(rig)
+    flood(connector, 50)  # 400 KB: tens of seconds of debt
+    rig.settle()
+    assert rig.client_of(connector).paused & PAUSED_BY_RATE
+
+    def scraped() -> float:
+        text = rig.server.metrics_text()
+        (line,) = [
+            line
+            for line in text.splitlines()
+            if line.startswith('offset_relay_throttled_seconds_total{kind="connection"}')
+        ]
+        return float(line.split()[-1])
+
+    seen = [scraped()]
+    for _ in range(6):
+        rig.clock.advance(0.5)
+        rig.settle()
+        seen.append(scraped())
+    # A counter: it grows while the pause lasts, and never goes back.
+    assert seen[-1] >= 2.5
+    assert seen == sorted(seen)
+    run_for(rig, 60)
+    assert scraped() >= seen[-1]
+
+
 def test_a_new_utc_day_lifts_a_daily_budget(rigs):
     rig = rigs(budgets={"key_daily": 100_000, "action": "refuse"})
     control = rig.server.bandwidth
