@@ -229,9 +229,10 @@ def test_every_key_changes_by_sighup_with_tunnels_open(relay_factory, tmp_path):
             before = throttled(kind)
             _reload(relay, base + f"[bandwidth]\n{kind}_rate = 262144\n{kind}_burst = 65536\n")
             wait_for(lambda kind=kind, before=before: throttled(kind) > before, f"{kind} throttled")
-        # Lifted: the tunnel runs at full speed again.
+        # Lifted: the tunnel runs faster than the limit again (4 times its 16 messages a
+        # second in some half second: a margin that holds on a busy machine).
         _reload(relay, base)
-        wait_for(lambda: pump.received_since(time.monotonic() - 0.5) > 100, "full speed")
+        wait_for(lambda: pump.received_since(time.monotonic() - 0.5) > 32, "full speed")
         # Budgets: a tiny one of each scope is spent at once.
         for key, scope in (
             ("key_daily", "key"),
