@@ -38,7 +38,7 @@ deps:
 
 # Everything: the lint, then every test (integration, reliability and, as root, deploy).
 test: deps lint
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=20
 
 # The developer's fast loop: lint, types and the unit tests, without root or apt, in well
 # under a minute.

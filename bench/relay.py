@@ -272,9 +272,13 @@ class OriginalRelay(BenchRelay):
     and memory are read from /proc like ours (all its threads count).
     """
 
-    def __init__(self, workdir: Path, *, profile: Path | None = None) -> None:
+    def __init__(
+        self, workdir: Path, *, profile: Path | None = None, settings: dict | None = None
+    ) -> None:
         if profile is not None:
             raise BenchError("the original strelay cannot run under cProfile")
+        if settings:
+            raise BenchError("the original strelay has no settings of ours")
         assert original_bin is not None
         workdir.mkdir(parents=True, exist_ok=True)
         self.workdir = workdir

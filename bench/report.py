@@ -79,7 +79,7 @@ def targets(results: dict) -> list[Target]:
             Target(
                 "handshakes per second on one relay core",
                 results["handshakes"]["per_relay_cpu_second"],
-                2000,
+                4000,
                 "/s",
                 False,
             )
@@ -232,7 +232,7 @@ def table_rows(results: dict) -> list[tuple[str, ...]]:
                 f"{_n(h['per_relay_cpu_second'])}/s ({_n(h['per_s'])}/s)",
                 f"{_n(h['floor_per_s'])}/s (Ed25519 sign + verify, 2 X25519)",
                 f"{h['ratio']:.2f}",
-                ">= 2,000/s: " + verdict["handshakes per second on one relay core"],
+                ">= 4,000/s: " + verdict["handshakes per second on one relay core"],
             )
         )
     if "idle" in results:
