@@ -13,6 +13,7 @@ import math
 import multiprocessing
 import random
 import time
+from collections import deque
 from dataclasses import dataclass
 
 from nacl.signing import SigningKey
@@ -337,7 +338,9 @@ class _Tunnel:
             self.sent[direction] += 1
 
     def fill(self) -> None:
-        """Put a whole window in flight both ways."""
+        """Put a whole window in flight both ways (once the tunnel is set up)."""
+        if not self.ready:
+            return
         self._fill(self.x, 0)  # type: ignore[arg-type]
         self._fill(self.a, 1)  # type: ignore[arg-type]
 
@@ -378,15 +381,37 @@ class _Tunnel:
 
 
 class _Listener:
-    """A listen connection, opening the accepting end of each tunnel announced to it."""
+    """A listen connection, opening the accepting end of each tunnel announced to it.
+
+    Its connectors open one at a time: the next only once the relay has announced the
+    previous one. The original strelay hands a listener its announcements through a channel
+    of no spare capacity (components/relay/src/server/server_loop.rs:184, ``mpsc::channel(0)``)
+    with ``try_send`` (line 248): a connect that arrives while the previous announcement to the
+    same listener is still queued is dropped unannounced, and its connection closed. (A real
+    node's connect pool tries again after a back-off, components/channeler/src/connect_pool.rs
+    line 314.) Holding back only the connect message would not do: the original reads the
+    first message of each new connection in turn (conn_processor.rs:101-113, ``filter_map``),
+    so a silent connection stalls every connection behind it for up to 4 s, then is dropped.
+    """
 
     def __init__(self, load: _TunnelLoad) -> None:
         self.load = load
         self.identity = SigningKey.generate()
         self.key = bytes(self.identity.verify_key)
-        self.pending: dict[bytes, _Tunnel] = {}
+        self.waiting: deque[_Tunnel] = deque()  # tunnels whose connector is not opened yet
+        self.connecting: _Tunnel | None = None  # the connect not announced yet
         self.open = False
         self.link = load.loop.open(self.identity, self)
+
+    def add(self, tunnel: _Tunnel) -> None:
+        """Queue a tunnel; its connector opens when no other connect awaits announcement."""
+        self.waiting.append(tunnel)
+        self._next()
+
+    def _next(self) -> None:
+        if self.connecting is None and self.waiting:
+            tunnel = self.connecting = self.waiting.popleft()
+            tunnel.x = self.load.loop.open(tunnel.x_id, tunnel)
 
     def on_open(self, link: Link) -> None:
         self.load.loop.send(link, LISTEN)
@@ -394,10 +419,12 @@ class _Listener:
 
     def on_message(self, link: Link, message: bytes) -> None:
         key = IncomingConnection.decode(message).public_key
-        tunnel = self.pending.pop(key, None)
-        if tunnel is None:
+        tunnel = self.connecting
+        if tunnel is None or key != tunnel.x_key:
             raise BenchError("the relay announced a connect nobody made")
+        self.connecting = None
         tunnel.a = self.load.loop.open(self.identity, tunnel)
+        self._next()
 
     def on_close(self, link: Link, reason: str) -> None:
         raise BenchError(f"a listen connection ended: {reason}")
@@ -419,14 +446,14 @@ class _TunnelLoad:
         self.listeners = [_Listener(self) for _ in range(math.ceil(count / TUNNELS_PER_LISTENER))]
 
     def start(self) -> None:
-        """Open connectors until ``SETUP_CONCURRENCY`` tunnels are being set up."""
+        """Start tunnels until ``SETUP_CONCURRENCY`` are being set up (one connect per listener
+        at a time: see ``_Listener``)."""
         while self.in_setup < SETUP_CONCURRENCY and len(self.tunnels) < self.count:
             listener = self.listeners[len(self.tunnels) % len(self.listeners)]
             tunnel = _Tunnel(self, listener)
-            listener.pending[tunnel.x_key] = tunnel
-            tunnel.x = self.loop.open(tunnel.x_id, tunnel)
             self.tunnels.append(tunnel)
             self.in_setup += 1
+            listener.add(tunnel)
 
     def tunnel_ready(self) -> None:
         self.ready += 1
@@ -440,13 +467,11 @@ class _TunnelLoad:
             tunnel.fill()
 
 
-def tunnel_worker(
-    pipe, counters, target: Target, count: int, window: int, size: int, seed: int
-) -> None:
-    """Set up ``count`` tunnels and keep messages of ``size`` bytes flowing both ways."""
-    loop = Loop(target.address, target.key)
-    control = _Control(pipe, loop)
-    load = _TunnelLoad(loop, count, window, payload_bytes(size, seed))
+def open_tunnels(
+    loop: Loop, count: int, window: int, payload: bytes, stopped=lambda: False
+) -> _TunnelLoad:
+    """Set up ``count`` tunnels (one message through each, both ways) on ``loop``."""
+    load = _TunnelLoad(loop, count, window, payload)
     loop.run_until(
         lambda: all(listener.open for listener in load.listeners) and not loop.output_pending,
         60,
@@ -454,7 +479,17 @@ def tunnel_worker(
     )
     # Connectors start only now: a connect the relay reads before the listen is refused.
     load.start()
-    loop.run_until(lambda: load.ready >= count or control.stopped, 600, f"{count} tunnels")
+    loop.run_until(lambda: load.ready >= count or stopped(), 600, f"{count} tunnels")
+    return load
+
+
+def tunnel_worker(
+    pipe, counters, target: Target, count: int, window: int, size: int, seed: int
+) -> None:
+    """Set up ``count`` tunnels and keep messages of ``size`` bytes flowing both ways."""
+    loop = Loop(target.address, target.key)
+    control = _Control(pipe, loop)
+    load = open_tunnels(loop, count, window, payload_bytes(size, seed), lambda: control.stopped)
     pipe.send(("ready", {"connections": len(loop.links)}))
     loop.run_until(lambda: "go" in control.commands or control.stopped, 600, "the start")
     load.go()

@@ -26,6 +26,8 @@ from pathlib import Path
 import pytest
 from nacl.signing import SigningKey
 
+from bench.links import Loop
+from bench.workers import open_tunnels, payload_bytes
 from offset_appliance.client import ClientError, RelayClient
 from offset_appliance.files import load_identity, load_ticket
 
@@ -237,6 +239,28 @@ def test_b_client_tunnels_and_rekeys_through_the_original_relay(original, tmp_pa
     assert listener.wire.rekeys == 1
     for conn in (listener, connector, acceptor, *others):
         conn.close()
+
+
+def test_b_the_bench_sets_up_tunnels_through_one_listener_of_the_original_relay(
+    original, tmp_path, daemons
+):
+    # The original drops a connect that arrives while its previous announcement to the same
+    # listener is still queued (server_loop.rs: ``try_send`` on an ``mpsc::channel(0)``) and
+    # closes that connection; the benchmark's tunnel load, 40 tunnels through one listener,
+    # must keep to that and set every tunnel up.
+    ident = tmp_path / "relay.ident"
+    run(original / "stmgr", "gen-ident", "--output", ident)
+    port, _ = original_relay(original, tmp_path, ident, daemons)
+    relay_key = bytes(load_identity(ident, check_permissions=False).verify_key)
+    loop = Loop(("127.0.0.1", port), relay_key)
+    try:
+        load = open_tunnels(loop, 40, 2, payload_bytes(64, 7))
+        assert len(load.listeners) == 1 and load.ready == 40
+        load.go()
+        loop.run_until(lambda: load.received >= 40 * 2 * 20, 60, "messages through the tunnels")
+        assert len(loop.links) == 1 + 2 * 40
+    finally:
+        loop.shutdown()
 
 
 @pytest.mark.skipif(
