@@ -22,6 +22,7 @@ from .relaylib import (
     assert_relay_clean,
     closed,
     incoming_key,
+    interesting,
     open_connections,
     refused,
     scrape,
@@ -278,15 +279,25 @@ def _stuck_round(relay, figures) -> None:
     def gone(values, reason: str) -> float:
         return closed(values, reason) - closed(before, reason)
 
-    after = wait_metrics(
-        relay,
-        lambda v: (
-            gone(v, "keepalive_timeout") == len(silent)
-            and gone(v, "flush_timeout") == len(abandoned)
-        ),
-        60,
-        "silent readers closed at the keepalive deadline, abandoned ones after the flush",
-    )
+    # The swarm keeps running while the relay's counts are awaited: the live readers and
+    # the listener go on sending keepalives (a wait that stopped them would have the relay
+    # close them too, rightly, and the counts would never match).
+    scraped: dict[str, dict[str, float]] = {}
+
+    def counted() -> bool:
+        values = scraped["last"] = scrape(relay)
+        return gone(values, "keepalive_timeout") == len(silent) and gone(
+            values, "flush_timeout"
+        ) == len(abandoned)
+
+    try:
+        swarm.run_until(counted, 60, "the relay's closes")
+    except AssertionError:
+        raise AssertionError(
+            "relay metrics never showed silent readers closed at the keepalive deadline, "
+            f"abandoned ones after the flush: {interesting(scraped['last'])}"
+        ) from None
+    after = scraped["last"]
     assert after["offset_relay_tunnels"] == len(alive)
     assert all(not by_key[k].closed for k in alive)
 
