@@ -13,10 +13,10 @@ from offset_appliance.wire.messages import Accept, Connect, Listen, encode_init_
 from .server_rig import Node
 
 
-def _wait_readable(sock: socket.socket) -> None:
+def _wait_readable(sock: socket.socket, timeout: float = 5.0) -> None:
     import select
 
-    select.select([sock], [], [], 5.0)
+    select.select([sock], [], [], timeout)
 
 
 def test_one_read_gives_a_connection_at_most_its_frame_budget_per_turn(rigs):
@@ -188,7 +188,7 @@ def test_a_full_handshake_table_does_not_evict_a_handshake_whose_frames_wait_unr
             node.pump()
             if node.pending == b"" and not node.wire.pending_output and node.received:
                 break
-            _wait_readable(node.sock)
+            _wait_readable(node.sock, 0.1)
         assert node.received
     third = socket.create_connection(rig.address)
     try:
