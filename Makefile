@@ -43,7 +43,7 @@ test: deps lint
 # The developer's fast loop: lint, types and the unit tests, without root or apt, in well
 # under a minute.
 check: lint
-	$(BIN)/pytest -q -p no:cacheprovider tests/unit
+	$(BIN)/pytest -q -p no:cacheprovider -n 2 tests/unit
 
 lint: venv
 	$(BIN)/ruff check $(LINTED)
