@@ -89,6 +89,17 @@ class RelayProcess:
         return self.proc.returncode
 
 
+def wait_for(condition, what: str, timeout: float = 15.0):
+    """Poll until ``condition()`` is true (a wait for an event, not a timing assertion)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
 @pytest.fixture
 def relay_factory(tmp_path):
     """Start relays with extra TOML settings; all are stopped at the end of the test."""

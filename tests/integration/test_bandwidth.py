@@ -19,7 +19,7 @@ from offset_appliance.client import ClientError, ConnectionClosed, RelayClient
 from offset_appliance.files import b64url_encode
 
 from ..helpers import pair
-from .conftest import BIN, RelayProcess, tunnel
+from .conftest import BIN, RelayProcess, tunnel, wait_for
 from .test_metrics import METRICS, metrics_address, parse, scrape_text
 
 MESSAGE = os.urandom(16384)  # random: packing would shrink zeros on the wire
@@ -30,17 +30,6 @@ def wire_size(message: bytes) -> int:
     a, _ = pair()
     a.send_message(message, 0.0)
     return len(b"".join(a.data_to_send()))
-
-
-def wait_for(condition, what: str, timeout: float = 15.0):
-    """Poll until ``condition()`` is true (waiting for an event, not timing anything)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 class Pump:

@@ -12,7 +12,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.request
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import pytest
 
 from offset_appliance.files import b64url_encode, identity_text, load_identity
 
-from .conftest import RelayProcess
+from .conftest import RelayProcess, wait_for
 
 BIN = Path(sys.executable).parent
 ORIGINAL_BIN = os.environ.get("OFFSET_ORIGINAL_BIN")
@@ -37,17 +36,6 @@ def one_line_error(result: subprocess.CompletedProcess) -> str:
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, result.stderr
     return lines[0]
-
-
-def wait_for(condition, what: str, timeout: float = 15.0):
-    """Poll until ``condition()`` is true (a wait for an event, not a timing assertion)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture
