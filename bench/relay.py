@@ -78,6 +78,29 @@ def rss_kib(pid: int) -> int:
     raise BenchError(f"no VmRSS for process {pid}")
 
 
+def machine_cpu() -> tuple[int, int]:
+    """(steal, total) clock ticks of all CPUs since boot, from /proc/stat's ``cpu`` line.
+
+    On a virtual machine "steal" is time the hypervisor gave the virtual CPUs' host cores to
+    someone else: a process that ran then is charged for time in which it did no work, so a
+    window with steal reads slower than the same work on a machine of its own.
+    """
+    try:
+        with open("/proc/stat") as stat:
+            fields = [int(field) for field in stat.readline().split()[1:]]
+    except (OSError, ValueError):
+        return 0, 0
+    # user nice system idle iowait irq softirq steal guest guest_nice; guest time is already
+    # in user and nice.
+    return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
+
+
+def steal_share(before: tuple[int, int], after: tuple[int, int]) -> float:
+    """The share of all CPUs' time the hypervisor took between two ``machine_cpu`` readings."""
+    ticks = after[1] - before[1]
+    return (after[0] - before[0]) / ticks if ticks > 0 else 0.0
+
+
 def usage(pid: int) -> Usage:
     """CPU time and RSS of a process now."""
     user, system = cpu_times(pid)

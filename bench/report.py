@@ -132,6 +132,17 @@ def targets(results: dict) -> list[Target]:
     return found
 
 
+def _steal_text(results: dict) -> str:
+    """The hypervisor's share of the CPUs over the run (absent from older results)."""
+    steal = results.get("steal_share")
+    if steal is None:
+        return ""
+    return (
+        f"; the hypervisor took {steal * 100:.1f}% of the CPUs' time during the run (steal:"
+        " time charged to whatever ran without its work being done)"
+    )
+
+
 def _size(count: int) -> str:
     for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
         if count >= scale:
@@ -456,7 +467,9 @@ def markdown(results: dict) -> str:
         "",
         f"Measured by `make bench` on {results['date']} in {results['duration_seconds']:.0f} s: "
         f"{machine_line(machine)}. One-minute load average {results['load_average_before']:.1f}"
-        f" before the run and {results['load_average_after']:.1f} after it.",
+        f" before the run and {results['load_average_after']:.1f} after it"
+        + _steal_text(results)
+        + ".",
         "",
         "The relay is one single-threaded process. Load comes from separate client processes on"
         " the same machine, so clients and relay share its cores: wall-clock rates (in"

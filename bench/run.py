@@ -19,6 +19,8 @@ from . import relay, report, scenarios
 from .relay import BenchError, raise_fd_limit
 
 HERE = Path(__file__).resolve().parent
+# A one-minute load average from this up, before the run, means the machine is not idle.
+BUSY_LOAD = 0.7
 TESTS = ("wire", "latency", "bulk", "handshakes", "small", "idle", "instances", "controls")
 
 
@@ -85,6 +87,10 @@ def run(
         # The machine may be shared: the load average shows how much else was running.
         "load_average_before": round(os.getloadavg()[0], 2),
     }
+    cpu_before = relay.machine_cpu()
+    if results["load_average_before"] >= BUSY_LOAD:
+        _say(f"warning: one-minute load average {results['load_average_before']:.1f} before the"
+             " run: other work shares the cores, so every figure reads high")  # fmt: skip
     if "wire" in only:
         _say("7 wire overhead")
         results["wire"] = scenarios.wire(sizes)
@@ -143,6 +149,7 @@ def run(
         scenarios.apply_floors(results, first.cheapest(last))
     results["targets"] = [target.as_dict() for target in report.targets(results)]
     results["load_average_after"] = round(os.getloadavg()[0], 2)
+    results["steal_share"] = round(relay.steal_share(cpu_before, relay.machine_cpu()), 3)
     results["duration_seconds"] = round(time.monotonic() - started, 1)
     return results
 

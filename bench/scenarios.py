@@ -20,7 +20,7 @@ from offset_appliance.files import b64url_encode
 from offset_appliance.probe import HEALTHY, probe
 
 from . import floors
-from .relay import BenchError, BenchRelay, Usage, cpu_times
+from .relay import BenchError, BenchRelay, Usage, cpu_times, machine_cpu, steal_share
 from .workers import (
     BYTES,
     FAILED,
@@ -106,6 +106,7 @@ class Window:
     client_cpu: float
     counts: tuple[int, ...]  # deltas of the workers' MESSAGES, BYTES and FAILED counters
     rss_kib: int
+    steal_share: float = 0.0  # of all CPUs' time, taken by the hypervisor (``machine_cpu``)
 
     @property
     def relay_cpu(self) -> float:
@@ -120,6 +121,7 @@ class Window:
             # How busy the relay was: 1.0 means it had one core to itself and used all of it.
             "relay_cpu_share": round(self.relay_cpu / self.seconds, 3),
             "client_cpu_seconds": round(self.client_cpu, 3),
+            "steal_share": round(self.steal_share, 3),
         }
 
 
@@ -129,7 +131,7 @@ class Meter:
     def __init__(self, relay: BenchRelay, workers: list[Worker]) -> None:
         self.relay = relay
         self.workers = workers
-        self._start: tuple[Usage, float, tuple[int, ...]] | None = None
+        self._start: tuple[Usage, float, tuple[int, ...], tuple[int, int]] | None = None
 
     def _clients_cpu(self) -> float:
         total_seconds = 0.0
@@ -143,12 +145,13 @@ class Meter:
         return tuple(total(self.workers, slot) for slot in (MESSAGES, BYTES, FAILED))
 
     def start(self) -> None:
-        self._start = (self.relay.usage(), self._clients_cpu(), self._counts())
+        self._start = (self.relay.usage(), self._clients_cpu(), self._counts(), machine_cpu())
 
     def stop(self) -> Window:
         end_usage, end_clients, end_counts = self.relay.usage(), self._clients_cpu(), self._counts()
+        end_machine = machine_cpu()
         assert self._start is not None
-        usage, clients, counts = self._start
+        usage, clients, counts, machine = self._start
         return Window(
             seconds=end_usage.at - usage.at,
             relay_user=end_usage.user - usage.user,
@@ -156,6 +159,7 @@ class Meter:
             client_cpu=end_clients - clients,
             counts=tuple(b - a for a, b in zip(counts, end_counts, strict=True)),
             rss_kib=end_usage.rss_kib,
+            steal_share=steal_share(machine, end_machine),
         )
 
 
