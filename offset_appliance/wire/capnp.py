@@ -412,11 +412,14 @@ def _unpack(data: bytes, max_words: int, steps: int | None = None, start: int = 
 _HEADER_STEPS = 8
 
 
-def packed_words(data: bytes, pos: int = 0) -> int:
-    """How many words ``data[pos:]`` unpacks to, found without unpacking it: one step per
-    packed word or run, under the step bound of ``_unpack`` less room for a message's
-    header words. Raises ``ProtocolError`` for truncation or too many steps."""
-    length = len(data)
+def packed_words(data: bytes | bytearray, pos: int = 0, length: int | None = None) -> int:
+    """How many words ``data[pos:length]`` unpacks to, found without unpacking it: one step
+    per packed word or run, under the step bound of ``_unpack`` (for a message of
+    ``length`` bytes) less room for a message's header words. Raises ``ProtocolError`` for
+    truncation or too many steps. A stretch of full verbatim runs is counted at once (the
+    steps too, one per run)."""
+    if length is None:
+        length = len(data)
     words = 0
     steps = MAX_STEPS + length // MAX_STEP_BYTES - _HEADER_STEPS
     popcount = _POPCOUNT
@@ -428,6 +431,19 @@ def packed_words(data: bytes, pos: int = 0) -> int:
         if tag == 0xFF:
             if pos + 9 >= length:
                 raise ProtocolError("packed message truncated in a verbatim run")
+            runs = (length - pos) // _FULL_RUN_PACKED
+            if runs > 1 and data[pos + 9] == 0xFF:
+                stop = pos + runs * _FULL_RUN_PACKED
+                runs -= max(
+                    len(data[pos:stop:_FULL_RUN_PACKED].lstrip(b"\xff")),
+                    len(data[pos + 9 : stop : _FULL_RUN_PACKED].lstrip(b"\xff")),
+                )
+                steps -= runs - 1
+                if steps < 0:
+                    raise ProtocolError("packed message takes too many steps to unpack")
+                pos += runs * _FULL_RUN_PACKED
+                words += runs * _RUN_WORDS
+                continue
             count = data[pos + 9]
             pos += 10 + WORD * count
             words += 1 + count

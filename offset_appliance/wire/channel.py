@@ -18,15 +18,19 @@ from nacl.signing import SigningKey, VerifyKey
 
 from ..errors import CloseReason, ProtocolError
 from .messages import (
+    CARRY_MIN,
     RAND_NONCE_LEN,
     SALT_LEN,
     ExchangeDh,
     ExchangeRandNonce,
     Rekey,
+    channel_user_prefix,
+    channel_user_prefix_padded,
     decode_channel_message,
     encode_channel_rekey,
     encode_channel_user,
     encode_channel_user_padded,
+    forward_channel_user,
 )
 
 NONCE_LEN = 12
@@ -188,6 +192,16 @@ class SecureChannel:
             return self._seal(encode_channel_user_padded(padding.length(), user))
         return self._seal(encode_channel_user(padding(), user))
 
+    def seal_carried(self, length: int, words: bytes | memoryview) -> bytes:
+        """``seal`` of user data of ``length`` bytes given as its packed words (from
+        ``open_forward``), carried into our message as they are."""
+        padding = self._padding
+        if padding is _SHARED_PADDING:
+            prefix = channel_user_prefix_padded(padding.length(), length)
+        else:
+            prefix = channel_user_prefix(padding(), length)
+        return self._seal(b"".join((prefix, words)))
+
     def start_rekey(self) -> bytes | None:
         """Begin a rekey; returns the frame to send, or None if one is already pending."""
         if self._pending is not None:
@@ -207,6 +221,24 @@ class SecureChannel:
 
     def open(self, frame: bytes) -> bytes | None:
         """Decrypt one frame: the user payload, or None when it was a rekey (handled here)."""
+        return self.content(self.decrypt(frame))
+
+    def open_forward(self, frame: bytes) -> bytes | tuple[int, memoryview, int] | None:
+        """``open`` for a frame whose user data the relay forwards: a large user data that
+        ``forward_channel_user`` accepts comes as what it returns, anything else as
+        ``open`` returns it."""
+        plain = self.decrypt(frame)
+        # A smaller message cannot hold large user data unless much of it is zeros (which
+        # packing shrinks); such a one is read as any other.
+        if len(plain) > CARRY_MIN:
+            carried = forward_channel_user(plain)
+            if carried is not None:
+                return carried
+        return self.content(plain)
+
+    def decrypt(self, frame: bytes) -> bytes:
+        """The plaintext of one frame (a packed ChannelMessage), under the receiving key or
+        the one before it while a rekey settles."""
         if len(frame) < NONCE_LEN + TAG_LEN:
             raise ProtocolError("encrypted frame too short")
         nonce = frame[:NONCE_LEN]
@@ -220,6 +252,10 @@ class SecureChannel:
                     "frame failed to decrypt (bad nonce or tag)", CloseReason.DECRYPT_FAILED
                 )
             self._old_recv = None
+        return plain
+
+    def content(self, plain: bytes) -> bytes | None:
+        """The user data of a decrypted ChannelMessage, or None for a Rekey (handled here)."""
         content = decode_channel_message(plain)
         if isinstance(content, Rekey):
             self._on_rekey(content)

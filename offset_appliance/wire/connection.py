@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 import os
 from collections.abc import Callable
+from typing import Any, Literal, overload
 
 from nacl.signing import SigningKey
 
@@ -24,6 +25,10 @@ PROTOCOL_VERSION = 0
 VERSION_FRAME = frame_header(4) + PROTOCOL_VERSION.to_bytes(4, "big")
 
 _INF = float("inf")
+
+# A tunnel message as ``receive_data(..., forward=True)`` gives it to ``send_packed``: a packed
+# KaMessage, or a large one as (its length, the packed words it came in).
+Forwarded = bytes | tuple[int, memoryview]
 
 
 # The layout of ``Connection.export_state``; a restore refuses any other.
@@ -98,15 +103,30 @@ class Connection:
 
     # ---- input -------------------------------------------------------------------------
 
+    @overload
+    def receive_data(
+        self,
+        data: bytes,
+        now: float,
+        frame_budget: int | None = None,
+        forward: Literal[False] = False,
+    ) -> list[bytes]: ...
+
+    @overload
     def receive_data(
         self, data: bytes, now: float, frame_budget: int | None = None, forward: bool = False
-    ) -> list[bytes]:
+    ) -> list[Any]: ...
+
+    def receive_data(
+        self, data: bytes, now: float, frame_budget: int | None = None, forward: bool = False
+    ) -> list[Any]:
         """Feed received bytes; returns the relay messages they complete, in order.
 
-        With ``forward`` (a relay's tunnel), the messages come as packed KaMessages to pass
-        to another connection's ``send_packed``, checked as ``decode_ka_message`` checks
-        them but not decoded when they are in the usual layout; ``forwarded_bytes`` is then
-        the total of their payloads' lengths.
+        With ``forward`` (a relay's tunnel), the messages come as ``Forwarded`` items to
+        pass to another connection's ``send_packed``: packed KaMessages, checked as
+        ``decode_ka_message`` checks them but not decoded when they are in the usual layout,
+        and large ones still packed inside the ChannelMessage's packing; ``forwarded_bytes``
+        is then the total of their payloads' lengths.
 
         With ``frame_budget``, at most that many complete frames are processed; the rest
         are held (``backlog`` is then true) for the next call, which may pass no new bytes.
@@ -191,7 +211,7 @@ class Connection:
             keepalive.last_recv = now
         return messages
 
-    def _receive_forward(self, frames: list[bytes], now: float) -> list[bytes]:
+    def _receive_forward(self, frames: list[bytes], now: float) -> list[Forwarded]:
         # _receive_open, with the KaMessages checked and kept packed.
         self.forwarded_bytes = 0
         if not frames:
@@ -199,17 +219,23 @@ class Connection:
         channel = self._channel
         keepalive = self._keepalive
         assert channel is not None and keepalive is not None
-        messages = []
+        messages: list[Forwarded] = []
         size = 0
         heard = False
+        open_forward = channel.open_forward
         for frame in frames:
-            user = channel.open(frame)
+            user = open_forward(frame)
             if user is None:
                 self._next_rekey = now + self._rekey_interval
                 if channel.outbox:
                     self._flush_outbox(channel)
                 continue
             heard = True
+            if not isinstance(user, bytes):
+                # Large user data, carried as its packed words (forward_channel_user).
+                messages.append(user[:2])
+                size += user[2]
+                continue
             forwarded = forward_ka_message(user)
             if forwarded is not None:
                 messages.append(forwarded[0])
@@ -254,7 +280,7 @@ class Connection:
         self._out_size += HEADER_LEN + len(payload)
         self._keepalive.last_send = now  # type: ignore[union-attr]
 
-    def send_packed(self, messages: list[bytes], now: float) -> None:
+    def send_packed(self, messages: list[Forwarded], now: float) -> None:
         """Queue packed KaMessages (from another connection's ``receive_data(...,
         forward=True)``) for the peer, as they are."""
         channel = self._channel
@@ -265,7 +291,10 @@ class Connection:
         append = out.append
         size = 0
         for message in messages:
-            payload = seal(message)
+            if type(message) is tuple:
+                payload = channel.seal_carried(*message)
+            else:
+                payload = seal(message)  # type: ignore[arg-type]
             append(len(payload).to_bytes(HEADER_LEN, "big"))
             append(payload)
             size += HEADER_LEN + len(payload)

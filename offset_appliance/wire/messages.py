@@ -731,11 +731,11 @@ def _channel_header_lengths(header: bytes) -> tuple[int, int] | None:
     return lengths
 
 
-def _user_from_packed(data: bytes) -> bytes | None:
-    """The user data of a packed ChannelMessage in our layout, read from the packed bytes:
-    the header words compared with ours for the lengths they give, the padding skipped by
-    its run structure, the user body sliced out of its verbatim run (or unpacked alone).
-    None when the message is anything else (the general path then decides)."""
+def _channel_user_at(data: bytes) -> tuple[int, int, int] | None:
+    """For a packed ChannelMessage in our layout (``len(data) > 16``): where its packed
+    user words start, the user data's length and the unpacking steps taken before them,
+    the header words compared with ours for the lengths they give and the padding skipped
+    by its run structure. None when the message is anything else."""
     # Header: segment table, root, padding pointer, content pointer, tag, user pointer.
     at = 1 + _POP[data[0]]
     if data[at : at + 2] != _CHANNEL_ROOT_PACKED:
@@ -760,6 +760,18 @@ def _user_from_packed(data: bytes) -> bytes | None:
         if end < 0:
             return None
         steps += taken
+    return end, user_length, steps
+
+
+def _user_from_packed(data: bytes) -> bytes | None:
+    """The user data of a packed ChannelMessage in our layout, read from the packed bytes:
+    the user body sliced out of its verbatim run (or unpacked alone). None when the message
+    is anything else (the general path then decides)."""
+    found = _channel_user_at(data)
+    if found is None:
+        return None
+    end, user_length, steps = found
+    user_words = (user_length + 7) // 8
     if user_words == 0:
         return b"" if end == len(data) else None
     rest = len(data) - end
@@ -778,6 +790,95 @@ def _user_from_packed(data: bytes) -> bytes | None:
     if len(words) != 8 * user_words:
         return None
     return bytes(words[:user_length])
+
+
+# Forwarding a large message (the relay's tunnels): the ChannelMessage's user data is a
+# packed KaMessage, and the ChannelMessage packs those bytes in turn. When both are in our
+# layout, the packed user words are carried into the outgoing ChannelMessage as they came
+# (packed words concatenate, so only its header and padding are new), and the KaMessage is
+# checked by walking its packed items through the outer packing, without unpacking either.
+# Smaller user data (one verbatim run) is sliced out instead, which costs less.
+CARRY_MIN = _ONE_RUN + 1
+
+
+def forward_channel_user(data: bytes) -> tuple[int, memoryview, int] | None:
+    """For a ChannelMessage whose user data the relay forwards: ``(user data length, its
+    packed words, the KaMessage's payload length)`` when the message is in our layout, its
+    user data is larger than one verbatim run and is a KaMessage ``message`` that
+    ``forward_ka_message`` would send on as it came, and its last word's bytes beyond the
+    user data are zero. Then ``channel_user_prefix(padding, length) + words`` is the
+    ChannelMessage ``encode_channel_user(padding, user data)`` would write, packed as the
+    sender packed it. None for anything else (then ``decode_channel_message`` and
+    ``forward_ka_message`` decide), and this accepts nothing that they would refuse."""
+    if type(data) is not bytes or len(data) <= 16:
+        return None
+    found = _channel_user_at(data)
+    if found is None:
+        return None
+    start, length, steps = found
+    if length < CARRY_MIN:
+        return None
+    words = (length + 7) // 8
+    try:
+        # As _user_from_packed unpacks them, to check them only (the packed words are
+        # what goes on): a stretch of full runs is copied and two strided deletions.
+        user = unpack_bytearray(data, MAX_STEPS + len(data) // MAX_STEP_BYTES - steps, start)
+    except ProtocolError:
+        return None
+    if len(user) != 8 * words or any(user[length:]):
+        return None
+    # The KaMessage inside, as forward_ka_message checks it: its header (at most 23 bytes)
+    # exactly ours for its length, its body's packed items as many words as that length.
+    middle = 1 + _POP[user[0]]
+    last = middle + 5
+    if user[middle:last] != _KA_MIDDLE:
+        return None
+    header = bytes(user[: last + 1 + _POP[user[last]]])
+    payload_length = _KA_FORWARD_HEADERS.get(header)
+    if payload_length is None:
+        payload_length = _ka_forward_length(header)
+        if payload_length is None:
+            return None
+    body_words = (payload_length + 7) // 8
+    if 4 + body_words > default_max_words(length):
+        return None
+    try:
+        if packed_words(user, len(header), length) != body_words:
+            return None
+    except ProtocolError:
+        return None
+    return length, memoryview(data)[start:], payload_length
+
+
+def channel_user_prefix(padding: bytes, user_length: int) -> bytes:
+    """The packed start of ``encode_channel_user(padding, user)`` for user data of
+    ``user_length`` bytes: its header words and padding, all of it but the user words."""
+    padding_words = (len(padding) + 7) // 8
+    header = _HEADER_6.pack(
+        (5 + padding_words + (user_length + 7) // 8) << 32,
+        _CHANNEL_ROOT,
+        data_pointer(3, len(padding)),
+        _CHANNEL_CONTENT,
+        _CONTENT_USER,
+        data_pointer(padding_words, user_length),
+    )
+    return pack_message(header, (padding, b""), _packed_header(header))
+
+
+_CARRIED_PREFIXES: dict[tuple[int, int], bytes] = {}
+
+
+def channel_user_prefix_padded(padding_length: int, user_length: int) -> bytes:
+    """``channel_user_prefix`` with this process's padding of ``padding_length`` bytes (as
+    ``encode_channel_user_padded`` uses), made once per pair of lengths."""
+    key = (padding_length, user_length)
+    prefix = _CARRIED_PREFIXES.get(key)
+    if prefix is None:
+        prefix = channel_user_prefix(_PADDINGS[padding_length], user_length)
+        if len(_CARRIED_PREFIXES) >= _PADDED_PREFIXES_LIMIT:
+            _CARRIED_PREFIXES.clear()
+        _CARRIED_PREFIXES[key] = prefix
+    return prefix
 
 
 def decode_channel_message(data: bytes) -> bytes | Rekey:
