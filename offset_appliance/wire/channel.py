@@ -18,11 +18,11 @@ from nacl.signing import SigningKey, VerifyKey
 
 from ..errors import CloseReason, ProtocolError
 from .messages import (
-    CARRY_MIN,
     RAND_NONCE_LEN,
     SALT_LEN,
     ExchangeDh,
     ExchangeRandNonce,
+    Forwarded,
     Rekey,
     channel_user_prefix,
     channel_user_prefix_padded,
@@ -30,7 +30,8 @@ from .messages import (
     encode_channel_rekey,
     encode_channel_user,
     encode_channel_user_padded,
-    forward_channel_user,
+    forward_channel_message,
+    forward_ka_message,
 )
 
 NONCE_LEN = 12
@@ -223,18 +224,35 @@ class SecureChannel:
         """Decrypt one frame: the user payload, or None when it was a rekey (handled here)."""
         return self.content(self.decrypt(frame))
 
-    def open_forward(self, frame: bytes) -> bytes | tuple[int, memoryview, int] | None:
-        """``open`` for a frame whose user data the relay forwards: a large user data that
-        ``forward_channel_user`` accepts comes as what it returns, anything else as
-        ``open`` returns it."""
-        plain = self.decrypt(frame)
-        # A smaller message cannot hold large user data unless much of it is zeros (which
-        # packing shrinks); such a one is read as any other.
-        if len(plain) > CARRY_MIN:
-            carried = forward_channel_user(plain)
-            if carried is not None:
-                return carried
-        return self.content(plain)
+    def open_forward(self, frame: bytes) -> tuple[Forwarded | None, int] | None:
+        """``open`` for a frame whose KaMessage the relay forwards: None when it was a
+        rekey (handled here), else ``(what Connection.send_packed takes, its payload's
+        length)``, with None and 0 for a keepalive. A ChannelMessage and KaMessage in our
+        layout are checked in place and forwarded as they came (``forward_channel_message``),
+        anything else decoded first; whatever ``open`` and ``forward_ka_message`` refuse
+        raises the same error."""
+        recv = self._recv
+        if (
+            self._old_recv is None
+            and len(frame) >= NONCE_LEN + TAG_LEN
+            and frame[:NONCE_LEN] == recv.counter.to_bytes(NONCE_LEN, "little")
+        ):
+            # The usual frame, as decrypt takes it (no rekey settling), in one call.
+            plain = _decrypt(frame, frame[:NONCE_LEN], recv.key)
+            if plain is not None:
+                recv.counter += 1
+            else:
+                plain = self.decrypt(frame)  # raises what it raises
+        else:
+            plain = self.decrypt(frame)
+        forwarded = forward_channel_message(plain)
+        if forwarded is not None:
+            return forwarded
+        user = self.content(plain)
+        if user is None:
+            return None
+        forwarded = forward_ka_message(user)
+        return (None, 0) if forwarded is None else forwarded
 
     def decrypt(self, frame: bytes) -> bytes:
         """The plaintext of one frame (a packed ChannelMessage), under the receiving key or

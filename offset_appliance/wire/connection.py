@@ -19,16 +19,12 @@ from .channel import Handshake, SecureChannel
 from .frames import HEADER_LEN, SETUP_FRAMES, FrameDecoder, frame_header
 from .keepalive import Keepalive
 from .messages import KEEPALIVE as KEEPALIVE_MESSAGE
-from .messages import decode_ka_message, encode_ka_message, forward_ka_message
+from .messages import Forwarded, decode_ka_message, encode_ka_message
 
 PROTOCOL_VERSION = 0
 VERSION_FRAME = frame_header(4) + PROTOCOL_VERSION.to_bytes(4, "big")
 
 _INF = float("inf")
-
-# A tunnel message as ``receive_data(..., forward=True)`` gives it to ``send_packed``: a packed
-# KaMessage, or a large one as (its length, the packed words it came in).
-Forwarded = bytes | tuple[int, memoryview]
 
 
 # The layout of ``Connection.export_state``; a restore refuses any other.
@@ -223,23 +219,19 @@ class Connection:
         size = 0
         heard = False
         open_forward = channel.open_forward
+        append = messages.append
         for frame in frames:
-            user = open_forward(frame)
-            if user is None:
+            opened = open_forward(frame)
+            if opened is None:
                 self._next_rekey = now + self._rekey_interval
                 if channel.outbox:
                     self._flush_outbox(channel)
                 continue
             heard = True
-            if not isinstance(user, bytes):
-                # Large user data, carried as its packed words (forward_channel_user).
-                messages.append(user[:2])
-                size += user[2]
-                continue
-            forwarded = forward_ka_message(user)
-            if forwarded is not None:
-                messages.append(forwarded[0])
-                size += forwarded[1]
+            message, length = opened
+            if message is not None:
+                append(message)
+                size += length
         if heard:
             keepalive.last_recv = now
         self.forwarded_bytes = size

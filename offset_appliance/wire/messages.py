@@ -799,9 +799,14 @@ def _user_from_packed(data: bytes) -> bytes | None:
 # checked by walking its packed items through the outer packing, without unpacking either.
 # Smaller user data (one verbatim run) is sliced out instead, which costs less.
 CARRY_MIN = _ONE_RUN + 1
+# (user data length, its packed words, the KaMessage's payload length)
+_Carried = tuple[int, memoryview, int]
+# A tunnel message as the relay forwards it (``Connection.send_packed``): a packed KaMessage,
+# or large user data as (its length, the packed words it came in).
+Forwarded = bytes | tuple[int, memoryview]
 
 
-def forward_channel_user(data: bytes) -> tuple[int, memoryview, int] | None:
+def forward_channel_user(data: bytes) -> _Carried | None:
     """For a ChannelMessage whose user data the relay forwards: ``(user data length, its
     packed words, the KaMessage's payload length)`` when the message is in our layout, its
     user data is larger than one verbatim run and is a KaMessage ``message`` that
@@ -813,11 +818,13 @@ def forward_channel_user(data: bytes) -> tuple[int, memoryview, int] | None:
     if type(data) is not bytes or len(data) <= 16:
         return None
     found = _channel_user_at(data)
-    if found is None:
+    if found is None or found[1] < CARRY_MIN:
         return None
-    start, length, steps = found
-    if length < CARRY_MIN:
-        return None
+    return _carried(data, *found)
+
+
+def _carried(data: bytes, start: int, length: int, steps: int) -> _Carried | None:
+    # forward_channel_user, after the ChannelMessage's header and padding.
     words = (length + 7) // 8
     try:
         # As _user_from_packed unpacks them, to check them only (the packed words are
@@ -848,6 +855,42 @@ def forward_channel_user(data: bytes) -> tuple[int, memoryview, int] | None:
     except ProtocolError:
         return None
     return length, memoryview(data)[start:], payload_length
+
+
+def forward_channel_message(data: bytes) -> tuple[Forwarded | None, int] | None:
+    """The relay's tunnel path for a decrypted ChannelMessage in our layout carrying user
+    data: ``(what send_packed takes, payload length)``, with None and 0 for a keepalive;
+    large user data as ``forward_channel_user`` carries it, smaller as ``forward_ka_message``
+    forwards it (raising what it raises). None when the message is anything else (a Rekey,
+    another layout): ``decode_channel_message`` then reads it."""
+    if type(data) is not bytes or len(data) <= 16:
+        return None
+    found = _channel_user_at(data)
+    if found is None:
+        return None
+    end, length, steps = found
+    if length >= CARRY_MIN:
+        carried = _carried(data, end, length, steps)
+        if carried is None:
+            return None
+        return carried[:2], carried[2]
+    # The user data of one verbatim run (as _user_from_packed reads it), or none.
+    rest = len(data) - end
+    if length == 0:
+        if rest:
+            return None
+        user = b""
+    elif rest > 9 and data[end] == 0xFF and rest == 10 + 8 * data[end + 9]:
+        if data[end + 9] + 1 != (length + 7) // 8:
+            return None
+        if length <= 8:
+            user = data[end + 1 : end + 1 + length]
+        else:
+            user = data[end + 1 : end + 9] + data[end + 10 : end + 2 + length]
+    else:
+        return None
+    forwarded = forward_ka_message(user)
+    return (None, 0) if forwarded is None else forwarded
 
 
 def channel_user_prefix(padding: bytes, user_length: int) -> bytes:
