@@ -254,7 +254,10 @@ def _serve(args: argparse.Namespace) -> int:
     config = _load(args)
     setup_logging(config.log_level)
     identity = _identity(config)
+    from ..allocator import tune
     from ..relay.server import BindError, run
+
+    tune()
 
     def reload_config() -> Config:
         config = _load(args)
