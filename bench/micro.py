@@ -31,6 +31,7 @@ from offset_appliance.wire.messages import (
     decode_ka_message,
     encode_channel_user,
     encode_ka_message,
+    forward_channel_message,
     forward_ka_message,
 )
 
@@ -119,6 +120,10 @@ def layers(size: int) -> list[tuple[str, float]]:
         ("codec: decode_ka_message", lambda: decode_ka_message(ka)),
         ("codec: encode_ka_message", lambda: encode_ka_message(payload)),
         ("codec: forward_ka_message (check, keep packed)", lambda: forward_ka_message(ka)),
+        (
+            "codec: forward_channel_message (both checks, kept packed)",
+            lambda: forward_channel_message(plain),
+        ),
         ("codec: encode_channel_user", lambda: encode_channel_user(pad, ka)),
         ("channel: PaddingSource()", padding),
         ("channel: SecureChannel.seal (padding, encode, encrypt)", lambda: sealer.seal(ka)),
@@ -143,7 +148,7 @@ def layers(size: int) -> list[tuple[str, float]]:
     sending = results[-3][1]
     results[-2] = (results[-2][0], results[-2][1] - sending)
     results[-1] = (results[-1][0], results[-1][1] - sending)
-    results.insert(8, ("channel: SecureChannel.open (decrypt, decode)", _open_cost(ka)))
+    results.insert(9, ("channel: SecureChannel.open (decrypt, decode)", _open_cost(ka)))
     return results
 
 

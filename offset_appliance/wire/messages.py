@@ -17,6 +17,7 @@ from typing import Self, TypeVar
 
 from ..errors import ProtocolError
 from .capnp import (
+    MAX_EXPANSION_WORDS,
     MAX_STEP_BYTES,
     MAX_STEPS,
     MessageBuilder,
@@ -862,9 +863,69 @@ def forward_channel_message(data: bytes) -> tuple[Forwarded | None, int] | None:
     data: ``(what send_packed takes, payload length)``, with None and 0 for a keepalive;
     large user data as ``forward_channel_user`` carries it, smaller as ``forward_ka_message``
     forwards it (raising what it raises). None when the message is anything else (a Rekey,
-    another layout): ``decode_channel_message`` then reads it."""
+    another layout): ``decode_channel_message`` then reads it.
+
+    The usual small message (padding and user data each one verbatim run, the KaMessage's
+    body one run) is read here without another call: the same steps as
+    ``_channel_user_at``, ``_user_from_packed`` and ``forward_ka_message``, one after the
+    other."""
     if type(data) is not bytes or len(data) <= 16:
         return None
+    pop = _POP
+    size = len(data)
+    # The ChannelMessage's header words, as _channel_user_at reads them.
+    at = 1 + pop[data[0]]
+    if data[at : at + 2] != _CHANNEL_ROOT_PACKED:
+        return None
+    at += 3 + pop[data[at + 2]]
+    if data[at : at + 5] != _CHANNEL_MIDDLE or at + 5 >= size:
+        return None
+    end = at + 6 + pop[data[at + 5]]
+    lengths = _CHANNEL_HEADERS.get(data[:end])
+    if lengths is None:
+        return _forward_channel_general(data)
+    padding_length, length = lengths
+    padding_words = (padding_length + 7) // 8
+    words = (length + 7) // 8
+    if not 0 < length < CARRY_MIN or 6 + padding_words + words > MAX_EXPANSION_WORDS:
+        return _forward_channel_general(data)
+    if padding_words:
+        # The padding: one verbatim run, else skipped by the general walk.
+        if end + 9 < size and data[end] == 0xFF and data[end + 9] + 1 == padding_words:
+            end += 2 + 8 * padding_words
+        else:
+            return _forward_channel_general(data)
+    # The user data: one verbatim run.
+    rest = size - end
+    if not (rest > 9 and data[end] == 0xFF and rest == 10 + 8 * data[end + 9]):
+        return _forward_channel_general(data)
+    if data[end + 9] + 1 != words:
+        return None
+    if length <= 8:
+        user = data[end + 1 : end + 1 + length]
+    else:
+        user = data[end + 1 : end + 9] + data[end + 10 : end + 2 + length]
+    # The KaMessage, as forward_ka_message's first test (a body of one run).
+    middle = 1 + pop[user[0]]
+    last = middle + 5
+    if user[middle:last] == _KA_MIDDLE and last < length:
+        header_end = last + 1 + pop[user[last]]
+        payload_length = _KA_FORWARD_HEADERS.get(user[:header_end])
+        if payload_length is not None:
+            rest = length - header_end
+            if (
+                rest > 9
+                and user[header_end] == 0xFF
+                and user[header_end + 9] + 1 == (payload_length + 7) // 8
+                and rest == 10 + 8 * user[header_end + 9]
+            ):
+                return user, payload_length
+    forwarded = forward_ka_message(user)
+    return (None, 0) if forwarded is None else forwarded
+
+
+def _forward_channel_general(data: bytes) -> tuple[Forwarded | None, int] | None:
+    # forward_channel_message through the general helpers.
     found = _channel_user_at(data)
     if found is None:
         return None
@@ -874,20 +935,8 @@ def forward_channel_message(data: bytes) -> tuple[Forwarded | None, int] | None:
         if carried is None:
             return None
         return carried[:2], carried[2]
-    # The user data of one verbatim run (as _user_from_packed reads it), or none.
-    rest = len(data) - end
-    if length == 0:
-        if rest:
-            return None
-        user = b""
-    elif rest > 9 and data[end] == 0xFF and rest == 10 + 8 * data[end + 9]:
-        if data[end + 9] + 1 != (length + 7) // 8:
-            return None
-        if length <= 8:
-            user = data[end + 1 : end + 1 + length]
-        else:
-            user = data[end + 1 : end + 9] + data[end + 10 : end + 2 + length]
-    else:
+    user = _user_from_packed(data)
+    if user is None:
         return None
     forwarded = forward_ka_message(user)
     return (None, 0) if forwarded is None else forwarded
