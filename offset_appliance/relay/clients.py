@@ -51,6 +51,7 @@ class Client:
         "bytes_out",
         "role",
         "served_in",
+        "ready",
         "meter",
     )
 
@@ -79,5 +80,6 @@ class Client:
         self.bytes_out = 0
         self.role = ""
         self.served_in = 0  # the turn of the loop it was last served in
+        self.ready = 0  # its selector events while it waits in the loop's queue (0: not queued)
         # What it is charged to, while bandwidth limits or budgets are on.
         self.meter: Meter | None = None

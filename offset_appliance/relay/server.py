@@ -14,6 +14,8 @@ import dataclasses
 import heapq
 import itertools
 import logging
+import math
+import select
 import selectors
 import signal
 import socket
@@ -77,6 +79,11 @@ _ROLE_NAMES = {
 # turns.
 TURN_BUDGET = 0.02
 FRAME_BUDGET = 64
+# A turn that starts with connections left over from the last one asks the selector for at
+# most twice as many events as the last turn served, and at least this many.
+EVENTS_BEHIND = 256
+# The serving queue drops its served head once that is this long and half of it.
+QUEUE_COMPACT = 4096
 # The settings a running relay cannot change: they take a restart.
 RESTART_ONLY = ("listen", "identity_file", "metrics")
 # A changed value longer than this is shortened in the reload's log line.
@@ -101,7 +108,7 @@ class RelayServer:
         self.public_key = bytes(identity.verify_key)
         self.clock = clock
         self._reload_config = reload_config
-        self.selector = selectors.DefaultSelector()
+        self.selector = LoopSelector()
         self.listen_sockets: list[socket.socket] = []
         self.clients: dict[int, Client] = {}
         self.stats = Stats()
@@ -153,6 +160,11 @@ class RelayServer:
         self._work_clock = time.perf_counter
         self._turn = 0  # turns so far; each client remembers the last one it was served in
         self._backlog: dict[int, Client] = {}  # clients holding frames beyond their budget
+        # Connections to serve, in order, from ``_queue_at`` on: what a turn's budget left
+        # unserved stays there for the next turn (each client once: ``Client.ready``).
+        self._queue: list[tuple[int, int, Client]] = []
+        self._queue_at = 0
+        self._served = 0  # connections the last turn served
         self._deferred = False  # the last turn ran out of budget before serving everyone
         self._next_status = 0.0
         self._next_status_log = 0.0
@@ -297,26 +309,33 @@ class RelayServer:
         actions = self.core.actions
         now = self.clock()
         backlog = self._backlog
+        queue = self._queue
+        behind = self._queue_at < len(queue)
         if (
             self.output.dirty
             or actions
-            or self._deferred
+            or behind
             or any(not client.paused for client in backlog.values())
         ):
             wait = 0.0
         else:
             wait = max(0.0, min(self._next_deadline(), now + timeout) - now)
         clients = self.clients
-        events = self.selector.select(wait)
+        # Behind (connections left over from the last turn), look at a bounded number of new
+        # events: a loop that asked for every ready socket at every turn would spend more
+        # on the asking than on the serving once most of its connections are waiting.
+        events = self.selector.ready(wait, max(EVENTS_BEHIND, 2 * self._served) if behind else 0)
         self._turn += 1
-        # The wake-up pipe and /metrics first, then the connections, those that waited
-        # longest first, then the listening sockets (each bounded on its own).
-        ready: list[tuple[int, int, Client, int]] = []
+        # The wake-up pipe and /metrics first, then the connections: those left over from
+        # the last turn first, then the new ones, those that waited longest first, then the
+        # listening sockets (each bounded on its own).
+        fresh: list[tuple[int, int, Client]] = []
         acceptable: list[socket.socket] = []
-        for key, mask in events:
-            obj = key.data
+        for obj, mask in events:
             if type(obj) is Client:
-                ready.append((obj.served_in, obj.id, obj, mask))
+                if not obj.ready:
+                    fresh.append((obj.served_in, obj.id, obj))
+                obj.ready |= mask
             elif obj is self._wakeup_r:
                 self._drain_wakeup()
             elif isinstance(obj, socket.socket):
@@ -326,29 +345,49 @@ class RelayServer:
             if actions:
                 self._drain()
         if backlog:
-            listed = {item[1] for item in ready}
             for cid, client in backlog.items():
-                if cid not in listed and not client.paused:
-                    ready.append((client.served_in, cid, client, selectors.EVENT_READ))
-        if len(ready) > 1:
-            ready.sort()
+                if not client.ready and not client.paused:
+                    fresh.append((client.served_in, cid, client))
+                    client.ready = selectors.EVENT_READ
+        if fresh:
+            if len(fresh) > 1:
+                fresh.sort()
+            queue.extend(fresh)
         work_clock = self._work_clock
         budget_end = work_clock() + TURN_BUDGET
         turn = self._turn
-        self._deferred = False
-        for index, (_, cid, client, mask) in enumerate(ready):
-            if index and work_clock() >= budget_end:
+        output = self.output
+        at = self._queue_at
+        end = len(queue)
+        served = 0
+        while at < end:
+            if served and work_clock() >= budget_end:
                 # The rest are still readable (or hold a backlog): they come first next turn.
-                self._deferred = True
                 self._feed_watchdog()
                 break
+            client = queue[at][2]
+            at += 1
+            mask = client.ready
+            client.ready = 0
+            if clients.get(client.id) is not client:
+                continue  # closed since it was queued
+            served += 1
             client.served_in = turn
             if mask & selectors.EVENT_WRITE:
-                self.output.write(client)
-            if mask & selectors.EVENT_READ and cid in clients:
+                output.write(client)
+            if mask & selectors.EVENT_READ and not client.paused and client.id in clients:
                 self._on_readable(client)
             if actions:
                 self._drain()
+        if at >= end:
+            queue.clear()
+            at = 0
+        elif at >= QUEUE_COMPACT and 2 * at >= end:
+            del queue[:at]
+            at = 0
+        self._queue_at = at
+        self._deferred = bool(queue)
+        self._served = served
         # Accepting last: at the handshake limit a new connection evicts the oldest handshake,
         # which must not be one whose frames wait unread because the loop was busy (its peer
         # may already count it open). So the handshakes that sent something are served
@@ -894,6 +933,41 @@ def _shown(value: object) -> str:
     else:
         text = str(value)
     return text if len(text) <= CHANGE_SHOWN else text[: CHANGE_SHOWN - 3] + "..."
+
+
+class LoopSelector(selectors.EpollSelector):
+    """The epoll selector, with ``ready`` for the loop: at most ``max_events`` events, as
+    (data, events) pairs, without the general ``select``'s method call per event.
+
+    A bounded call still reaches every ready socket in turn: epoll hands level-triggered
+    events out from the front of its ready list and puts those it returned at the back.
+    """
+
+    def ready(self, timeout: float, max_events: int = 0) -> list[tuple[object, int]]:
+        """The ready sockets' data and events, waiting at most ``timeout`` seconds (at most
+        ``max_events`` of them; 0: all)."""
+        # As ``select``: whole milliseconds, rounded up, so the wait is not cut short.
+        timeout = 0.0 if timeout <= 0 else math.ceil(timeout * 1e3) * 1e-3
+        fd_to_key = self._fd_to_key
+        try:
+            polled = self._selector.poll(timeout, max_events or max(len(fd_to_key), 1))
+        except InterruptedError:
+            return []
+        found = []
+        append = found.append
+        get = fd_to_key.get
+        for fd, event in polled:
+            key = get(fd)
+            if key is not None:
+                mask = (_WRITE if event & _NOT_IN else 0) | (_READ if event & _NOT_OUT else 0)
+                append((key.data, mask & key.events))
+        return found
+
+
+_READ = selectors.EVENT_READ
+_WRITE = selectors.EVENT_WRITE
+_NOT_IN = ~select.EPOLLIN
+_NOT_OUT = ~select.EPOLLOUT
 
 
 class BindError(OSError):

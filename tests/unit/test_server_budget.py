@@ -201,3 +201,51 @@ def test_a_full_handshake_table_does_not_evict_a_handshake_whose_frames_wait_unr
         assert len(server.clients) == 3  # the third is admitted, its handshake under way
     finally:
         third.close()
+
+
+class _CountingPoll:
+    """The selector's epoll object, recording how many events each poll returned."""
+
+    def __init__(self, epoll) -> None:
+        self._epoll = epoll
+        self.returned: list[int] = []
+
+    def poll(self, *args):
+        events = self._epoll.poll(*args)
+        self.returned.append(len(events))
+        return events
+
+    def __getattr__(self, name):
+        return getattr(self._epoll, name)
+
+
+def test_a_turn_left_behind_asks_for_few_events_and_serves_the_leftovers_in_order(
+    rigs, monkeypatch
+):
+    # With most connections waiting, a turn that asked the selector for every ready socket
+    # spent more on the asking (and sorting) than on serving; a turn that starts behind
+    # takes a bounded number of new events and serves what the last turn left, in order.
+    rig = rigs()
+    nodes = [rig.listener() for _ in range(8)]
+    server = rig.server
+    monkeypatch.setattr(server_module, "TURN_BUDGET", 0.0)  # one connection a turn
+    monkeypatch.setattr(server_module, "EVENTS_BEHIND", 2, raising=False)
+    for node in nodes:
+        node.send(b"x" * 10)  # not a valid RejectConnection: the listener is closed for it
+        node.pump()
+    clients = [rig.client_of(node) for node in nodes]
+    for client in clients:
+        _wait_readable(client.sock)
+    for age, client in enumerate(reversed(clients)):
+        client.served_in = age
+    counting = _CountingPoll(server.selector._selector)
+    monkeypatch.setattr(server.selector, "_selector", counting)
+    served_order = []
+    for _ in range(8):
+        server.step(0)
+        served_order += [
+            c.id for c in clients if c.id not in server.clients and c.id not in served_order
+        ]
+    assert served_order == [c.id for c in reversed(clients)]
+    assert counting.returned[0] == 8
+    assert max(counting.returned[1:]) <= 2, counting.returned
