@@ -87,6 +87,18 @@ class Output:
         except OSError as exc:
             self._close(client, CloseReason.RESET, f"send failed: {exc.strerror}")
             return
+        if sent == client.out_size:
+            # All of it (the usual case): nothing to walk.
+            out.clear()
+            client.out_size = 0
+            if client.events & selectors.EVENT_WRITE:
+                self.want_write(client, False)
+            if client.closing:
+                assert client.close_reason is not None
+                self._close(client, client.close_reason, "flushed")
+                return
+            self.balance(client)
+            return
         if sent:
             client.out_size -= sent
             # Drop whole chunks sent, keep the unsent tail of a partly sent one.
