@@ -21,6 +21,7 @@ import signal
 import socket
 import time
 from collections.abc import Callable
+from typing import Any
 
 from nacl.signing import SigningKey
 
@@ -948,17 +949,20 @@ class LoopSelector(selectors.EpollSelector):
     events out from the front of its ready list and puts those it returned at the back.
     """
 
-    def ready(self, timeout: float, max_events: int = 0) -> list[tuple[object, int]]:
+    def ready(self, timeout: float, max_events: int = 0) -> list[tuple[Any, int]]:
         """The ready sockets' data and events, waiting at most ``timeout`` seconds (at most
         ``max_events`` of them; 0: all)."""
         # As ``select``: whole milliseconds, rounded up, so the wait is not cut short.
         timeout = 0.0 if timeout <= 0 else math.ceil(timeout * 1e3) * 1e-3
-        fd_to_key = self._fd_to_key
+        # The selector's own map and epoll object (CPython's EpollSelector, 3.4 on; the
+        # type stubs leave them out).
+        fd_to_key: dict[int, selectors.SelectorKey] = self._fd_to_key  # type: ignore[attr-defined]
+        epoll: select.epoll = self._selector  # type: ignore[attr-defined]
         try:
-            polled = self._selector.poll(timeout, max_events or max(len(fd_to_key), 1))
+            polled = epoll.poll(timeout, max_events or max(len(fd_to_key), 1))
         except InterruptedError:
             return []
-        found = []
+        found: list[tuple[Any, int]] = []
         append = found.append
         get = fd_to_key.get
         for fd, event in polled:
