@@ -9,6 +9,7 @@ import re
 import struct
 import threading
 import time
+import urllib.error
 import urllib.request
 
 from offset_appliance.probe import HEALTHY, probe
@@ -76,12 +77,23 @@ def open_connections(values: dict[str, float]) -> float:
     return sum(v for k, v in values.items() if k.startswith("offset_relay_connections{"))
 
 
-def wait_metrics(relay, done, timeout: float, what: str) -> dict[str, float]:
+def wait_metrics(
+    relay, done, timeout: float, what: str, shed_scrapes: bool = False
+) -> dict[str, float]:
     """Scrape until ``done(values)``: the relay counts a close a moment after the client sees
-    it. The timeout is a liveness bound, not a speed requirement."""
+    it. The timeout is a liveness bound, not a speed requirement. ``shed_scrapes``: a relay
+    still out of file descriptors rightly sheds the scrape's own connection (reset or closed
+    unanswered) until it has processed the closes that free them; such a scrape is retried,
+    and a scrape that answers is still needed before the timeout."""
     deadline = time.monotonic() + timeout
     while True:
-        values = scrape(relay)
+        try:
+            values = scrape(relay)
+        except (ConnectionError, urllib.error.URLError):
+            if not shed_scrapes or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+            continue
         if done(values):
             return values
         if time.monotonic() > deadline:
