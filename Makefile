@@ -36,9 +36,11 @@ run: $(VENV)/.stamp-run
 deps:
 	sh tools/install-deps
 
-# Everything: the lint, then every test (integration, reliability and, as root, deploy).
+# Everything: the lint, then every test (integration, reliability and, as root, deploy), on
+# two workers: the deployment tests (booted hosts, mostly waiting on them) on one, in their
+# order, the rest of the suite beside them, a module at a time (tests/conftest.py).
 test: deps lint
-	$(BIN)/pytest -q --durations=20
+	$(BIN)/pytest -q --durations=20 -n 2 --dist loadscope
 
 # The developer's fast loop: lint, types and the unit tests, without root or apt, in well
 # under a minute.
