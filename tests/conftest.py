@@ -11,9 +11,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 DEPLOY = "tests/deploy/"
 
 
+# Optional: a run without xdist (``-p no:xdist``, or a single test) has no such hook.
+@pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config: Any, log: Any) -> Any:
     if config.getvalue("dist") != "loadscope":
         return None
