@@ -7,14 +7,9 @@ import hmac
 import os
 from collections.abc import Callable
 
-import nacl.exceptions
 from nacl._sodium import ffi as _ffi
 from nacl._sodium import lib as _lib
-from nacl.bindings import (
-    crypto_scalarmult,
-    crypto_scalarmult_base,
-)
-from nacl.signing import SigningKey, VerifyKey
+from nacl.signing import SigningKey
 
 from ..errors import CloseReason, ProtocolError
 from .messages import (
@@ -81,13 +76,59 @@ def _decrypt(frame: bytes, nonce: bytes, key: bytes) -> bytes | None:
     return _buffer(out, size)[:]
 
 
+# The handshake's X25519 and Ed25519 calls, straight through the same binding for the same
+# reason: nacl.bindings' wrappers and PyNaCl's key objects cost about as much again as the
+# curve arithmetic. Every argument is bytes of the right length where these are called
+# (the decoders check the lengths of keys and signatures).
+_scalarmult = _lib.crypto_scalarmult
+_scalarmult_base = _lib.crypto_scalarmult_base
+_sign = _lib.crypto_sign
+_sign_open = _lib.crypto_sign_open
+_ZERO_KEY = bytes(32)
+
+
+def _x25519(private: bytes, public: bytes) -> bytes | None:
+    """The X25519 shared secret, or None when libsodium refuses the point (all-zero result)."""
+    if len(private) != 32 or len(public) != 32:
+        return None
+    out = _alloc("unsigned char[]", 32)
+    if _scalarmult(out, private, public) != 0:
+        return None
+    return _buffer(out, 32)[:]
+
+
+def _x25519_base(private: bytes) -> bytes:
+    out = _alloc("unsigned char[]", 32)
+    if _scalarmult_base(out, private) != 0:
+        raise RuntimeError("X25519 of the base point failed")  # libsodium never does this
+    return _buffer(out, 32)[:]
+
+
+def sign_detached(secret_key: bytes, message: bytes) -> bytes:
+    """The Ed25519 signature of ``message`` by a 64-byte libsodium secret key."""
+    # The binding has crypto_sign (signature then message) but not its detached form.
+    out = _alloc("unsigned char[]", 64 + len(message))
+    _sign(out, _NULL, message, len(message), secret_key)
+    return _buffer(out, 64)[:]
+
+
+def verify_detached(public_key: bytes, message: bytes, signature: bytes) -> bool:
+    """Whether ``signature`` (64 bytes) is ``public_key``'s (32 bytes) over ``message``: the
+    check PyNaCl's ``VerifyKey.verify`` makes, through the same ``crypto_sign_open``."""
+    if len(public_key) != 32 or len(signature) != 64:
+        return False
+    out = _alloc("unsigned char[]", max(len(message), 1))
+    return _sign_open(out, _NULL, signature + message, 64 + len(message), public_key) == 0
+
+
 def derive_keys(dh_private: bytes, peer_dh_public: bytes, own_salt: bytes, peer_salt: bytes):
     """(send_key, recv_key) from an X25519 exchange; refuses low-order peer points."""
-    try:
-        shared = crypto_scalarmult(dh_private, peer_dh_public)
-    except (nacl.exceptions.CryptoError, ValueError, TypeError) as exc:
-        raise ProtocolError("invalid Diffie-Hellman public key", CloseReason.BAD_DH_KEY) from exc
-    if shared == bytes(32):
+    if not (isinstance(dh_private, bytes) and isinstance(peer_dh_public, bytes)):
+        raise ProtocolError("invalid Diffie-Hellman public key", CloseReason.BAD_DH_KEY)
+    shared = _x25519(dh_private, peer_dh_public)
+    if shared is None:
+        raise ProtocolError("invalid Diffie-Hellman public key", CloseReason.BAD_DH_KEY)
+    if shared == _ZERO_KEY:
         raise ProtocolError("low-order Diffie-Hellman public key", CloseReason.BAD_DH_KEY)
     return hkdf_sha512_256(own_salt, shared), hkdf_sha512_256(peer_salt, shared)
 
@@ -95,7 +136,7 @@ def derive_keys(dh_private: bytes, peer_dh_public: bytes, own_salt: bytes, peer_
 def _new_dh(random: Random) -> tuple[bytes, bytes, bytes]:
     """A fresh X25519 key pair and salt: (private, public, salt)."""
     private = random(32)
-    return private, crypto_scalarmult_base(private), random(SALT_LEN)
+    return private, _x25519_base(private), random(SALT_LEN)
 
 
 class PaddingSource:
@@ -367,6 +408,7 @@ class Handshake:
 
     __slots__ = (
         "_identity",
+        "_secret_key",
         "_public_key",
         "_expected_peer",
         "_random",
@@ -384,6 +426,8 @@ class Handshake:
         random: Random = os.urandom,
     ) -> None:
         self._identity = identity
+        # The 64-byte libsodium secret key (seed and public key) that signs our ExchangeDh.
+        self._secret_key = identity._signing_key
         self._public_key = bytes(identity.verify_key)
         self._expected_peer = expected_peer
         self._random = random
@@ -414,7 +458,7 @@ class Handshake:
                 )
             self.peer_public_key = peer.src_public_key
             private, public, salt = self._dh = _new_dh(self._random)
-            signature = self._identity.sign(public + peer.rand_nonce + salt).signature
+            signature = sign_detached(self._secret_key, public + peer.rand_nonce + salt)
             self._state = _HandshakeState.AWAIT_DH
             return ExchangeDh(public, peer.rand_nonce, salt, signature).encode()
         if self._state is _HandshakeState.AWAIT_DH:
@@ -424,12 +468,10 @@ class Handshake:
                     "peer echoed the wrong handshake nonce", CloseReason.WRONG_NONCE
                 )
             assert self.peer_public_key is not None and self._dh is not None
-            try:
-                VerifyKey(self.peer_public_key).verify(
-                    dh.dh_public_key + dh.rand_nonce + dh.key_salt, dh.signature
-                )
-            except (nacl.exceptions.CryptoError, ValueError, TypeError) as exc:
-                raise ProtocolError("bad handshake signature", CloseReason.BAD_SIGNATURE) from exc
+            if not verify_detached(
+                self.peer_public_key, dh.dh_public_key + dh.rand_nonce + dh.key_salt, dh.signature
+            ):
+                raise ProtocolError("bad handshake signature", CloseReason.BAD_SIGNATURE)
             private, _public, salt = self._dh
             send_key, recv_key = derive_keys(private, dh.dh_public_key, salt, dh.key_salt)
             self._dh = None
