@@ -20,6 +20,7 @@ from .capnp import (
     MAX_EXPANSION_WORDS,
     MAX_STEP_BYTES,
     MAX_STEPS,
+    WORD,
     MessageBuilder,
     StructReader,
     data_pointer,
@@ -129,6 +130,12 @@ class ExchangeRandNonce:
     @classmethod
     def decode(cls, data: bytes) -> Self:
         """Parse a packed encoding; raises ProtocolError if it is malformed."""
+        fields = _RAND_NONCE_FIXED.decode_packed(data)
+        if fields is not None:
+            return cls(fields[0], fields[1], None)
+        fields = _RAND_NONCE_DEST_FIXED.decode_packed(data)
+        if fields is not None:
+            return cls(*fields)
         words = _unpack_for_fixed(data)
         if words is not None:
             fields = _RAND_NONCE_FIXED.decode(words)
@@ -137,6 +144,11 @@ class ExchangeRandNonce:
             fields = _RAND_NONCE_DEST_FIXED.decode(words)
             if fields is not None:
                 return cls(*fields)
+        return cls.decode_general(data)
+
+    @classmethod
+    def decode_general(cls, data: bytes) -> Self:
+        """``decode`` through the general reader alone (what the fixed layouts must match)."""
         root = _root(data)
         rand_nonce = _get_buffer(root, 0, RAND_NONCE_LEN, "randNonce")
         src = _get_buffer(root, 1, PUBLIC_KEY_LEN, "srcPublicKey")
@@ -184,11 +196,19 @@ class ExchangeDh:
     @classmethod
     def decode(cls, data: bytes) -> Self:
         """Parse a packed encoding; raises ProtocolError if it is malformed."""
+        fields = _DH_FIXED.decode_packed(data)
+        if fields is not None:
+            return cls(*fields)
         words = _unpack_for_fixed(data)
         if words is not None:
             fields = _DH_FIXED.decode(words)
             if fields is not None:
                 return cls(*fields)
+        return cls.decode_general(data)
+
+    @classmethod
+    def decode_general(cls, data: bytes) -> Self:
+        """``decode`` through the general reader alone (what the fixed layout must match)."""
         root = _root(data)
         return cls(
             _get_buffer(root, 0, DH_PUBLIC_KEY_LEN, "dhPublicKey"),
@@ -215,10 +235,24 @@ def _unpack_for_fixed(data: bytes) -> bytearray | None:
         return None  # the general reader says what is wrong
 
 
-class _FixedLayout:
-    """The unpacked template of one handshake layout and where its BufferN values go."""
+def _nonzero_with_zeros(word: bytes) -> bool:
+    # A word the packer writes as its own tag and bytes: it neither joins a zero run nor a
+    # verbatim run (one takes words of at most one zero byte), so packing restarts after it.
+    return word != bytes(WORD) and word.count(0) >= 2
 
-    __slots__ = ("template", "fields", "_blank")
+
+class _FixedLayout:
+    """The unpacked template of one handshake layout and where its BufferN values go.
+
+    Where every value is bordered by template words that pack on their own, the packed
+    message is the packed template pieces with each value's packing between them, so the
+    values are spliced into packed bytes directly: a value without zero bytes packs as one
+    verbatim run (the 0xff tag, its first word, the count of the others, the others), and
+    a packed message made of the template's pieces and such runs unpacks to the template
+    with those values, which is all ``decode_packed`` accepts.
+    """
+
+    __slots__ = ("template", "fields", "_blank", "_pieces", "_runs")
 
     def __init__(self, encode_general, sizes: tuple[int, ...]) -> None:
         zeros = tuple(bytes(size) for size in sizes)
@@ -236,12 +270,73 @@ class _FixedLayout:
             fields.append((at, size))
         self.fields = tuple(fields)
         self._blank = tuple(bytes(size) for size in sizes)
+        # The packed template between the values, and each value's verbatim-run count byte.
+        template = self.template
+        order = sorted(self.fields)
+        bordered = order == list(self.fields) and all(
+            at >= WORD
+            and _nonzero_with_zeros(template[at - WORD : at])
+            and (
+                at + size == len(template)
+                or _nonzero_with_zeros(template[at + size : at + size + WORD])
+            )
+            for at, size in order
+        )
+        if bordered:
+            edges = [0] + [x for at, size in order for x in (at, at + size)] + [len(template)]
+            self._pieces: tuple[bytes, ...] | None = tuple(
+                pack(template[edges[i] : edges[i + 1]]) for i in range(0, len(edges), 2)
+            )
+            self._runs = tuple(bytes([size // WORD - 1]) for _at, size in order)
+        else:
+            self._pieces = None
+            self._runs = ()
 
     def encode(self, values: tuple[bytes, ...]) -> bytes:
-        words = bytearray(self.template)
-        for (at, size), value in zip(self.fields, values, strict=True):
-            words[at : at + size] = _WORDS_LE[size].pack(*_WORDS_BE[size].unpack(value))
-        return pack(bytes(words))
+        pieces = self._pieces
+        if pieces is None:
+            words = bytearray(self.template)
+            for (at, size), value in zip(self.fields, values, strict=True):
+                words[at : at + size] = _WORDS_LE[size].pack(*_WORDS_BE[size].unpack(value))
+            return pack(bytes(words))
+        out = [pieces[0]]
+        for (_at, size), run, value, piece in zip(
+            self.fields, self._runs, values, pieces[1:], strict=True
+        ):
+            stored = _WORDS_LE[size].pack(*_WORDS_BE[size].unpack(value))
+            if 0 in stored:
+                out.append(pack(stored))
+            else:
+                out += (b"\xff", stored[:WORD], run, stored[WORD:])
+            out.append(piece)
+        return b"".join(out)
+
+    def decode_packed(self, data: bytes) -> tuple[bytes, ...] | None:
+        """The values of a packed message made of the template's pieces and one verbatim run
+        per value, else None (the message may still be valid: the other paths decide)."""
+        pieces = self._pieces
+        if pieces is None or type(data) is not bytes:
+            return None
+        first = pieces[0]
+        if not data.startswith(first):
+            return None
+        pos = len(first)
+        values = []
+        for (_at, size), run, piece in zip(self.fields, self._runs, pieces[1:], strict=True):
+            end = pos + size + 2
+            if (
+                len(data) < end
+                or data[pos] != 0xFF
+                or data[pos + 9 : pos + 10] != run
+                or not data.startswith(piece, end)
+            ):
+                return None
+            stored = data[pos + 1 : pos + 9] + data[pos + 10 : end]
+            values.append(_WORDS_BE[size].pack(*_WORDS_LE[size].unpack(stored)))
+            pos = end + len(piece)
+        if pos != len(data):
+            return None
+        return tuple(values)
 
     def decode(self, words: bytearray) -> tuple[bytes, ...] | None:
         if len(words) != len(self.template):
@@ -428,6 +523,13 @@ def encode_init_connection(msg: InitConnection) -> bytes:
 
 def decode_init_connection(data: bytes) -> InitConnection:
     """Parse a packed InitConnection; raises ProtocolError if it is malformed."""
+    if data == _LISTEN_PACKED:
+        return _LISTEN  # what every listener sends (our encoding and the original's)
+    return decode_init_connection_general(data)
+
+
+def decode_init_connection_general(data: bytes) -> InitConnection:
+    """``decode_init_connection`` through the general reader alone."""
     root = _root(data)
     tag = root.uint16(0)
     if tag == _INIT_LISTEN:
@@ -438,6 +540,9 @@ def decode_init_connection(data: bytes) -> InitConnection:
         return Connect(_get_buffer(root, 0, PUBLIC_KEY_LEN, "connect"))
     raise ProtocolError(f"unknown InitConnection variant {tag}")
 
+
+_LISTEN = Listen()
+_LISTEN_PACKED = encode_init_connection(_LISTEN)
 
 _Init = TypeVar("_Init", bound=Listen | Accept | Connect)
 
