@@ -325,7 +325,10 @@ class RelayServer:
         # Behind (connections left over from the last turn), look at a bounded number of new
         # events: a loop that asked for every ready socket at every turn would spend more
         # on the asking than on the serving once most of its connections are waiting.
-        events = self.selector.ready(wait, max(EVENTS_BEHIND, 2 * self._served) if behind else 0)
+        cap = max(EVENTS_BEHIND, 2 * self._served) if behind else 0
+        events = self.selector.ready(wait, cap)
+        # A capped call that came back full may have left ready sockets in epoll, unseen.
+        unseen = cap and len(events) >= cap
         self._turn += 1
         # The wake-up pipe and /metrics first, then the connections: those left over from
         # the last turn first, then the new ones, those that waited longest first, then the
@@ -387,7 +390,8 @@ class RelayServer:
             del queue[:at]
             at = 0
         self._queue_at = at
-        self._deferred = bool(queue)
+        # Connections left unserved, or not even seen: either way not all were served.
+        self._deferred = bool(queue) or bool(unseen)
         self._served = served
         # Accepting last: at the handshake limit a new connection evicts the oldest handshake,
         # which must not be one whose frames wait unread because the loop was busy (its peer

@@ -272,3 +272,49 @@ def test_a_new_connections_first_frames_are_answered_in_the_turn_that_accepts_it
     assert node.is_open  # the relay's ExchangeDh came with its nonce, in one turn
     rig.settle()
     assert server.stats.handshakes_completed == 1
+
+
+def test_a_full_handshake_table_accepts_nothing_while_a_capped_poll_may_have_left_some_unseen(
+    rigs, monkeypatch
+):
+    # A turn that starts behind asks epoll for a bounded number of events. One that came
+    # back full may have left ready sockets unseen (epoll hands out the longest-ready
+    # first), among them a handshake whose frames wait: at the handshake limit an accept
+    # would evict it, so that turn accepts nothing, even with its own queue served.
+    rig = rigs(limits={"max_handshakes": 1})
+    server = rig.server
+    first, second = rig.listener(), rig.listener()
+    waiting = Node(rig)  # connected; its version and nonce are queued, not yet sent
+    for _ in range(50):
+        server.step(0.01)
+        if len(server.admission.handshaking) == 1:
+            break
+    assert len(server.admission.handshaking) == 1
+    waiting_client = rig.client_of(waiting)
+    monkeypatch.setattr(server_module, "TURN_BUDGET", 0.0)  # one connection a turn
+    monkeypatch.setattr(server_module, "EVENTS_BEHIND", 1)
+    for node in (first, second):
+        node.send(b"x" * 10)  # not a valid RejectConnection: the listener is closed for it
+        node.pump()
+    for node in (first, second):
+        _wait_readable(rig.client_of(node).sock)
+    server.step(0)  # serves one of the two; the other is left for the next turn
+    assert server._queue_at < len(server._queue)
+    waiting.pump()  # its frames arrive after the others'
+    third = socket.create_connection(rig.address)
+    try:
+        _wait_readable(waiting_client.sock)
+        _wait_readable(server.listen_sockets[0])
+        polled = server.selector.ready
+
+        def ready_longest_first(timeout: float, max_events: int = 0):
+            events = polled(timeout, 0)
+            events.sort(key=lambda event: event[0] is waiting_client)  # ready last
+            return events[:max_events] if max_events else events
+
+        monkeypatch.setattr(server.selector, "ready", ready_longest_first)
+        server.step(0)
+        assert server.clients.get(waiting_client.id) is waiting_client, "evicted"
+        assert list(server.clients) == [waiting_client.id]  # the third waits in the backlog
+    finally:
+        third.close()
