@@ -9,6 +9,7 @@ both edges, so a figure is always "work done in the window / cost in the window"
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -214,6 +215,10 @@ def _abandon(relay: BenchRelay, workers: list[Worker], clients: list) -> None:
         worker.tell("stop")
         worker.kill()
     relay.stop()
+    # What the relay warned about explains most failures (refusals, evictions, closes).
+    warnings = [line for line in relay.lines if "WARNING" in line or "ERROR" in line]
+    for line in warnings[-10:]:
+        print(f"bench: the relay logged: {line}", file=sys.stderr)
 
 
 def _split(count: int, parts: int) -> list[int]:
