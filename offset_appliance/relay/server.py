@@ -525,12 +525,7 @@ class RelayServer:
             except OSError:  # reset before we got to it
                 sock.close()
                 continue
-            client = self.add_connection(sock, addr, now)
-            if client is not None:
-                # A peer speaks at once (version and nonce), so by the time it is accepted
-                # its first frames are mostly here: read them now, and the answer to its
-                # nonce goes out with our version and nonce, one write instead of two.
-                self._on_readable(client)
+            self.add_connection(sock, addr, now)
 
     def add_connection(
         self, sock: socket.socket, addr: tuple, now: float | None = None

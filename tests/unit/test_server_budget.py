@@ -251,29 +251,6 @@ def test_a_turn_left_behind_asks_for_few_events_and_serves_the_leftovers_in_orde
     assert max(counting.returned[1:]) <= 2, counting.returned
 
 
-def test_a_new_connections_first_frames_are_answered_in_the_turn_that_accepts_it(rigs):
-    # The peer sends its version and nonce before the relay accepts: the turn that accepts
-    # it reads them too, so our version, nonce and ExchangeDh leave in that same turn, and
-    # the peer can open its end without the relay turning again.
-    rig = rigs()
-    server = rig.server
-    node = Node(rig)
-    node.pump()  # version and nonce, sent as the connection is made
-    _wait_readable(server.listen_sockets[0])
-    server.step(0)
-    assert len(server.admission.handshaking) == 1
-    client = next(iter(server.clients.values()))
-    assert client.wire.state.name == "HANDSHAKE"
-    for _ in range(50):
-        node.pump()
-        if node.is_open:
-            break
-        _wait_readable(node.sock, 0.1)
-    assert node.is_open  # the relay's ExchangeDh came with its nonce, in one turn
-    rig.settle()
-    assert server.stats.handshakes_completed == 1
-
-
 def test_a_full_handshake_table_accepts_nothing_while_a_capped_poll_may_have_left_some_unseen(
     rigs, monkeypatch
 ):
