@@ -91,15 +91,7 @@ class Output:
             # All of it (the usual case): nothing to walk.
             out.clear()
             client.out_size = 0
-            if client.events & selectors.EVENT_WRITE:
-                self.want_write(client, False)
-            if client.closing:
-                assert client.close_reason is not None
-                self._close(client, client.close_reason, "flushed")
-                return
-            self.balance(client)
-            return
-        if sent:
+        elif sent:
             client.out_size -= sent
             # Drop whole chunks sent, keep the unsent tail of a partly sent one.
             index = 0
@@ -115,7 +107,8 @@ class Output:
         if out:
             self.want_write(client, True)
         else:
-            self.want_write(client, False)
+            if client.events & selectors.EVENT_WRITE:
+                self.want_write(client, False)
             if client.closing:
                 assert client.close_reason is not None
                 self._close(client, client.close_reason, "flushed")

@@ -901,8 +901,8 @@ def _user_from_packed(data: bytes) -> bytes | None:
 # Forwarding a large message (the relay's tunnels): the ChannelMessage's user data is a
 # packed KaMessage, and the ChannelMessage packs those bytes in turn. When both are in our
 # layout, the packed user words are carried into the outgoing ChannelMessage as they came
-# (packed words concatenate, so only its header and padding are new), and the KaMessage is
-# checked by walking its packed items through the outer packing, without unpacking either.
+# (packed words concatenate, so only its header and padding are new); the KaMessage inside
+# is checked on an unpacked copy of the user data, which is then dropped.
 # Smaller user data (one verbatim run) is sliced out instead, which costs less.
 CARRY_MIN = _ONE_RUN + 1
 # (user data length, its packed words, the KaMessage's payload length)
