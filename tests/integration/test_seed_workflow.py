@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -14,8 +15,20 @@ BIN = Path(sys.executable).parent
 
 
 def _free_port() -> int:
+    """A port free on every address and below the kernel's ephemeral range: the relay binds
+    0.0.0.0, and tests running beside this one take their client ports from that range, so
+    a port picked there can be taken between this check and the relay's bind."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    candidates = list(range(10000, low)) if low > 10100 else []
+    for port in random.sample(candidates, min(200, len(candidates))):
+        with socket.socket() as s:
+            try:
+                s.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind(("0.0.0.0", 0))
         return s.getsockname()[1]
 
 
