@@ -236,13 +236,16 @@ def relay_message(data: bytes) -> None:
             core.message(conn_id, part, 0.1)
     core.handle_timer(1e6)
     gone: set[int] = set()
-    for action in core.actions:
+    actions = []
+    while (taken := core.next_action()) is not None:
+        actions.append(taken)
+    for action in actions:
         assert action.conn_id in known and action.conn_id not in gone, action
         if isinstance(action, Close):
             gone.add(action.conn_id)
     # Nothing closes the tunnel between 2 and 4: everything 2 sent reaches 4, unchanged and
     # in order, and nothing else does.
-    assert [a.payload for a in core.actions if isinstance(a, Send) and a.conn_id == 4] == parts
+    assert [a.payload for a in actions if isinstance(a, Send) and a.conn_id == 4] == parts
 
 
 TARGETS: dict[str, Callable[[bytes], None]] = {

@@ -7,7 +7,10 @@ debt pauses the connection's reading (back-pressure, as a full output queue does
 has refilled: nothing is dropped and no tunnel is closed; reads are kept small while a rate
 applies, so the pauses stay short and the rate even. Past a budget a client is slowed to
 ``floor_rate`` (a bucket of its own) or, with ``action = "refuse"``, its new tunnels are
-refused (``RelayServer._opened``).
+refused (``Policy.opened``).
+
+It decides and counts; it does no IO on connections: a pause or resume it decides is a
+``Pause`` / ``Resume`` action (relay/actions.py) queued for the relay to apply.
 
 With every setting at 0 the server's read path pays one attribute test per read and nothing
 else. Before the handshake a connection's bytes count against its connection, its prefix and
@@ -21,30 +24,28 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from ..config import Bandwidth as BandwidthConfig
 from ..config import Budgets as BudgetsConfig
 from ..config import Config
 from ..files import b64url_encode
-from .clients import PAUSED_BY_RATE, Client
+from .actions import PAUSED_BY_RATE, Action, Pause, Resume
+from .clients import Client
+from .meters import SLACK, Bucket, Meter, auto_burst
 from .metrics import Stats
-from .output import Output
 from .usage import Entry, Usage, UsageFileError, period_of, read_usage_file, write_usage_file
 
 log = logging.getLogger("strelay")
 
-# A burst of 0 is one second's worth of the rate, and at least this.
-MIN_AUTO_BURST = 64 * 1024
 # While a rate applies, one read takes at most about 1/32 s of the lowest rate (and at least
 # this), so a pause lasts tens of milliseconds, not a whole read's worth of seconds.
 MIN_READ = 16 * 1024
 READ_FRACTION = 32
 # Without a rate, a connection's bytes are added to its budgets once this many are pending.
 BUDGET_BATCH = 64 * 1024
-# A pause ends once every bucket is within this many bytes of paid off.
-SLACK = 1.0
 STATE_FILE_NAME = "usage.json"
 
 
@@ -53,83 +54,23 @@ def source_key(client: Client) -> str:
     return client.source
 
 
-def auto_burst(rate: int, burst: int) -> float:
-    return float(burst) if burst else float(max(rate, MIN_AUTO_BURST))
-
-
-class Bucket:
-    """A token bucket of ``rate`` bytes a second holding up to ``burst``; it may go into
-    debt (the bytes were read already), and its users wait until the debt is paid."""
-
-    __slots__ = ("kind", "rate", "burst", "tokens", "last", "users", "table", "name")
-
-    def __init__(self, kind: str, rate: float, burst: float, now: float) -> None:
-        self.kind = kind
-        self.rate = rate
-        self.burst = burst
-        self.tokens = burst
-        self.last = now
-        self.users = 0
-        self.table: dict | None = None  # the shared table it is kept in, if any
-        self.name: object = None
-
-    def set(self, rate: float, burst: float) -> None:
-        self.rate = rate
-        self.burst = burst
-        if self.tokens > burst:
-            self.tokens = burst
-
-    def wait(self, now: float) -> float:
-        """Seconds until its debt is paid (0 if there is none), without taking anything."""
-        tokens = self.tokens + (now - self.last) * self.rate
-        return -tokens / self.rate if tokens < -SLACK else 0.0
-
-
-class Meter:
-    """What one connection is charged to; rebuilt when the settings or the tables change."""
-
-    __slots__ = (
-        "generation",
-        "buckets",
-        "shared",
-        "usage",
-        "max_read",
-        "paused_since",
-        "kind",
-        "resume_at",
-        "pending",
-        "batch",
-    )
-
-    def __init__(self) -> None:
-        self.generation = -1
-        self.pending = 0  # bytes read and not yet charged
-        self.batch = 1  # charged once this many are pending
-        self.buckets: tuple[Bucket, ...] = ()
-        self.shared: list[Bucket] = []
-        self.usage: tuple[Entry, ...] = ()
-        self.max_read = 0
-        self.paused_since: float | None = None
-        self.kind = ""
-        self.resume_at = 0.0
-
-
 class BandwidthControl:
     """The ``[bandwidth]`` and ``[budgets]`` of one server."""
 
     def __init__(
         self,
         config: Config,
-        clients: dict[int, Client],
-        output: Output,
+        clients: Mapping[int, Client],
+        actions: deque[Action],
         stats: Stats,
-        clock: Callable[[], float],
+        now: float,
         wallclock: Callable[[], float] = time.time,
     ) -> None:
-        self.clients = clients
-        self.output = output
+        self.clients = clients  # the relay's table, read only
+        self.actions = actions  # where its pauses and resumes go
         self.stats = stats
-        self.clock = clock
+        # UTC days and months come from the wall clock; every deadline from the ``now``
+        # the relay passes in.
         self.wallclock = wallclock
         self.enabled = False  # read by the server on every read: False costs nothing more
         self.generation = 0
@@ -148,7 +89,7 @@ class BandwidthControl:
         self._timers: list[tuple[float, int, int]] = []
         self._throttled_shown: dict[str, float] = {}
         self._seq = itertools.count()
-        self.apply_config(config)
+        self.apply_config(config, now)
 
     # ---- settings ----------------------------------------------------------------------
 
@@ -165,9 +106,8 @@ class BandwidthControl:
         b = self.budgets
         return self.budgets_on and b.action == "throttle" and bool(b.floor_rate)
 
-    def apply_config(self, config: Config) -> None:
+    def apply_config(self, config: Config, now: float) -> None:
         """Take new settings (at start and on reload); they apply to every connection at once."""
-        now = self.clock()
         rates, budgets = config.bandwidth, config.budgets
         was_on = self.budgets_on
         old_path = self.state_path
@@ -343,11 +283,11 @@ class BandwidthControl:
         """The relay stops (or hands over): save the counts."""
         self.save(now)
 
-    def usage_document(self) -> dict | None:
+    def usage_document(self, now: float) -> dict | None:
         """The counts, for the hand-over to the next process."""
         if self.usage is None:
             return None
-        self._flush(self.clock())
+        self._flush(now)
         return self.usage.document(self.wallclock())
 
     def take_usage(self, document: object) -> None:
@@ -465,7 +405,7 @@ class BandwidthControl:
             if meter.paused_since is None:
                 meter.paused_since = now
                 meter.kind = kind
-                self.output.pause(client, PAUSED_BY_RATE)
+                self.actions.append(Pause(client.id, PAUSED_BY_RATE))
             meter.resume_at = now + wait
             heapq.heappush(self._timers, (meter.resume_at, next(self._seq), client.id))
 
@@ -478,16 +418,16 @@ class BandwidthControl:
                 pending, meter.pending = meter.pending, 0
                 self._settle(client, meter, pending, now, pause=False)
 
-    def closed(self, client: Client) -> None:
+    def closed(self, client: Client, now: float) -> None:
         """``client`` is gone: count what it read last, let go of its shared buckets."""
         meter = client.meter
         if meter is not None:
             if meter.pending:
-                self._settle(client, meter, meter.pending, self.clock(), pause=False)
+                self._settle(client, meter, meter.pending, now, pause=False)
             client.meter = None
             self._detach(meter)
             if meter.paused_since is not None:
-                self.stats.throttled_seconds[meter.kind] += self.clock() - meter.paused_since
+                self.stats.throttled_seconds[meter.kind] += now - meter.paused_since
 
     def adopt(self, client: Client, now: float) -> None:
         """A connection handed over while paused by a rate: look at it again now."""
@@ -527,7 +467,7 @@ class BandwidthControl:
         if meter.paused_since is not None:
             self.stats.throttled_seconds[meter.kind] += now - meter.paused_since
             meter.paused_since = None
-        self.output.resume(client, PAUSED_BY_RATE, now)
+        self.actions.append(Resume(client.id, PAUSED_BY_RATE))
 
     def _wake_paused(self, now: float) -> None:
         for client in self.clients.values():

@@ -3,14 +3,29 @@
 from __future__ import annotations
 
 import socket
-from typing import TYPE_CHECKING
 
 from ..config import format_address
 from ..errors import CloseReason
 from ..wire.connection import Connection
+from .actions import (
+    PAUSED_BY_CLOSE,
+    PAUSED_BY_CORE,
+    PAUSED_BY_MEMORY,
+    PAUSED_BY_PEER,
+    PAUSED_BY_RATE,
+)
+from .meters import Meter
 
-if TYPE_CHECKING:
-    from .bandwidth import Meter
+__all__ = [
+    "PAUSED_BY_CLOSE",
+    "PAUSED_BY_CORE",
+    "PAUSED_BY_MEMORY",
+    "PAUSED_BY_PEER",
+    "PAUSED_BY_RATE",
+    "RECV_MAX",
+    "RECV_MIN",
+    "Client",
+]
 
 # Read sizes adapt per connection, as event loops do: a read that fills the request doubles
 # the next one (bulk streams), a short one halves it. Small reads keep CPython's bytes
@@ -18,13 +33,6 @@ if TYPE_CHECKING:
 # per read (bench/PROFILE.md); large ones keep a bulk stream to few system calls.
 RECV_MIN = 64 * 1024
 RECV_MAX = 1024 * 1024
-
-# Reasons a connection's reading is paused; reading resumes when none is left.
-PAUSED_BY_PEER = 1  # the connection it feeds has too much queued output
-PAUSED_BY_CORE = 2  # its half-tunnel buffer is full
-PAUSED_BY_CLOSE = 4  # it is closing after a flush
-PAUSED_BY_MEMORY = 8  # the relay is over its memory ceiling and it feeds a large queue
-PAUSED_BY_RATE = 16  # a bandwidth bucket it is charged to is in debt (relay/bandwidth.py)
 
 
 class Client:
@@ -53,6 +61,7 @@ class Client:
         "served_in",
         "ready",
         "meter",
+        "congested",
     )
 
     def __init__(self, conn_id: int, sock: socket.socket, ip: str, port: int, wire: Connection):
@@ -83,3 +92,5 @@ class Client:
         self.ready = 0  # its selector events while it waits in the loop's queue (0: not queued)
         # What it is charged to, while bandwidth limits or budgets are on.
         self.meter: Meter | None = None
+        # Its queue is above the high water mark (the core has been told: set_congested).
+        self.congested = False

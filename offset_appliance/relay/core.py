@@ -2,8 +2,8 @@
 
 Connections are named by integer ids chosen by the IO shell. Events come in as method calls
 (``opened``, ``message``, ``closed``, ``handle_timer``); what the shell must do comes out in
-``actions``, a deque of small typed objects that the shell drains from the left, in one
-place, after each call:
+``next_action()``, small typed objects (relay/actions.py) that the shell takes one at a
+time, oldest first, in one place, after each call:
 
 - ``Send(conn_id, payload)``: send one relay message on that connection;
 - ``Close(conn_id, reason, flush)``: close it, after flushing its output if ``flush``;
@@ -11,9 +11,10 @@ place, after each call:
   buffer is full / the half-tunnel was accepted).
 
 A connection the core closes is forgotten at once; a later ``closed`` for it is ignored.
-The shell may call ``closed`` while it drains: the actions that causes are appended to the
-same deque and taken in turn, so a batch costs time linear in its size and nothing is
-applied twice.
+The shell may call ``closed`` while it drains: the actions that causes are queued behind the
+others and taken in turn, so a batch costs time linear in its size and nothing is applied
+twice. The core never calls the shell: what it needs to know of the shell's side (which
+connections' output queues are full) is a state the shell sets (``set_congested``).
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ import itertools
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple
 
 from ..config import Limits, Timeouts
 from ..errors import CloseReason, LocalProtocolError, ProtocolError
@@ -36,36 +36,9 @@ from ..wire.messages import (
     RejectConnection,
     decode_init_connection,
 )
+from .actions import Action, Close, Pause, Resume, Send
 
-
-class Send(NamedTuple):
-    """Send one relay message on a connection."""
-
-    conn_id: int
-    payload: bytes
-
-
-class Close(NamedTuple):
-    """Close a connection (the core has forgotten it already), flushing its output first."""
-
-    conn_id: int
-    reason: CloseReason
-    flush: bool = False
-
-
-class Pause(NamedTuple):
-    """Stop reading a connection (its half-tunnel buffer is full)."""
-
-    conn_id: int
-
-
-class Resume(NamedTuple):
-    """Read a connection again (its half-tunnel was accepted)."""
-
-    conn_id: int
-
-
-Action = Send | Close | Pause | Resume
+__all__ = ["Action", "Close", "CoreLimits", "Pause", "RelayCore", "Resume", "Role", "Send"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,22 +90,30 @@ class _HalfTunnel:
         self.paused = False
 
 
+def _nobody_refused(kind: str, key: bytes) -> CloseReason | None:
+    return None
+
+
 class RelayCore:
     """Listeners, half-tunnels and tunnels for every open connection of one relay."""
 
     def __init__(
         self,
         limits: CoreLimits | None = None,
-        can_queue: Callable[[int], bool] = lambda conn_id: True,
-        refuse_request: Callable[[str, bytes], CloseReason | None] = lambda kind, key: None,
+        refuse_request: Callable[[str, bytes], CloseReason | None] = _nobody_refused,
     ) -> None:
         self.limits = limits if limits is not None else CoreLimits()
-        # Asks the IO shell whether a connection's output has room (for IncomingConnection).
-        self._can_queue = can_queue
-        # Asks the access lists why a key may not "listen", "accept" or "connect" (None: it
-        # may); a refused request closes its connection for that reason.
+        # The access lists' pure verdict on why a key may not "listen", "accept" or
+        # "connect" (None: it may); a refused request closes its connection for that reason.
         self._refuse_request = refuse_request
-        self.actions: deque[Action] = deque()
+        self._reset()
+
+    def _reset(self) -> None:
+        """Empty: no connection, no action, no timer."""
+        self._actions: deque[Action] = deque()
+        # Connections whose output queue is above its high water mark, as the shell last
+        # said: an IncomingConnection for a listener among them is refused (LISTENER_FULL).
+        self._congested: set[int] = set()
         self._conns: dict[int, _Conn] = {}
         self._listeners: dict[bytes, int] = {}
         self._half_tunnels: dict[tuple[bytes, bytes], _HalfTunnel] = {}
@@ -150,6 +131,29 @@ class RelayCore:
         self._timers: list[tuple[float, int, int | _HalfTunnel]] = []
         self._seq = itertools.count()
         self.tunnels = 0  # established tunnels (pairs)
+
+    # ---- what the shell takes and sets -------------------------------------------------
+
+    def next_action(self) -> Action | None:
+        """The oldest action not yet taken, or None."""
+        actions = self._actions
+        return actions.popleft() if actions else None
+
+    def has_actions(self) -> bool:
+        """Whether an action waits to be taken."""
+        return bool(self._actions)
+
+    def discard_actions(self) -> None:
+        """Drop every waiting action (the shell has closed every connection already)."""
+        self._actions.clear()
+
+    def set_congested(self, conn_id: int, congested: bool) -> None:
+        """The shell's word that a connection's output queue is above (or back below) its
+        high water mark."""
+        if congested:
+            self._congested.add(conn_id)
+        else:
+            self._congested.discard(conn_id)
 
     # ---- queries -----------------------------------------------------------------------
 
@@ -205,7 +209,7 @@ class RelayCore:
             return
         role = conn.role
         if role is Role.TUNNEL:
-            self.actions.append(Send(conn.peer, data))  # type: ignore[arg-type]
+            self._actions.append(Send(conn.peer, data))  # type: ignore[arg-type]
         elif role is Role.HALF_TUNNEL:
             self._buffer(conn, data)
         elif role is Role.PENDING:
@@ -215,6 +219,7 @@ class RelayCore:
 
     def closed(self, conn_id: int) -> None:
         """The IO shell lost or closed a connection."""
+        self._congested.discard(conn_id)
         conn = self._conns.pop(conn_id, None)
         if conn is not None:
             self._forget(conn)
@@ -263,7 +268,7 @@ class RelayCore:
 
     def _close(self, conn: _Conn, reason: CloseReason, flush: bool = False) -> None:
         del self._conns[conn.id]
-        self.actions.append(Close(conn.id, reason, flush))
+        self._actions.append(Close(conn.id, reason, flush))
         self._forget(conn)
 
     def _forget(self, conn: _Conn) -> None:
@@ -277,7 +282,7 @@ class RelayCore:
                 peer.role = Role.PENDING
                 peer.peer = None
                 del self._conns[peer.id]
-                self.actions.append(Close(peer.id, CloseReason.TUNNEL_PEER_CLOSED, True))
+                self._actions.append(Close(peer.id, CloseReason.TUNNEL_PEER_CLOSED, True))
         elif role is Role.LISTENER:
             if self._listeners.get(conn.key) == conn.id:
                 del self._listeners[conn.key]
@@ -387,7 +392,7 @@ class RelayCore:
         ):
             self._close(conn, CloseReason.HALF_TUNNEL_LIMIT)
             return
-        if not self._can_queue(listener_id):
+        if listener_id in self._congested:
             self._close(conn, CloseReason.LISTENER_FULL)
             return
         half = _HalfTunnel(src, dst, conn.source, conn.id, now + self.limits.half_tunnel_timeout)
@@ -397,7 +402,7 @@ class RelayCore:
         conn.role = Role.HALF_TUNNEL
         conn.half = half
         self._push(half.expires, half)
-        self.actions.append(Send(listener_id, IncomingConnection(src).encode()))
+        self._actions.append(Send(listener_id, IncomingConnection(src).encode()))
 
     def _accept(self, conn: _Conn, src: bytes) -> None:
         dst = conn.key
@@ -406,7 +411,7 @@ class RelayCore:
             self._close(conn, CloseReason.RELAY_REFUSED)
             return
         self._unlink(half)
-        actions = self.actions
+        actions = self._actions
         for data in half.data:
             actions.append(Send(conn.id, data))
         # Its expiry timer refers to the half-tunnel until the deadline: drop the data now,
@@ -433,7 +438,7 @@ class RelayCore:
         half.size += len(data)
         if not half.paused and half.size >= self.limits.half_tunnel_buffer:
             half.paused = True
-            self.actions.append(Pause(conn.id))
+            self._actions.append(Pause(conn.id))
 
     def _listener_message(self, conn: _Conn, data: bytes) -> None:
         try:
@@ -494,10 +499,10 @@ class RelayCore:
         try:
             return self._restore(state, now, alive)
         except (KeyError, TypeError, IndexError) as exc:
-            self.__init__(self.limits, self._can_queue)  # type: ignore[misc]
+            self._reset()
             raise ValueError(f"relay state incomplete or of the wrong type: {exc!r}") from None
         except ValueError:
-            self.__init__(self.limits, self._can_queue)  # type: ignore[misc]
+            self._reset()
             raise
 
     def _restore(self, state: dict, now: float, alive: set[int]) -> list[int]:

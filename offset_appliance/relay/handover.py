@@ -18,28 +18,20 @@ upgrades".
 from __future__ import annotations
 
 import fcntl
-import itertools
 import json
 import logging
 import os
 import select
-import selectors
 import socket
-import time
-from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
 
-from ..errors import CloseReason
-from ..wire.connection import Connection, State
-from .clients import Client
-
-if TYPE_CHECKING:
-    from .server import RelayServer
+from .relay import Relay, close_quietly
+from .state import READABLE, VERSION, RelayState, StateError
 
 log = logging.getLogger("strelay")
 
 MAGIC = b"OFFRELAY"
-FORMAT_VERSION = 1
+FORMAT_VERSION = VERSION
 _HEADER = len(MAGIC) + 4 + 8
 # The kernel passes at most SCM_MAX_FD (253) descriptors in one message.
 FDS_PER_MESSAGE = 250
@@ -52,14 +44,10 @@ NAME_CONN = "conn"
 NAME_STATE = "state"
 
 
-class StateError(ValueError):
-    """A hand-over state this code cannot read."""
-
-
 # ---- the container ---------------------------------------------------------------------
 
 
-def pack_state(document: object) -> bytes:
+def pack_state(document: object, version: int = FORMAT_VERSION) -> bytes:
     """The versioned container holding ``document`` (JSON types and bytes)."""
     blobs: list[bytes] = []
     offset = 0
@@ -78,17 +66,24 @@ def pack_state(document: object) -> bytes:
         return value
 
     text = json.dumps(encode(document), separators=(",", ":"), allow_nan=False).encode()
-    header = MAGIC + FORMAT_VERSION.to_bytes(4, "big") + len(text).to_bytes(8, "big")
+    header = MAGIC + version.to_bytes(4, "big") + len(text).to_bytes(8, "big")
     return b"".join([header, text, *blobs])
 
 
 def unpack_state(data: bytes) -> object:
-    """The document of a container; ``StateError`` if it is not one this code writes."""
+    """The document of a container; ``StateError`` if it is not one this code reads."""
+    return unpack_versioned(data)[1]
+
+
+def unpack_versioned(data: bytes) -> tuple[int, object]:
+    """The version and document of a container; ``StateError`` if it is not one this code
+    reads (this version's, or the one before)."""
     if len(data) < _HEADER or data[: len(MAGIC)] != MAGIC:
         raise StateError("not a relay hand-over state")
     version = int.from_bytes(data[len(MAGIC) : len(MAGIC) + 4], "big")
-    if version != FORMAT_VERSION:
-        raise StateError(f"hand-over state version {version}, this relay reads {FORMAT_VERSION}")
+    if version not in READABLE:
+        shown = " and ".join(map(str, READABLE))
+        raise StateError(f"hand-over state version {version}, this relay reads {shown}")
     length = int.from_bytes(data[len(MAGIC) + 4 : _HEADER], "big")
     if length > len(data) - _HEADER:
         raise StateError("hand-over state truncated")
@@ -113,7 +108,7 @@ def unpack_state(data: bytes) -> object:
         return value
 
     try:
-        return decode(document)
+        return version, decode(document)
     except (TypeError, ValueError) as exc:
         raise StateError(f"hand-over state unreadable: {exc}") from None
 
@@ -209,21 +204,6 @@ class ServiceManager:
 # ---- what a start inherits ---------------------------------------------------------------
 
 
-def close_quietly(sock: socket.socket, limit: int = 1 << 22) -> None:
-    """Close a connection with a FIN: the kernel answers a close with unread bytes waiting
-    with a reset, so read (and drop) up to ``limit`` bytes first."""
-    try:
-        sock.setblocking(False)
-        while limit > 0:
-            data = sock.recv(min(limit, 1 << 16))
-            if not data:
-                break
-            limit -= len(data)
-    except OSError:
-        pass
-    sock.close()
-
-
 def _address(sock: socket.socket, peer: bool) -> tuple[str, int] | None:
     try:
         address = sock.getpeername() if peer else sock.getsockname()
@@ -317,25 +297,17 @@ class Inherited:
 # ---- the relay's side --------------------------------------------------------------------
 
 
-def _boot_id() -> str:
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as file:
-            return file.read().strip()
-    except OSError:
-        return ""
-
-
 class Handover:
     """The relay's use of the store: what it stores at start-up, gives on stop and takes
-    back on start."""
+    back on start. The state itself is the relay's (``Relay.export_state``, ``restore``)."""
 
     def __init__(self, manager: ServiceManager) -> None:
         self.manager = manager
 
     # ---- start-up ----------------------------------------------------------------------
 
-    def started(self, server: RelayServer, inherited: Inherited) -> None:
-        """After ``bind``: restore what was handed over, and keep the listening sockets in
+    def started(self, relay: Relay, inherited: Inherited, now: float) -> None:
+        """After binding: restore what was handed over, and keep the listening sockets in
         the store (so a crash restart finds them too)."""
         manager = self.manager
         try:
@@ -345,7 +317,7 @@ class Handover:
             manager.remove(NAME_STATE)
             if inherited.listen:  # stored sockets no longer configured
                 manager.remove(NAME_LISTEN)
-            manager.store(NAME_LISTEN, [sock.fileno() for sock in server.listen_sockets])
+            manager.store(NAME_LISTEN, [sock.fileno() for sock in relay.listeners.sockets])
             manager.barrier()
         except OSError as exc:
             log.warning("cannot use the service manager's descriptor store: %s", exc.strerror)
@@ -354,44 +326,63 @@ class Handover:
                 "%d stored descriptors unusable (unnamed, or reset while stored): closed",
                 inherited.unknown,
             )
-        self.restore(server, inherited)
+        self.restore(relay, inherited, now)
         inherited.close_rest()
 
-    def restore(self, server: RelayServer, inherited: Inherited) -> int:
-        """Serve again the connections handed over; returns how many came back."""
+    def restore(self, relay: Relay, inherited: Inherited, now: float) -> int:
+        """Serve again the connections handed over; returns how many came back.
+
+        A connection whose record or socket is missing or does not fit is closed (its
+        socket, and its part in the core, as if it had closed); one log line says how many.
+        A state that does not hold together closes them all."""
         if not inherited.state_fds:
             if inherited.conns:
                 log.warning(
                     "%d connections handed over without a state: closed", len(inherited.conns)
                 )
             return 0
+        sockets = inherited.conns
+        offered = len(sockets)
         try:
             if len(inherited.state_fds) != 1:
                 raise StateError(f"{len(inherited.state_fds)} hand-over states, expected one")
-            document = unpack_state(read_sealed(inherited.state_fds[0]))
-            return restore_server(server, document, inherited.conns)
+            version, document = unpack_versioned(read_sealed(inherited.state_fds[0]))
+            state, failed = RelayState.from_document(document, version)
+            restored, refused = relay.restore(state, sockets, now)
         except StateError as exc:
-            log.warning(
-                "hand-over state unusable (%s): %d connections closed", exc, len(inherited.conns)
-            )
+            log.warning("hand-over state unusable (%s): %d connections closed", exc, offered)
             return 0
+        failed += refused
+        for sock in sockets.values():
+            close_quietly(sock)
+        sockets.clear()
+        closed = offered - restored
+        if failed or closed:
+            log.warning(
+                "hand-over: %d connections restored, %d closed (%s)",
+                restored,
+                max(closed, len(failed)),
+                failed[0] if failed else "socket or record missing",
+            )
+        else:
+            log.info("hand-over: %d connections restored", restored)
+        return restored
 
     # ---- stop --------------------------------------------------------------------------
 
-    def hand_over(self, server: RelayServer) -> bool:
+    def hand_over(self, relay: Relay, now: float) -> bool:
         """Give the store every connection and their state, then let go of them without
         closing them. False (nothing given) if the service manager refused."""
-        now = server.clock()
-        clients = [c for c in server.clients.values() if c.wire.state is not State.CLOSED]
+        clients = relay.handed_over()
         try:
-            document = export_server(server, clients, now)
-            state_fd = sealed_memfd(pack_state(document))
+            state = relay.export_state(now)
+            state_fd = sealed_memfd(pack_state(state.to_document()))
         except (OSError, ValueError) as exc:
             log.error("cannot hand over (%s): closing every connection", exc)
             return False
         manager = self.manager
         try:
-            manager.store(NAME_LISTEN, [sock.fileno() for sock in server.listen_sockets])
+            manager.store(NAME_LISTEN, [sock.fileno() for sock in relay.listeners.sockets])
             manager.store(NAME_CONN, [client.sock.fileno() for client in clients])
             manager.store(NAME_STATE, [state_fd])
             if not manager.barrier():
@@ -406,195 +397,6 @@ class Handover:
             return False
         finally:
             os.close(state_fd)
-        release(server)
+        relay.release()
         log.info("handed over %d connections to the service manager", len(clients))
         return True
-
-
-def release(server: RelayServer) -> None:
-    """Let go of every socket without telling any peer (their copies are in the store)."""
-    for sock in server.listen_sockets:
-        sock.close()
-    server.listen_sockets.clear()
-    if server.metrics is not None:
-        server.metrics.close()
-        server.metrics = None
-    for client in server.clients.values():
-        if client.events:
-            server.selector.unregister(client.sock)
-            client.events = 0
-        client.sock.close()
-    server.clients.clear()
-    server.core.actions.clear()
-    server.admission.stop()
-
-
-# ---- the server's state ------------------------------------------------------------------
-
-
-def export_server(server: RelayServer, clients: Iterable[Client], now: float) -> dict:
-    """The whole relay as plain data (secret: it holds every channel's keys)."""
-    records = []
-    for client in clients:
-        local, remote = _address(client.sock, False), _address(client.sock, True)
-        if local is None or remote is None:
-            continue  # already reset: nothing to hand over
-        out = b"".join([*client.out, *client.wire.data_to_send()])
-        records.append(
-            {
-                "id": client.id,
-                "local": list(local),
-                "remote": list(remote),
-                "wire": client.wire.export_state(now),
-                "out": out,
-                "paused": client.paused,
-                "closing": client.close_reason.value if client.close_reason else None,
-                "close_in": None if client.close_by == float("inf") else client.close_by - now,
-                "recv_size": client.recv_size,
-            }
-        )
-    return {
-        "relay": server.public_key,
-        "boot_id": _boot_id(),
-        "monotonic": time.monotonic(),
-        "core": server.core.export_state(now),
-        "clients": records,
-        # Transfer counts (budgets), newer than the state file's last save.
-        "usage": server.bandwidth.usage_document(),
-    }
-
-
-def restore_server(
-    server: RelayServer,
-    document: object,
-    sockets: dict[tuple[tuple[str, int], tuple[str, int]], socket.socket],
-) -> int:
-    """Serve the connections of ``document`` on their inherited ``sockets``.
-
-    A connection whose record or socket is missing or does not fit is closed (its socket,
-    and its part in the core, as if it had closed); one log line says how many. A state
-    that does not hold together raises ``StateError`` and closes them all.
-    """
-    if not isinstance(document, dict):
-        raise StateError("hand-over state is not a record")
-    try:
-        if document["relay"] != server.public_key:
-            raise StateError("hand-over state of another relay identity")
-        downtime = 0.0
-        if document["boot_id"] and document["boot_id"] == _boot_id():
-            # CLOCK_MONOTONIC is one clock for the whole system until the next boot.
-            downtime = max(0.0, time.monotonic() - float(document["monotonic"]))
-        records = list(document["clients"])
-        core_state = document["core"]
-    except (KeyError, TypeError, ValueError) as exc:
-        raise StateError(f"hand-over state incomplete: {exc!r}") from None
-    now = server.clock()
-    restored: dict[int, Client] = {}
-    failed: list[str] = []
-    for record in records:
-        try:
-            client = _restore_client(server, record, sockets, now, downtime)
-        except (KeyError, TypeError, ValueError) as exc:
-            failed.append(str(exc))
-            continue
-        if client is not None:
-            restored[client.id] = client
-    opened = {cid for cid, c in restored.items() if not c.closing and c.wire.state is State.OPEN}
-    try:
-        server.core.restore_state(core_state, now, opened)
-    except ValueError as exc:
-        for client in restored.values():
-            close_quietly(client.sock)
-        raise StateError(f"relay state unusable: {exc}") from None
-    unused = len(sockets)
-    for sock in sockets.values():
-        close_quietly(sock)
-    sockets.clear()
-    # Register what came back; connections the core does not know (and that are neither
-    # closing nor in their handshake) cannot be placed: closed.
-    for client in restored.values():
-        server.clients[client.id] = client
-        per_ip = server.admission.per_ip
-        per_ip[client.source] = per_ip.get(client.source, 0) + 1
-    for client in list(restored.values()):
-        in_core = server.core.role(client.id) is not None
-        if client.wire.state is not State.OPEN:
-            server.admission.handshaking[client.id] = client
-        elif not client.closing and not in_core:
-            failed.append(f"connection {client.id} not in the relay state")
-            server._close(client, CloseReason.SHUTDOWN)
-            continue
-        _watch(server, client)
-        server.bandwidth.adopt(client, now)
-    server.bandwidth.take_usage(document.get("usage"))
-    server.stats.accepted += len(server.clients)
-    server._ids = itertools.count(max(restored, default=0) + 1)
-    if server.core.actions:
-        server._drain()
-    lost = len(records) - len(restored)
-    if failed or unused or lost:
-        log.warning(
-            "hand-over: %d connections restored, %d closed (%s)",
-            len(server.clients),
-            len(failed) + unused + lost,
-            failed[0] if failed else "socket or record missing",
-        )
-    else:
-        log.info("hand-over: %d connections restored", len(server.clients))
-    return len(server.clients)
-
-
-def _restore_client(
-    server: RelayServer,
-    record: dict,
-    sockets: dict[tuple[tuple[str, int], tuple[str, int]], socket.socket],
-    now: float,
-    downtime: float,
-) -> Client | None:
-    local, remote = record["local"], record["remote"]
-    sock = sockets.pop(((local[0], local[1]), (remote[0], remote[1])), None)
-    if sock is None:
-        return None  # reset while stored, or never stored
-    try:
-        wire = Connection.restore_state(
-            record["wire"],
-            server.identity,
-            now,
-            downtime=downtime,
-            max_frame_length=server.limits.max_frame_length,
-        )
-        cid = record["id"]
-        if not isinstance(cid, int) or cid in server.clients:
-            raise ValueError("connection id missing or taken")
-        out = record["out"]
-        if not isinstance(out, bytes):
-            raise ValueError("output of the wrong type")
-    except BaseException:
-        close_quietly(sock)
-        raise
-    sock.setblocking(False)
-    client = Client(cid, sock, remote[0], remote[1], wire)
-    client.source = server.admission.prefixes(remote[0])
-    client.started = now  # its debug close line counts from the hand-over
-    if out:
-        client.out.append(out)
-        client.out_size = len(out)
-    client.paused = int(record["paused"])
-    if record["closing"] is not None:
-        client.closing = True
-        client.close_reason = CloseReason(record["closing"])
-        client.close_by = now + float(record["close_in"])
-    client.recv_size = int(record["recv_size"])
-    return client
-
-
-def _watch(server: RelayServer, client: Client) -> None:
-    events = 0 if client.paused else selectors.EVENT_READ
-    if client.out:
-        events |= selectors.EVENT_WRITE
-        server.output.dirty.add(client)
-    server.output.set_events(client, events)
-    server._schedule(client, min(client.wire.next_deadline(), client.close_by))
-    if client.wire.backlog:
-        # Frames received beyond its budget before the hand-over: served in the next turn.
-        server._backlog[client.id] = client

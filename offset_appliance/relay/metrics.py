@@ -294,7 +294,7 @@ class _Exchange:
         self.deadline = now + REQUEST_TIMEOUT
         self.events = selectors.EVENT_READ
 
-    def handle(self, mask: int) -> None:
+    def handle(self, mask: int, now: float) -> None:
         if mask & selectors.EVENT_READ and not self.outbuf:
             self._read()
         elif mask & selectors.EVENT_WRITE:
@@ -360,11 +360,8 @@ class MetricsEndpoint:
         address: tuple[str, int],
         render_text: Callable[[], str],
         stats: Stats,
-        *,
-        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.selector = selector
-        self.clock = clock
         self.render_text = render_text
         self.stats = stats
         self.exchanges: dict[socket.socket, _Exchange] = {}
@@ -384,7 +381,7 @@ class MetricsEndpoint:
         self.paused = False
         # Called when accept fails for lack of descriptors: the relay then stops watching
         # every listening socket for a moment, this one included, instead of spinning on it.
-        self.out_of_descriptors: Callable[[OSError], None] | None = None
+        self.out_of_descriptors: Callable[[OSError, float], None] | None = None
 
     def pause(self) -> None:
         """Stop watching the listening socket (the relay is out of descriptors)."""
@@ -398,15 +395,14 @@ class MetricsEndpoint:
             self.selector.register(self.sock, selectors.EVENT_READ, self)
             self.paused = False
 
-    def handle(self, mask: int) -> None:
-        now = self.clock()
+    def handle(self, mask: int, now: float) -> None:
         for _ in range(MAX_CLIENTS):
             try:
                 sock, _ = self.sock.accept()
             except OSError as exc:
                 if exc.errno in OUT_OF_DESCRIPTORS:
                     if self.out_of_descriptors is not None:
-                        self.out_of_descriptors(exc)
+                        self.out_of_descriptors(exc, now)
                     else:
                         self.pause()
                 return

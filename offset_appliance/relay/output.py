@@ -2,71 +2,68 @@
 which connections stop being read while the connection they feed cannot keep up.
 
 A connection's output is taken from its protocol stack into its queue and written once per
-turn of the loop (``flush``), with one ``sendmsg`` of many buffers. A queue above the high
-water mark pauses reading of the tunnel end that feeds it; below the low water mark reading
-resumes. Pausing and resuming for any reason goes through ``pause`` and ``resume``.
+turn of the loop, with one ``sendmsg`` of many buffers. A queue above the high water mark
+pauses reading of the tunnel end that feeds it, and the core is told (``set_congested``); below
+the low water mark reading resumes. Pausing and resuming for any reason goes through
+``pause`` and ``resume``. It closes nothing: a failed write, or a closing connection's flush
+that ended, is returned to the relay, which closes.
 """
 
 from __future__ import annotations
 
 import selectors
-from collections.abc import Callable
+from collections.abc import Mapping
 
 from ..config import Limits
 from ..errors import CloseReason
-from .clients import PAUSED_BY_PEER, Client
+from .actions import PAUSED_BY_PEER
+from .clients import Client
 from .core import RelayCore
+from .timers import Timers
 
 IOV_MAX = 1024
 
-CloseFn = Callable[[Client, CloseReason, str], None]
+# What a write leaves to the relay: close the connection for this reason, with this detail.
+Ended = tuple[CloseReason, str]
 
 
 class Output:
-    """The output side of every connection of one server."""
+    """The output side of every connection of one relay."""
 
     def __init__(
         self,
         selector: selectors.BaseSelector,
-        clients: dict[int, Client],
+        clients: Mapping[int, Client],
         core: RelayCore,
         limits: Limits,
-        clock: Callable[[], float],
-        close: CloseFn,
-        schedule: Callable[[Client, float], None],
+        timers: Timers,
     ) -> None:
         self.selector = selector
         self.clients = clients
         self.core = core
         self.limits = limits
-        self.clock = clock
-        self._close = close  # a write failed, or a closing connection's flush ended
-        self._schedule = schedule  # a resumed connection's idle deadline runs again
+        self.timers = timers  # a resumed connection's idle deadline runs again
         self.dirty: set[Client] = set()
 
     # ---- queueing and writing ----------------------------------------------------------
 
     def take(self, client: Client) -> None:
-        """Move the protocol stack's output to the socket queue; it is written by ``flush``."""
+        """Move the protocol stack's output to the socket queue; it is written by the
+        relay's flush."""
         chunks = client.wire.data_to_send()
         if chunks:
             client.out.extend(chunks)
             client.out_size += sum(map(len, chunks))
             self.dirty.add(client)
+            if not client.congested and client.out_size >= self.limits.buffer_high_water:
+                client.congested = True
+                self.core.set_congested(client.id, True)
 
-    def can_queue(self, conn_id: int) -> bool:
-        """Whether a connection's queue has room (below the high water mark)."""
-        client = self.clients.get(conn_id)
-        return client is not None and client.out_size < self.limits.buffer_high_water
-
-    def flush(self) -> None:
-        """Write every connection that got output since the last flush."""
+    def take_dirty(self) -> set[Client]:
+        """The connections that got output since the last call."""
         dirty = self.dirty
         self.dirty = set()
-        clients = self.clients
-        for client in dirty:
-            if client.id in clients:
-                self.write(client)
+        return dirty
 
     def forget(self, client: Client) -> None:
         """The connection is closed: stop watching it and drop what it had queued."""
@@ -77,16 +74,16 @@ class Output:
         client.out.clear()
         client.out_size = 0
 
-    def write(self, client: Client) -> None:
-        """Write as much of the queue as the socket takes."""
+    def write(self, client: Client, now: float) -> Ended | None:
+        """Write as much of the queue as the socket takes. Returns why the relay is to
+        close the connection now (the write failed, or its closing flush is done), or None."""
         out = client.out
         try:
             sent = client.sock.sendmsg(out[:IOV_MAX] if len(out) > IOV_MAX else out)
         except (BlockingIOError, InterruptedError):
             sent = 0
         except OSError as exc:
-            self._close(client, CloseReason.RESET, f"send failed: {exc.strerror}")
-            return
+            return CloseReason.RESET, f"send failed: {exc.strerror}"
         if sent == client.out_size:
             # All of it (the usual case): nothing to walk.
             out.clear()
@@ -111,27 +108,31 @@ class Output:
                 self.want_write(client, False)
             if client.closing:
                 assert client.close_reason is not None
-                self._close(client, client.close_reason, "flushed")
-                return
-        self.balance(client)
+                return client.close_reason, "flushed"
+        self.balance(client, now)
+        return None
 
     # ---- back-pressure -----------------------------------------------------------------
 
-    def balance(self, client: Client) -> None:
+    def balance(self, client: Client, now: float) -> None:
         """Pause the tunnel peer feeding a full queue; resume it once the queue drained."""
         size = client.out_size
-        if size > self.limits.buffer_high_water:
+        limits = self.limits
+        if client.congested and size < limits.buffer_high_water:
+            client.congested = False
+            self.core.set_congested(client.id, False)
+        if size > limits.buffer_high_water:
             feeder = self.core.peer_of(client.id)
             if feeder is not None:
                 other = self.clients.get(feeder)
                 if other is not None and not other.paused & PAUSED_BY_PEER:
                     self.pause(other, PAUSED_BY_PEER)
-        elif size < self.limits.buffer_low_water:
+        elif size < limits.buffer_low_water:
             feeder = self.core.peer_of(client.id)
             if feeder is not None:
                 other = self.clients.get(feeder)
                 if other is not None and other.paused & PAUSED_BY_PEER:
-                    self.resume(other, PAUSED_BY_PEER, self.clock())
+                    self.resume(other, PAUSED_BY_PEER, now)
 
     def pause(self, client: Client, reason: int) -> None:
         """Stop reading ``client`` for ``reason`` (one of the ``PAUSED_BY_*`` flags)."""
@@ -148,7 +149,7 @@ class Output:
         if not client.paused:
             client.wire.resume_reading(now)
             self.set_events(client, client.events | selectors.EVENT_READ)
-            self._schedule(client, client.wire.next_deadline())
+            self.timers.schedule(client, client.wire.next_deadline())
 
     # ---- the selector's interest -------------------------------------------------------
 

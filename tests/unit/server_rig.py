@@ -146,7 +146,7 @@ class Rig:
             moved = self.server.step(QUIET_WAIT) > 0
             for node in list(self.nodes):
                 moved |= node.pump()
-            if moved or self.server.output.dirty:
+            if moved or self.server.relay.has_work():
                 quiet = 0
             else:
                 quiet += 1

@@ -299,7 +299,7 @@ def test_reloaded_lists_apply_to_new_requests_and_keep_what_is_open(rigs):
     )
     rig.server.request_reload()
     rig.settle()
-    assert rig.server.access.access.ip_deny == ("10.0.0.0/8",)
+    assert rig.server.policy.access.access.ip_deny == ("10.0.0.0/8",)
     connector.send(b"still")
     rig.settle()
     assert acceptor.inbox == [b"still"] and listener.is_open  # admitted before: kept
@@ -320,14 +320,14 @@ def test_an_ipv6_slash_64_is_one_source_for_max_connections_per_ip(rigs):
     def arrive(ip: str):
         ours, theirs = socket.socketpair()
         pairs.append(theirs)
-        return server.add_connection(ours, (ip, 40000), rig.clock())
+        return server.relay.add_connection(ours, (ip, 40000), rig.clock())
 
     admitted = [arrive(f"2001:db8:1:2::{n:x}") for n in range(1, 5)]
     assert all(admitted[:3]) and admitted[3] is None
     assert server.stats.refused["max_connections_per_ip"] == 1
     assert admitted[0].source == "2001:db8:1:2::/64"
     assert arrive("2001:db8:1:3::1") is not None  # the next /64 is another source
-    server._close(admitted[0], CloseReason.PEER_CLOSED)
+    server.relay.close(admitted[0], CloseReason.PEER_CLOSED, now=rig.clock())
     assert arrive("2001:db8:1:2::99") is not None  # a slot of that /64 was freed
     for sock in pairs:
         sock.close()
@@ -341,7 +341,7 @@ def test_ipv4_prefix_makes_a_whole_network_one_source(rigs):
     def arrive(ip: str):
         ours, theirs = socket.socketpair()
         pairs.append(theirs)
-        return server.add_connection(ours, (ip, 40000), rig.clock())
+        return server.relay.add_connection(ours, (ip, 40000), rig.clock())
 
     assert arrive("198.18.0.1") and arrive("198.18.0.200")
     assert arrive("198.18.0.7") is None
@@ -431,7 +431,7 @@ def test_denied_requests_ban_their_source_until_the_ban_lifts(rigs, caplog):
             node.send(encode_init_connection(Listen()))
             rig.settle()
             assert node.eof
-        assert rig.server.bans.active(rig.clock()) == 1
+        assert rig.server.policy.bans.active(rig.clock()) == 1
         turned = Node(rig)
         rig.settle()
         assert turned.eof and stats.refused["banned"] == 1
@@ -454,7 +454,7 @@ def test_failed_handshakes_are_strikes(rigs):
         sock.close()
     rig.settle()
     assert rig.server.stats.handshakes_failed_total == 3
-    assert rig.server.bans.is_banned("127.0.0.1", rig.clock())
+    assert rig.server.policy.bans.is_banned("127.0.0.1", rig.clock())
 
 
 # ---- the memory ceiling --------------------------------------------------------------------
@@ -488,7 +488,7 @@ def test_over_the_ceiling_new_connections_are_refused_and_big_feeders_paused(rig
     # A high water mark out of the way: only the ceiling pauses the feeder here.
     rig = rigs(limits={"max_memory": 100 << 20, "buffer_high_water": 64 << 20})
     server = rig.server
-    server.memory.rss = lambda: rss[0]
+    server.policy.memory.rss = lambda: rss[0]
     listener = rig.listener()
     connector = rig.node()
     connector.send(encode_init_connection(Connect(listener.public_key)))
@@ -505,7 +505,7 @@ def test_over_the_ceiling_new_connections_are_refused_and_big_feeders_paused(rig
     rss[0] = 101 << 20
     rig.clock.advance(1.0)
     rig.settle()
-    assert server.memory.active and server.admission.memory_full
+    assert server.policy.memory.active and server.policy.memory_full
     assert feeder.paused & PAUSED_BY_MEMORY
     late = Node(rig)
     rig.settle()
@@ -517,7 +517,7 @@ def test_over_the_ceiling_new_connections_are_refused_and_big_feeders_paused(rig
     rss[0] = 89 << 20
     rig.clock.advance(1.0)
     rig.settle()
-    assert not server.memory.active and not feeder.paused
+    assert not server.policy.memory.active and not feeder.paused
     assert rig.node().is_open
     assert "offset_relay_memory_ceiling_active 0" in server.metrics_text()
 
@@ -525,7 +525,7 @@ def test_over_the_ceiling_new_connections_are_refused_and_big_feeders_paused(rig
 def test_raising_the_ceiling_by_reload_accepts_again(rigs):
     new_config: list[Config] = []
     rig = rigs(limits={"max_memory": 1 << 20}, reload_config=lambda: new_config[0])
-    rig.server.memory.rss = lambda: 50 << 20
+    rig.server.policy.memory.rss = lambda: 50 << 20
     rig.clock.advance(1.0)
     rig.settle()
     refused = Node(rig)

@@ -82,7 +82,7 @@ def run_for(rig: Rig, seconds: int) -> None:
 
 def test_everything_off_by_default_keeps_the_read_path_untouched(rigs):
     rig = rigs()
-    assert not rig.server.bandwidth.enabled
+    assert not rig.server.policy.bandwidth.enabled
     _, connector, acceptor = rig.tunnel()
     flood(connector, 50)
     rig.settle()
@@ -108,7 +108,7 @@ def test_a_connection_rate_paces_reads_and_drops_nothing(rigs):
     assert 5 * rate * OVERHEAD - MIN_READ <= paced <= 5 * rate + MIN_READ
     assert rig.server.stats.throttled_seconds["connection"] >= 4.0
     # Nothing was dropped: lift the limit and the rest arrives, in order.
-    rig.server.bandwidth.apply_config(config())
+    rig.server.relay.apply(config(), rig.clock())
     rig.settle()
     assert payload(acceptor) == 200 * len(CHUNK)
     assert all(message == CHUNK for message in acceptor.inbox)
@@ -180,21 +180,21 @@ def test_a_total_rate_bounds_the_whole_relay(rigs):
 def test_a_reload_applies_new_rates_to_open_connections(rigs):
     rig = rigs()
     _, connector, acceptor = tunnel(rig)
-    rig.server.bandwidth.apply_config(config(bandwidth={"connection_rate": 50_000}))
+    rig.server.relay.apply(config(bandwidth={"connection_rate": 50_000}), rig.clock())
     flood(connector)
     rig.settle()
     assert rig.client_of(connector).paused & PAUSED_BY_RATE
     held = payload(acceptor)
     assert held < 200 * len(CHUNK)
     # Raised: the paused connection is looked at again at once and reads more.
-    rig.server.bandwidth.apply_config(config(bandwidth={"connection_rate": 400_000}))
+    rig.server.relay.apply(config(bandwidth={"connection_rate": 400_000}), rig.clock())
     rig.settle()
     run_for(rig, 1)
     assert payload(acceptor) >= held + 400_000 * OVERHEAD - MIN_READ
-    rig.server.bandwidth.apply_config(config())
+    rig.server.relay.apply(config(), rig.clock())
     rig.settle()
     assert payload(acceptor) == 200 * len(CHUNK)
-    assert not rig.server.bandwidth.enabled
+    assert not rig.server.policy.bandwidth.enabled
     assert rig.client_of(connector).meter is None
 
 
@@ -209,7 +209,7 @@ def test_closing_a_paused_connection_counts_its_throttled_time(rigs):
     run_for(rig, 10)  # it is read again once its debt is paid: the close is seen then
     assert len(rig.server.clients) == 1  # the listener; the tunnel is gone
     assert rig.server.stats.throttled_seconds["connection"] >= 0.5
-    assert not rig.server.bandwidth._keys and not rig.server.bandwidth._prefixes
+    assert not rig.server.policy.bandwidth._keys and not rig.server.policy.bandwidth._prefixes
 
 
 # ---- budgets -------------------------------------------------------------------------------
@@ -279,7 +279,7 @@ def test_a_reload_that_puts_a_key_over_slows_its_open_connection_in_short_pauses
     # so it is paused for a fraction of a second at a time, not for a large read's worth.
     floor = 65536
     throttle = {"key_daily": 100_000, "action": "throttle", "floor_rate": floor}
-    rig.server.bandwidth.apply_config(config(budgets=throttle))
+    rig.server.relay.apply(config(budgets=throttle), rig.clock())
     start = payload(acceptor)
     flood(connector, 400)
     rig.settle()
@@ -346,7 +346,7 @@ def test_throttled_seconds_include_the_pauses_still_running(rigs):
 
 def test_a_new_utc_day_lifts_a_daily_budget(rigs):
     rig = rigs(budgets={"key_daily": 100_000, "action": "refuse"})
-    control = rig.server.bandwidth
+    control = rig.server.policy.bandwidth
     control.wallclock = lambda: utc("2026-11-30T23:59:58")
     control.usage.roll(control.wallclock())
     heavy = SigningKey.generate()
@@ -433,7 +433,7 @@ def test_a_damaged_state_file_is_one_line_and_a_fresh_start(tmp_path, caplog, co
     try:
         lines = [r for r in caplog.records if "unusable" in r.getMessage()]
         assert len(lines) == 1 and str(path) in lines[0].getMessage()
-        assert rig.server.bandwidth.usage.total.month == 0
+        assert rig.server.policy.bandwidth.usage.total.month == 0
         rig.node()  # and it serves
     finally:
         rig.close()
@@ -458,7 +458,7 @@ def test_counts_survive_a_restart_through_the_state_file(tmp_path):
     assert saved["prefixes"]["127.0.0.1"][1] >= saved["keys"][key][1]
     rig = Rig(budgets=budgets)
     try:
-        usage = rig.server.bandwidth.usage
+        usage = rig.server.policy.bandwidth.usage
         assert usage is not None
         assert usage.keys[key].month == saved["keys"][key][1]
         assert usage.total.month == saved["total"][1]
@@ -505,16 +505,17 @@ def test_state_directory_gives_the_default_state_file(tmp_path, monkeypatch):
 
 
 def test_the_handover_carries_the_counts(rigs):
-    from offset_appliance.relay.handover import export_server
-
     rig = rigs(budgets={"total_monthly": 10**9})
     _, connector, _ = tunnel(rig)
     flood(connector, 10)
     rig.settle()
-    document = export_server(rig.server, [], rig.clock())
+    state = rig.server.relay.export_state(rig.clock())
     other = rigs(budgets={"total_monthly": 10**9})
-    other.server.bandwidth.take_usage(document["usage"])
-    assert other.server.bandwidth.usage.total.month == rig.server.bandwidth.usage.total.month
+    other.server.policy.bandwidth.take_usage(state.usage)
+    assert (
+        other.server.policy.bandwidth.usage.total.month
+        == rig.server.policy.bandwidth.usage.total.month
+    )
 
 
 # ---- configuration -------------------------------------------------------------------------
@@ -580,9 +581,9 @@ def test_a_throttled_connection_and_the_counts_travel_through_the_handover(tmp_p
         flood(connector, 40)
         rig.settle()
         assert rig.client_of(connector).paused & PAUSED_BY_RATE
-        counted = rig.server.bandwidth.usage.total.month
+        counted = rig.server.policy.bandwidth.usage.total.month
         _restart(rig, store)
-        assert rig.server.bandwidth.usage.total.month >= counted
+        assert rig.server.policy.bandwidth.usage.total.month >= counted
         run_for(rig, 10)  # resumed after the hand-over, still at the rate
         assert payload(acceptor) == 40 * len(CHUNK)
         assert connector.is_open and acceptor.is_open
@@ -630,5 +631,5 @@ def test_a_budget_refusal_is_a_strike_towards_a_ban(rigs):
         rig.settle()
         assert refused.eof
     # More refusals than the threshold: loopback is banned, once.
-    assert rig.server.bans.is_banned("127.0.0.1", rig.clock())
+    assert rig.server.policy.bans.is_banned("127.0.0.1", rig.clock())
     assert rig.server.stats.refused["budget"] == 2

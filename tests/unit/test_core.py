@@ -24,8 +24,9 @@ def accept(key):
 
 
 def take(core):
-    actions = list(core.actions)
-    core.actions.clear()
+    actions = []
+    while (action := core.next_action()) is not None:
+        actions.append(action)
     return actions
 
 
@@ -277,7 +278,8 @@ def test_half_tunnels_per_listener_are_capped():
 
 
 def test_notification_that_cannot_be_queued_closes_the_connect():
-    core = RelayCore(can_queue=lambda conn_id: conn_id != 1)
+    core = RelayCore()
+    core.set_congested(1, True)
     setup_listener(core)
     core.opened(2, X, 0.0)
     core.message(2, connect(L), 0.0)

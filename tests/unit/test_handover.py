@@ -202,8 +202,15 @@ def _core_with_everything() -> RelayCore:
     core.opened(4, keys[1], 0.0)
     core.message(4, encode_init_connection(Accept(keys[3])), 0.0)
     core.opened(5, keys[5], 0.0)  # waiting for its first message
-    core.actions.clear()
+    core.discard_actions()
     return core
+
+
+def _taken(core: RelayCore) -> list:
+    actions = []
+    while (action := core.next_action()) is not None:
+        actions.append(action)
+    return actions
 
 
 def test_core_round_trip_keeps_listeners_half_tunnels_and_pairings():
@@ -212,15 +219,15 @@ def test_core_round_trip_keeps_listeners_half_tunnels_and_pairings():
     assert isinstance(document, dict)
     new = RelayCore(CoreLimits(half_tunnel_buffer=10))
     assert sorted(new.restore_state(document, 1000.0, {1, 2, 3, 4, 5})) == [1, 2, 3, 4, 5]
-    assert not new.actions
+    assert not new.has_actions()
     assert new.listener_of(bytes([1]) * 32) == 1 and new.tunnels == 1
     assert new.role(2) is Role.HALF_TUNNEL and new.role(5) is Role.PENDING
     new.message(3, b"through", 1000.0)
-    assert new.actions.popleft() == Send(4, b"through")
+    assert new.next_action() == Send(4, b"through")
     # The half-tunnel's early data is delivered on accept, and its reading resumed.
     new.opened(6, bytes([1]) * 32, 1000.0)
     new.message(6, encode_init_connection(Accept(bytes([2]) * 32)), 1000.0)
-    actions = list(new.actions)
+    actions = _taken(new)
     assert Send(6, b"early data") in actions and new.tunnels == 2
     # Deadlines kept as durations: the pending first message is due 1000 + (timeout - 4).
     limits = CoreLimits()
@@ -232,7 +239,7 @@ def test_core_restore_closes_what_did_not_come_back():
     new = RelayCore()
     new.restore_state(core.export_state(0.0), 0.0, {1, 2, 4, 5})  # 3 lost its socket
     assert new.role(3) is None and new.role(4) is None and new.tunnels == 0
-    closes = [a for a in new.actions if type(a).__name__ == "Close"]
+    closes = [a for a in _taken(new) if type(a).__name__ == "Close"]
     assert [c.conn_id for c in closes] == [4]
 
 
@@ -265,7 +272,7 @@ def test_container_round_trip_and_damage():
     for damaged in (
         b"",
         b"NOTRELAY" + packed[8:],
-        packed[:8] + (2).to_bytes(4, "big") + packed[12:],  # a version from the future
+        packed[:8] + (3).to_bytes(4, "big") + packed[12:],  # a version from the future
         packed[:30],
         packed[:-1],  # a blob cut short
         packed[:20] + b"]" + packed[21:],  # the document unreadable
@@ -365,16 +372,16 @@ def _restart(rig: Rig, store: FakeStore, *, damage=None) -> None:
     if damage is not None:
         packed = handover.pack_state
 
-        def pack_damaged(document):
-            return damage(packed(document))
+        def pack_damaged(document: object, version: int = handover.FORMAT_VERSION) -> bytes:
+            return damage(packed(document, version))
 
         handover.pack_state, saved = pack_damaged, handover.pack_state
         try:
-            assert old.handover.hand_over(old)
+            assert old.handover.hand_over(old.relay, old.clock())
         finally:
             handover.pack_state = saved
     else:
-        assert old.handover.hand_over(old)
+        assert old.handover.hand_over(old.relay, old.clock())
     old.selector.close()
     rig.clock = FakeClock(50_000.0)  # another process: another clock reading
     # The new process reads the port the old one was given, as a configured one.
@@ -383,7 +390,7 @@ def _restart(rig: Rig, store: FakeStore, *, damage=None) -> None:
     inherited = store.inherit()
     assert new.bind(inherited) == [rig.address]
     new.handover = handover.Handover(handover.ServiceManager(store.path))
-    new.handover.started(new, inherited)
+    new.handover.started(new.relay, inherited, new.clock())
     rig.server = new
 
 
@@ -508,14 +515,14 @@ def test_a_feeder_paused_for_memory_reads_again_after_the_hand_over(store):
     try:
         _, connector, acceptor = _stalled_tunnel(rig)
         feeder = rig.client_of(connector)
-        rig.server.memory.rss = lambda: 1 << 41  # over the ceiling
+        rig.server.policy.memory.rss = lambda: 1 << 41  # over the ceiling
         rig.clock.advance(1.0)
         rig.settle()
         assert feeder.paused & PAUSED_BY_MEMORY
         _restart(rig, store)  # the new process has a ceiling it is below
         assert rig.client_of(connector).paused & PAUSED_BY_MEMORY  # as it was handed over
         assert rig.client_of(connector).source == "127.0.0.0/24"
-        assert rig.server.admission.per_ip == {"127.0.0.0/24": 3}  # the tunnel's three
+        assert rig.server.policy.per_source == {"127.0.0.0/24": 3}  # the tunnel's three
         acceptor.reading = True
         rig.settle()
         assert not rig.client_of(connector).paused

@@ -12,8 +12,7 @@ import socket
 import pytest
 
 from offset_appliance.config import LIMIT_MAXIMUM, Config
-from offset_appliance.errors import CloseReason, ConfigError
-from offset_appliance.relay.core import Close, Send
+from offset_appliance.errors import ConfigError
 from offset_appliance.wire import capnp
 from offset_appliance.wire.connection import VERSION_FRAME, State
 from offset_appliance.wire.frames import FrameDecoder, encode_frame
@@ -37,9 +36,11 @@ def _half_tunnel(rig: Rig, sock: socket.socket, number: int, connect: bytes) -> 
     server = rig.server
     now = rig.clock()
     address = (f"10.{number >> 16 & 255}.{number >> 8 & 255}.{number & 255}", 40000)
-    client = server.add_connection(sock, address, now)
+    client = server.relay.add_connection(sock, address, now)
     assert client is not None
-    server._opened(client, number.to_bytes(32, "big"), now)
+    # As the read path does when a handshake finishes.
+    assert server.policy.opened(client, now)
+    server.core.opened(client.id, number.to_bytes(32, "big"), now, client.source)
     server.core.message(client.id, connect, now)
     return client.id
 
@@ -79,7 +80,7 @@ def test_ten_thousand_half_tunnels_expire_in_one_timer_pass(rigs):
             sock.connect(sink.getsockname())
             socks.append(sock)
             _half_tunnel(rig, sock, index * per_listener + n, connect)
-    rig.server._drain()
+    rig.server.relay.drain(rig.clock())
     rig.settle()
     assert len(rig.server.clients) == listeners + 10_000
     assert rig.server.core.half_tunnel_count == 10_000
@@ -110,11 +111,11 @@ def test_closing_a_listener_with_the_most_pending_connects_the_config_allows(rig
         far.setblocking(False)
         far_ends.append(far)
         _half_tunnel(rig, near, n, connect)
-    rig.server._drain()
+    rig.server.relay.drain(rig.clock())
     # One more is refused: the bound holds.
     near, far = socket.socketpair()
     _half_tunnel(rig, near, most, connect)
-    rig.server._drain()
+    rig.server.relay.drain(rig.clock())
     assert rig.server.stats.closed["half_tunnel_limit"] == 1
     rig.settle()
     assert len(listener.inbox) == most
@@ -145,18 +146,17 @@ def test_a_batch_with_sends_and_a_close_delivers_each_message_exactly_once(rigs)
     x_id = rig.client_of(connector).id
     b_id = rig.client_of(bystander).id
     core = rig.server.core
-    # What the core queues when two messages go one way and a connection closes, then more
-    # goes the other way and the tunnel end itself closes (with a flush), in one batch.
-    core.actions.extend(
-        [
-            Send(a_id, b"one"),
-            Send(a_id, b"two"),
-            Close(b_id, CloseReason.RELAY_REFUSED),
-            Send(x_id, b"three"),
-            Send(a_id, b"four"),
-            Close(a_id, CloseReason.TUNNEL_PEER_CLOSED, True),
-        ]
-    )
+    now = rig.clock()
+    # What the core queues when two messages go one way and a connection's request is
+    # refused, then more goes the other way and the tunnel's other end is lost (its end
+    # here closes with a flush), in one batch the relay has not applied yet.
+    core.message(x_id, b"one", now)
+    core.message(x_id, b"two", now)
+    core.message(b_id, encode_init_connection(Accept(bytes(32))), now)
+    core.message(a_id, b"three", now)
+    core.message(x_id, b"four", now)
+    core.closed(x_id)
+    assert core.has_actions()
     rig.settle()
     assert acceptor.inbox == [b"one", b"two", b"four"]
     assert acceptor.eof
@@ -265,10 +265,10 @@ def test_an_unfinished_handshake_times_out_on_the_clock(rigs):
     rig = rigs(timeouts={"conn_timeout": 8.0})
     sock = socket.create_connection(rig.address)
     rig.server.step(0)
-    assert len(rig.server.admission.handshaking) == 1
+    assert len(rig.server.policy.handshaking) == 1
     rig.clock.advance(7.9)
     rig.server.step(0)
-    assert len(rig.server.admission.handshaking) == 1
+    assert len(rig.server.policy.handshaking) == 1
     rig.clock.advance(0.1)
     rig.server.step(0)
     assert rig.server.clients == {}
@@ -294,7 +294,7 @@ def test_a_half_tunnel_expires_on_the_clock(rigs):
 def test_out_of_descriptors_sheds_and_pauses_accepting_until_the_clock_moves(rigs):
     rig = rigs()
     server = rig.server
-    server.admission.start()  # the reserve descriptor, as serve_forever takes it
+    server.relay.listeners.start()  # the reserve descriptor, as serve_forever takes it
     waiting = [socket.create_connection(rig.address) for _ in range(10)]
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     # No descriptor left: the limit just above the highest one in use, every hole filled.
@@ -329,7 +329,7 @@ def test_out_of_descriptors_sheds_and_pauses_accepting_until_the_clock_moves(rig
         if server.clients:
             break
     assert len(server.clients) == 1
-    assert server.admission.paused_until == 0.0
+    assert server.relay.listeners.paused_until == 0.0
     late.close()
 
 
@@ -357,8 +357,8 @@ def test_reload_says_every_time_what_takes_a_restart_and_keeps_the_running_value
     assert all("listen, identity_file" in w and "restart" in w for w in warnings)
     assert rig.server.config.listen == running.listen
     assert rig.server.config.identity_file == running.identity_file
-    assert rig.server.limits.max_handshakes == 7  # what can change did
-    assert rig.server.admission.limits.max_handshakes == 7
+    assert rig.server.config.limits.max_handshakes == 7  # what can change did
+    assert rig.server.policy.limits.max_handshakes == 7
     logging.getLogger().setLevel(logging.WARNING)
 
 
@@ -413,7 +413,7 @@ def test_a_refused_reload_changes_nothing_and_says_so_until_one_succeeds(rigs, c
         "reload: timeouts.half_tunnel 32.0 -> 20.0",
     ]
     assert "configuration reloaded: 3 settings changed" in lines
-    assert server.admission.limits.max_connections == 100
+    assert server.policy.limits.max_connections == 100
     assert server.core.limits.half_tunnel_timeout == 20.0
     assert not sent[-1].startswith("STATUS=reload failed")
     assert "offset_relay_config_last_reload_successful 1" in server.metrics_text()
@@ -468,8 +468,8 @@ def test_a_tunnel_message_waits_behind_actions_already_queued(rigs):
     rig = rigs()
     _listener, connector, acceptor = rig.tunnel()
     rig.settle()
-    a_id = rig.client_of(acceptor).id
-    rig.server.core.actions.append(Send(a_id, b"queued first"))
+    # The connector's first message reaches the core and waits there, unapplied.
+    rig.server.core.message(rig.client_of(connector).id, b"queued first", rig.clock())
     connector.send(b"read second")
     rig.settle()
     assert acceptor.inbox[-2:] == [b"queued first", b"read second"]

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import socket
 
-from offset_appliance.relay import server as server_module
+from offset_appliance.relay import loop as loop_module
+from offset_appliance.relay import relay as relay_module
 from offset_appliance.relay.metrics import render
 from offset_appliance.wire.messages import Accept, Connect, Listen, encode_init_connection
 
@@ -31,11 +32,11 @@ def test_one_read_gives_a_connection_at_most_its_frame_budget_per_turn(rigs):
     _wait_readable(client.sock)
     before = server.stats.messages_relayed
     server.step(0)
-    assert server.stats.messages_relayed - before == server_module.FRAME_BUDGET
+    assert server.stats.messages_relayed - before == relay_module.FRAME_BUDGET
     assert client.wire.backlog
     rig.settle()
     assert acceptor.inbox[-200:] == messages  # the rest, in order, in later turns
-    assert not client.wire.backlog and client.id not in server._backlog
+    assert not client.wire.backlog and client.id not in server.relay.backlog
 
 
 def test_a_turn_serves_the_longest_waiting_connections_first(rigs, monkeypatch):
@@ -43,7 +44,7 @@ def test_a_turn_serves_the_longest_waiting_connections_first(rigs, monkeypatch):
     nodes = [rig.listener() for _ in range(6)]
     server = rig.server
     # A budget so small that each turn serves one connection.
-    monkeypatch.setattr(server_module, "TURN_BUDGET", 0.0)
+    monkeypatch.setattr(loop_module, "TURN_BUDGET", 0.0)
     for node in nodes:
         node.send(b"x" * 10)  # not a valid RejectConnection: the listener is closed for it
         node.pump()
@@ -74,12 +75,12 @@ def test_an_idle_deadline_reads_what_is_waiting_before_it_closes(rigs):
     listener.pump()
     _wait_readable(client.sock)
     rig.clock.advance(1.5)
-    server._run_timers(rig.clock())
+    server.relay.tick(rig.clock())
     assert client.id in server.clients, "closed for a silence that was the relay's own"
     assert server.stats.closed["keepalive_timeout"] == 0
     # A peer that really is silent is still closed.
     rig.clock.advance(32.0)
-    server._run_timers(rig.clock())
+    server.relay.tick(rig.clock())
     assert client.id not in server.clients
     assert server.stats.closed["keepalive_timeout"] == 1
 
@@ -163,7 +164,7 @@ def test_a_first_message_waiting_unread_is_read_before_its_deadline_closes(rigs)
     node.pump()
     _wait_readable(client.sock)
     rig.clock.advance(1.5)
-    server._run_timers(rig.clock())
+    server.relay.tick(rig.clock())
     assert client.id in server.clients, "closed for a first message the relay had not read"
     assert server.core.listener_of(node.public_key) == client.id
     assert server.stats.closed["first_message_timeout"] == 0
@@ -178,9 +179,9 @@ def test_a_full_handshake_table_does_not_evict_a_handshake_whose_frames_wait_unr
     first, second = Node(rig), Node(rig)
     for _ in range(50):
         server.step(0.01)
-        if len(server.admission.handshaking) == 2:
+        if len(server.policy.handshaking) == 2:
             break
-    assert len(server.admission.handshaking) == 2
+    assert len(server.policy.handshaking) == 2
     for node in (first, second):
         # Each pump sends what is queued and reads the relay's version and nonce, which
         # queues our ExchangeDh: two pumps send all of it without the loop turning.
@@ -228,8 +229,8 @@ def test_a_turn_left_behind_asks_for_few_events_and_serves_the_leftovers_in_orde
     rig = rigs()
     nodes = [rig.listener() for _ in range(8)]
     server = rig.server
-    monkeypatch.setattr(server_module, "TURN_BUDGET", 0.0)  # one connection a turn
-    monkeypatch.setattr(server_module, "EVENTS_BEHIND", 2, raising=False)
+    monkeypatch.setattr(loop_module, "TURN_BUDGET", 0.0)  # one connection a turn
+    monkeypatch.setattr(loop_module, "EVENTS_BEHIND", 2, raising=False)
     for node in nodes:
         node.send(b"x" * 10)  # not a valid RejectConnection: the listener is closed for it
         node.pump()
@@ -264,24 +265,24 @@ def test_a_full_handshake_table_accepts_nothing_while_a_capped_poll_may_have_lef
     waiting = Node(rig)  # connected; its version and nonce are queued, not yet sent
     for _ in range(50):
         server.step(0.01)
-        if len(server.admission.handshaking) == 1:
+        if len(server.policy.handshaking) == 1:
             break
-    assert len(server.admission.handshaking) == 1
+    assert len(server.policy.handshaking) == 1
     waiting_client = rig.client_of(waiting)
-    monkeypatch.setattr(server_module, "TURN_BUDGET", 0.0)  # one connection a turn
-    monkeypatch.setattr(server_module, "EVENTS_BEHIND", 1)
+    monkeypatch.setattr(loop_module, "TURN_BUDGET", 0.0)  # one connection a turn
+    monkeypatch.setattr(loop_module, "EVENTS_BEHIND", 1)
     for node in (first, second):
         node.send(b"x" * 10)  # not a valid RejectConnection: the listener is closed for it
         node.pump()
     for node in (first, second):
         _wait_readable(rig.client_of(node).sock)
     server.step(0)  # serves one of the two; the other is left for the next turn
-    assert server._queue_at < len(server._queue)
+    assert server.loop.behind
     waiting.pump()  # its frames arrive after the others'
     third = socket.create_connection(rig.address)
     try:
         _wait_readable(waiting_client.sock)
-        _wait_readable(server.listen_sockets[0])
+        _wait_readable(server.relay.listeners.sockets[0])
         polled = server.selector.ready
 
         def ready_longest_first(timeout: float, max_events: int = 0):
