@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import logging
 import os
 import socket
 import threading
@@ -429,6 +430,40 @@ def test_relay_hands_every_connection_over_and_a_peer_sees_a_pause(store):
         connector.send(b"again")
         rig.settle()
         assert acceptor.inbox[-1] == b"again" and all(node.is_open for node in rig.nodes)
+    finally:
+        rig.close()
+
+
+_PACK_STATE = handover.pack_state
+
+
+def _as_version_1(packed: bytes) -> bytes:
+    """The same relay state as a relay before the Loop / Relay / Policy split wrote it:
+    format version 1, no connection records a source."""
+    version, document = handover.unpack_versioned(packed)
+    assert version == handover.FORMAT_VERSION == 2
+    assert isinstance(document, dict)
+    for record in document["clients"]:
+        del record["source"]
+    return _PACK_STATE(document, 1)  # not the stand-in _restart puts in its place
+
+
+def test_a_state_of_the_previous_version_is_restored_with_its_sources(store, caplog):
+    caplog.set_level(logging.INFO, logger="strelay")
+    rig = Rig(limits={"ipv4_prefix": 24})
+    try:
+        _, connector, acceptor = rig.tunnel()
+        idle = rig.listener()
+        _restart(rig, store, damage=_as_version_1)
+        assert "hand-over: 4 connections restored" in caplog.text
+        assert rig.server.core.tunnels == 1 and rig.server.core.listener_count == 2
+        # The sources, which version 1 did not carry, are worked out from the addresses.
+        assert rig.server.policy.per_source == {"127.0.0.0/24": 4}
+        assert {c.source for c in rig.server.clients.values()} == {"127.0.0.0/24"}
+        connector.send(b"after the upgrade")
+        rig.settle()
+        assert acceptor.inbox[-1] == b"after the upgrade"
+        assert all(node.is_open for node in (connector, acceptor, idle))
     finally:
         rig.close()
 
