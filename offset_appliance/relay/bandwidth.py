@@ -27,6 +27,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 from ..config import Bandwidth as BandwidthConfig
 from ..config import Budgets as BudgetsConfig
@@ -283,7 +284,7 @@ class BandwidthControl:
         """The relay stops (or hands over): save the counts."""
         self.save(now)
 
-    def usage_document(self, now: float) -> dict | None:
+    def usage_document(self, now: float) -> dict[str, Any] | None:
         """The counts, for the hand-over to the next process."""
         if self.usage is None:
             return None
@@ -303,7 +304,7 @@ class BandwidthControl:
 
     # ---- metrics -----------------------------------------------------------------------
 
-    def gauges(self) -> dict:
+    def gauges(self) -> dict[str, Any]:
         usage = self.usage
         if usage is None:
             return {"budget_used": {"total_month": 0, "total_day": 0}, "budget_over": {}}
@@ -374,7 +375,9 @@ class BandwidthControl:
         meter.pending = 0
         self._settle(client, meter, pending, now)
 
-    def _settle(self, client: Client, meter: Meter, size: int, now: float, pause=True) -> None:
+    def _settle(
+        self, client: Client, meter: Meter, size: int, now: float, pause: bool = True
+    ) -> None:
         """Charge ``size`` bytes to the counts and buckets of ``meter``."""
         if meter.usage:
             self._dirty = True
@@ -478,7 +481,15 @@ class BandwidthControl:
 
     # ---- attaching a connection to its buckets and counts ------------------------------
 
-    def _shared(self, table: dict, name: object, kind: str, rate: int, burst: int, now: float):
+    def _shared(
+        self,
+        table: dict[Any, Bucket],
+        name: object,
+        kind: str,
+        rate: int,
+        burst: int,
+        now: float,
+    ) -> Bucket:
         bucket = table.get(name)
         if bucket is None:
             bucket = table[name] = Bucket(kind, float(rate), auto_burst(rate, burst), now)

@@ -25,6 +25,7 @@ import itertools
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from ..config import Limits, Timeouts
 from ..errors import CloseReason, LocalProtocolError, ProtocolError
@@ -452,7 +453,7 @@ class RelayCore:
 
     # ---- hand-over (relay/handover.py) -------------------------------------------------
 
-    def export_state(self, now: float) -> dict:
+    def export_state(self, now: float) -> dict[str, Any]:
         """Listeners, half-tunnels (with their early data) and pairings, as plain data;
         deadlines as durations from ``now``. Nothing in it is secret but who talks to whom."""
         first_message_in: dict[int, float] = {}
@@ -463,7 +464,7 @@ class RelayCore:
                     first_message_in[due] = when - now
         conns = []
         for conn in self._conns.values():
-            record: dict = {
+            record: dict[str, Any] = {
                 "id": conn.id,
                 "key": conn.key,
                 "role": conn.role.name,
@@ -489,7 +490,7 @@ class RelayCore:
         listeners = [[key, cid] for key, cid in self._listeners.items()]
         return {"conns": conns, "listeners": listeners, "half_tunnels": halves}
 
-    def restore_state(self, state: dict, now: float, alive: set[int]) -> list[int]:
+    def restore_state(self, state: dict[str, Any], now: float, alive: set[int]) -> list[int]:
         """Take back what ``export_state`` gave, into an empty core, keeping only the
         connections in ``alive`` (the ones whose socket and stack came back). The others
         are gone: what they took part in ends as if they had closed (actions queued).
@@ -505,7 +506,7 @@ class RelayCore:
             self._reset()
             raise
 
-    def _restore(self, state: dict, now: float, alive: set[int]) -> list[int]:
+    def _restore(self, state: dict[str, Any], now: float, alive: set[int]) -> list[int]:
         conns = self._conns
         for record in state["conns"]:
             cid, key = record["id"], record["key"]

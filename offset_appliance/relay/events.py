@@ -17,6 +17,17 @@ MAX_SOURCES = 1024
 OTHERS = "other sources"
 
 
+class _Window:
+    """One limit's refusals of one source: since when, how many, the limit's last value."""
+
+    __slots__ = ("start", "count", "value")
+
+    def __init__(self, start: float, value: int | None) -> None:
+        self.start = start
+        self.count = 0
+        self.value = value
+
+
 class RefusalLog:
     """Rate-limited warnings: ``refusing 100.64.0.7: max_connections_per_ip (256); 412
     refused in the last 60 s``."""
@@ -24,8 +35,8 @@ class RefusalLog:
     def __init__(self, window: float = WINDOW, max_sources: int = MAX_SOURCES) -> None:
         self.window = window
         self.max_sources = max_sources
-        # (verb, limit, source) -> [start of the window, refusals in it, the limit's value]
-        self._open: dict[tuple[str, str, str], list] = {}
+        # (verb, limit, source) -> its window
+        self._open: dict[tuple[str, str, str], _Window] = {}
 
     def refused(
         self, limit: str, value: int | None, source: str, now: float, verb: str = "refusing"
@@ -40,24 +51,24 @@ class RefusalLog:
                 entry = self._open.get(key)
             if entry is None:
                 # The first of a window is said at once; the rest when the window ends.
-                self._open[key] = [now, 0, value]
+                self._open[key] = _Window(now, value)
                 self._line(key, 1, value)
                 return
-        entry[1] += 1
-        entry[2] = value
-        if now - entry[0] >= self.window:
+        entry.count += 1
+        entry.value = value
+        if now - entry.start >= self.window:
             self._close_window(key, entry, now)
 
     def flush(self, now: float) -> None:
         """End the windows that are over: a line for each that saw refusals after its first."""
         for key, entry in list(self._open.items()):
-            if now - entry[0] >= self.window:
+            if now - entry.start >= self.window:
                 self._close_window(key, entry, now)
 
-    def _close_window(self, key: tuple[str, str, str], entry: list, now: float) -> None:
-        if entry[1]:
-            self._line(key, entry[1], entry[2])
-            entry[0], entry[1] = now, 0
+    def _close_window(self, key: tuple[str, str, str], entry: _Window, now: float) -> None:
+        if entry.count:
+            self._line(key, entry.count, entry.value)
+            entry.start, entry.count = now, 0
         else:
             del self._open[key]
 

@@ -11,7 +11,7 @@ import logging
 import selectors
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from .. import __version__
@@ -135,7 +135,9 @@ def render(stats: Stats, snap: Snapshot) -> str:
     """The Prometheus text exposition format (version 0.0.4)."""
     out: list[str] = []
 
-    def metric(name: str, kind: str, help_text: str, samples) -> None:
+    def metric(
+        name: str, kind: str, help_text: str, samples: Iterable[tuple[dict[str, str], object]]
+    ) -> None:
         out.append(f"# HELP offset_relay_{name} {help_text}")
         out.append(f"# TYPE offset_relay_{name} {kind}")
         for labels, value in samples:

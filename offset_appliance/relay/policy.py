@@ -24,7 +24,7 @@ import logging
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from ..config import Config
 from ..errors import CloseReason
@@ -288,6 +288,18 @@ class Policy:
         self.refusals.flush(now)
         self.bans.expire(now)
         self.bandwidth.tick(now)
+
+    def usage_document(self, now: float) -> dict[str, Any] | None:
+        """The transfer counts (budgets), for the hand-over to the next process."""
+        return self.bandwidth.usage_document(now)
+
+    def take_usage(self, document: object) -> None:
+        """The counts handed over by the previous process (newer than the state file)."""
+        self.bandwidth.take_usage(document)
+
+    def source_of(self, ip: str) -> str:
+        """The prefix connections from ``ip`` count under."""
+        return self.prefixes(ip)
 
     def stop(self, now: float) -> None:
         """The relay stops (or hands over): save what is kept across starts."""

@@ -468,7 +468,7 @@ class Relay:
             monotonic=time.monotonic(),
             core=self.core.export_state(now),
             connections=tuple(records),
-            usage=self.policy.bandwidth.usage_document(now),
+            usage=self.policy.usage_document(now),
         )
 
     def release(self) -> None:
@@ -530,7 +530,7 @@ class Relay:
                 self.close(client, CloseReason.SHUTDOWN, now=now)
                 continue
             self._watch(client)
-        policy.bandwidth.take_usage(state.usage)
+        policy.take_usage(state.usage)
         self.stats.accepted += len(self.clients)
         self._next_id = max(restored, default=0) + 1
         self._take_policy_actions(now)
@@ -553,7 +553,7 @@ class Relay:
         ip, port = record.remote
         client = Client(record.id, sock, ip, port, wire)
         # As it counted before the restart; a state of version 1 did not say.
-        client.source = record.source if record.source is not None else self.policy.prefixes(ip)
+        client.source = record.source if record.source is not None else self.policy.source_of(ip)
         client.started = now  # its debug close line counts from the hand-over
         if record.out:
             client.out.append(record.out)
@@ -595,11 +595,11 @@ class Relay:
             Role.TUNNEL: "tunnel",
         }
         role = self.core.role
-        handshaking = self.policy.handshaking
+        is_handshaking = self.policy.is_handshaking
         for cid, client in self.clients.items():
             if client.closing:
                 counts["closing"] += 1
-            elif cid in handshaking:
+            elif is_handshaking(client):
                 counts["handshaking"] += 1
             else:
                 found = role(cid)

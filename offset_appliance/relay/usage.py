@@ -18,7 +18,9 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 FORMAT = "offset-relay-usage"
 VERSION = 1
@@ -99,7 +101,8 @@ class Usage:
         made = table[name] = Entry(scope, name)
         return made, pruned
 
-    def entries(self):
+    def entries(self) -> Iterator[Entry]:
+        """Every count: the relay's, each key's, each prefix's."""
         yield self.total
         yield from self.keys.values()
         yield from self.prefixes.values()
@@ -141,7 +144,7 @@ class Usage:
 
     # ---- the document ------------------------------------------------------------------
 
-    def document(self, wall: float) -> dict:
+    def document(self, wall: float) -> dict[str, Any]:
         """The counts as the state file holds them."""
 
         def table(entries: dict[str, Entry]) -> dict[str, list[int]]:
@@ -193,7 +196,7 @@ def _pair(value: object) -> bool:
     )
 
 
-def check_document(document: object) -> dict:
+def check_document(document: object) -> dict[str, Any]:
     """``document`` if it is a state file's content, else ``UsageFileError`` saying why."""
     if not isinstance(document, dict) or document.get("format") != FORMAT:
         raise UsageFileError("not a usage state file")
@@ -217,7 +220,7 @@ def check_document(document: object) -> dict:
     return document
 
 
-def read_usage_file(path: Path) -> dict:
+def read_usage_file(path: Path) -> dict[str, Any]:
     """The checked document of a state file. ``FileNotFoundError`` if there is none,
     ``OSError`` if it cannot be read, ``UsageFileError`` if it is damaged."""
     with open(path, "rb") as handle:
@@ -231,7 +234,7 @@ def read_usage_file(path: Path) -> dict:
     return check_document(document)
 
 
-def write_usage_file(path: Path, document: dict) -> None:
+def write_usage_file(path: Path, document: dict[str, Any]) -> None:
     """Write ``document`` to ``path`` atomically (readable by the relay's user only)."""
     data = json.dumps(document, separators=(",", ":"), sort_keys=True).encode() + b"\n"
     temporary = path.with_name(f".{path.name}.tmp")
