@@ -263,11 +263,7 @@ class Relay:
                 target.wire.send_packed(messages, now)
                 size = wire.forwarded_bytes
                 client.bytes_in += size
-                target.bytes_out += size
-                stats = self.stats
-                stats.messages_relayed += len(messages)
-                stats.bytes_relayed += size
-                self.output.take(target)
+                self._relayed(target, len(messages), size)
             else:
                 message = core.message
                 for payload in messages:
@@ -305,23 +301,18 @@ class Relay:
         taken by this same loop, so nothing is applied twice and a batch costs time linear
         in its size."""
         next_action = self.core.next_action
-        clients = self.clients
-        stats = self.stats
-        output = self.output
+        apply = self._apply
         while (action := next_action()) is not None:
-            if type(action) is Send:
-                # The usual action, applied here without a call.
-                target = clients.get(action.conn_id)
-                if target is None or target.closing:
-                    continue
-                payload = action.payload
-                target.wire.send_message(payload, now)
-                target.bytes_out += len(payload)
-                stats.messages_relayed += 1
-                stats.bytes_relayed += len(payload)
-                output.take(target)
-            else:
-                self._apply(action, now)
+            apply(action, now)
+
+    def _relayed(self, target: Client, messages: int, size: int) -> None:
+        """``messages`` of ``size`` payload bytes in all were queued for ``target``: the one
+        place relayed traffic is counted, whichever path carried it."""
+        target.bytes_out += size
+        stats = self.stats
+        stats.messages_relayed += messages
+        stats.bytes_relayed += size
+        self.output.take(target)
 
     def _take_policy_actions(self, now: float) -> None:
         next_action = self.policy.next_action
@@ -335,14 +326,14 @@ class Relay:
         target = self.clients.get(action.conn_id)
         if target is None:
             return
-        if isinstance(action, Close):
+        if isinstance(action, Send):  # the usual one
+            if not target.closing:
+                target.wire.send_message(action.payload, now)
+                self._relayed(target, 1, len(action.payload))
+        elif isinstance(action, Close):
             self.close(target, action.reason, flush=action.flush, now=now)
         elif isinstance(action, Pause):
             self.output.pause(target, action.why)
-        elif isinstance(action, Send):
-            if not target.closing:
-                target.wire.send_message(action.payload, now)
-                self.output.take(target)
         else:
             self.output.resume(target, action.why, now)
 
