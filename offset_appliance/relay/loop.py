@@ -249,7 +249,12 @@ class Loop:
             self._next_watchdog = now + self.watchdog
 
     def close(self) -> None:
-        """Let go of the wake-up socket and the selector."""
+        """Let go of the wake-up socket."""
+        if self._wakeup_w is not None:
+            try:
+                signal.set_wakeup_fd(-1)
+            except ValueError:  # not the main thread: it was never set from here
+                pass
         for sock in (self._wakeup_r, self._wakeup_w):
             if sock is not None:
                 sock.close()
