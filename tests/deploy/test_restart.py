@@ -168,11 +168,15 @@ def journal_cursor(host: Host) -> str:
 
 
 def journal_since(host: Host, cursor: str, pid: str = "") -> list[str]:
-    """The relay's journal lines after ``cursor``; only process ``pid``'s if given."""
-    match = f" _PID={pid}" if pid else ""
-    out = host.ssh(
-        f"journalctl -u offset-relay -o cat --no-pager --after-cursor '{cursor}'{match}"
-    ).stdout
+    """The relay's journal lines since ``cursor`` (the last entry before the action looked at);
+    only process ``pid``'s if given. ``--cursor`` includes that entry if it matches, which does
+    no harm; bookworm's journalctl (252) with ``--after-cursor`` skips the first matching entry
+    when the cursor's own entry does not match."""
+    if pid:
+        matches = f"_SYSTEMD_UNIT=offset-relay.service _PID={pid}"
+    else:
+        matches = "-u offset-relay"
+    out = host.ssh(f"journalctl {matches} -o cat --no-pager --cursor '{cursor}'").stdout
     return out.splitlines()
 
 
