@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+from collections.abc import Callable
 
 # From glibc's malloc.h.
 _M_TRIM_THRESHOLD = -1
@@ -39,7 +40,8 @@ def tune() -> bool:
         return False
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     mallopt.restype = ctypes.c_int
+    set_option: Callable[[int, int], int] = mallopt  # as argtypes and restype say
     # mallopt returns 1 on success.
-    return mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1 and (
-        mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
+    return set_option(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1 and (
+        set_option(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import socket
 import time
+from typing import TypedDict, Unpack
 
 from nacl.signing import SigningKey
 
@@ -37,6 +38,13 @@ class Unreachable(ClientError):
 
 class ConnectionClosed(ClientError):
     """The relay closed the connection."""
+
+
+class ConnectionSettings(TypedDict, total=False):
+    """Settings of a client's ``wire.Connection`` that :meth:`RelayClient.open` passes on."""
+
+    keepalive: float
+    max_frame_length: int
 
 
 class RelayClient:
@@ -75,7 +83,7 @@ class RelayClient:
         *,
         expected_key: bytes | None = None,
         timeout: float = 10.0,
-        **kwargs,
+        **kwargs: Unpack[ConnectionSettings],
     ) -> RelayClient:
         """Connect to ``address`` and complete the handshake (a fresh identity if none)."""
         started = time.monotonic()
@@ -102,7 +110,7 @@ class RelayClient:
     def __enter__(self) -> RelayClient:
         return self
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
 
     @property

@@ -11,8 +11,10 @@ import os
 import re
 import socket
 import stat
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypedDict
 
 from nacl.signing import SigningKey
 
@@ -28,13 +30,27 @@ class InsecureFileError(DataError):
     """A private key file that group or others may read or write."""
 
 
+class IdentityDocument(TypedDict):
+    """An identity file's JSON object, as the original writes it."""
+
+    privateKey: str
+
+
+class TicketDocument(TypedDict):
+    """A relay ticket file's JSON object, as the original writes it (keys in this order)."""
+
+    publicKey: str
+    address: str
+
+
 def b64url_encode(data: bytes) -> str:
     """Base64url without padding, as the original writes keys."""
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
-def b64url_decode(text: str, what: str) -> bytes:
-    """Base64url with or without padding; a :class:`DataError` naming ``what`` otherwise."""
+def b64url_decode(text: object, what: str) -> bytes:
+    """Base64url with or without padding; a :class:`DataError` naming ``what`` otherwise
+    (also for a value that is not a string: ``text`` may come straight from a JSON file)."""
     if not isinstance(text, str) or not re.fullmatch(r"[A-Za-z0-9_-]*={0,2}", text):
         raise DataError(f"{what} is not base64url text")
     stripped = text.rstrip("=")
@@ -67,8 +83,8 @@ def _write_new(path: Path, text: str, mode: int) -> None:
         raise CantCreateError(f"cannot write {path}: {exc.strerror}") from None
 
 
-def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
-    doc = {}
+def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    doc: dict[str, object] = {}
     for key, value in pairs:
         if key in doc:
             raise DataError(f'key "{key}" appears more than once')
@@ -122,7 +138,7 @@ def _read_file(path: Path, what: str, *, private: bool) -> bytes:
     return b"".join(chunks)
 
 
-def _read_json(path: Path, what: str, *, private: bool = False) -> dict:
+def _read_json(path: Path, what: str, *, private: bool = False) -> dict[str, object]:
     raw = _read_file(path, what, private=private)
     try:
         doc = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
@@ -137,7 +153,7 @@ def _read_json(path: Path, what: str, *, private: bool = False) -> dict:
     return doc
 
 
-def _key_field(doc: dict, name: str, path: Path, what: str) -> bytes:
+def _key_field(doc: Mapping[str, object], name: str, path: Path, what: str) -> bytes:
     if name not in doc:
         raise DataError(f'{what} {path} has no "{name}"')
     key = b64url_decode(doc[name], f'"{name}" in {path}')
@@ -149,7 +165,7 @@ def _key_field(doc: dict, name: str, path: Path, what: str) -> bytes:
 # -- identity ---------------------------------------------------------------------------------
 
 
-def _pretty(doc: dict) -> str:
+def _pretty(doc: IdentityDocument | TicketDocument) -> str:
     """JSON exactly as the original writes its files (serde_json's ``to_string_pretty``):
     two-space indent, fields in declaration order, UTF-8 unescaped, no final newline."""
     return json.dumps(doc, indent=2, ensure_ascii=False)
@@ -157,7 +173,8 @@ def _pretty(doc: dict) -> str:
 
 def identity_text(identity: SigningKey) -> str:
     """The identity file's content, byte for byte as the original's ``stmgr gen-ident``."""
-    return _pretty({"privateKey": b64url_encode(bytes(identity))})
+    doc: IdentityDocument = {"privateKey": b64url_encode(bytes(identity))}
+    return _pretty(doc)
 
 
 def generate_identity(path: Path) -> SigningKey:
@@ -312,7 +329,10 @@ def address_warnings(address: str) -> list[str]:
 
 def ticket_text(ticket: Ticket) -> str:
     """The ticket file's content, with the exact key names the Offset app imports."""
-    doc = {"publicKey": b64url_encode(ticket.public_key), "address": ticket.address}
+    doc: TicketDocument = {
+        "publicKey": b64url_encode(ticket.public_key),
+        "address": ticket.address,
+    }
     return _pretty(doc)
 
 

@@ -9,12 +9,18 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from nacl.signing import SigningKey
 
 from ..config import LOG_LEVELS, Config, config_sources, dump_config, listen_set_by, load_config
 from ..errors import ConfigError, OffsetError, UnavailableError, UsageError
 from ..files import b64url_encode, load_identity, load_ticket
 from ..logs import setup_logging
 from .common import ArgumentParser, add_version, run_main
+
+if TYPE_CHECKING:
+    from ..relay.server import BindError
 
 log = logging.getLogger("strelay")
 
@@ -158,7 +164,7 @@ def _where(args: argparse.Namespace, kind: str) -> str:
     return "the default of metrics.listen"
 
 
-def _bind_error(exc, args: argparse.Namespace) -> UnavailableError:
+def _bind_error(exc: BindError, args: argparse.Namespace) -> UnavailableError:
     where = _where(args, exc.kind)
     message = f"cannot open the {exc.kind} socket: {exc} ({where})"
     if exc.errno == errno.EADDRINUSE:
@@ -200,7 +206,7 @@ def forbid_core_dumps() -> None:
         )
 
 
-def _identity(config: Config):
+def _identity(config: Config) -> SigningKey:
     forbid_core_dumps()
     try:
         return load_identity(config.identity_file)

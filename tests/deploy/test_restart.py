@@ -1,10 +1,12 @@
 """Restarts and upgrades on a booted bookworm host drop no tunnel (issue 15).
 
-One host: the package of this tree built under a lower version ("the previous release") is
-installed; 100 tunnels stream checksummed data both ways and 20 idle listeners that keep the
-original node's keepalive rule wait, from the controller over the rig's network, while the
-relay is restarted five times, upgraded to this version and restarted with a changed
-configuration. Then: a damaged hand-over state, a crash, and a stop.
+One host: the package of the previous release (built from its commit in this repository's
+history, PREVIOUS_COMMIT, under a version lower than this tree's) is installed; 100 tunnels
+stream checksummed data both ways and 20 idle listeners that keep the original node's
+keepalive rule wait, from the controller over the rig's network, while the relay is restarted
+five times, upgraded to this version (which must restore the state the previous release handed
+over) and restarted with a changed configuration. Then: a damaged hand-over state, a crash, and
+a stop.
 """
 
 from __future__ import annotations
@@ -36,7 +38,12 @@ TUNNELS = int(os.environ.get("OFFSET_RESTART_TUNNELS", "100"))
 IDLE = int(os.environ.get("OFFSET_RESTART_IDLE", "20"))
 RESTARTS = 5
 RESULTS = ROOT / "tests" / "deploy" / "restart-results.json"
-PREVIOUS = f"{__version__}~handover0"
+# The previous release, built from this commit: the last release whose hand-over writes the
+# state in format 1 (handover.FORMAT_VERSION = 1). The upgrade step proves that a relay of this
+# tree restores what that one hands over, whatever format this tree itself writes.
+PREVIOUS_COMMIT = "3054043ca26f1356fc03e0569cb6925d9132c4af"
+# Its package's version: below this tree's, so that installing this tree's is an upgrade.
+PREVIOUS = f"{__version__}~handover1"
 
 # Run inside the unit (ExecStartPre, with NotifyAccess=all): replaces the state in the store
 # with one of a format version no relay writes, sealed as a real one would be.
@@ -51,16 +58,37 @@ assert manager.barrier()
 
 
 def build_previous(workdir: Path) -> Path:
-    """This tree's package under a lower version: the release an upgrade starts from."""
-    src = workdir / f"offset-relay-{PREVIOUS}"
-    shutil.copytree(
-        ROOT,
-        src,
-        ignore=shutil.ignore_patterns(
-            ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".*cache"
-        ),
+    """The package of PREVIOUS_COMMIT, versioned PREVIOUS: the release an upgrade starts from."""
+    found = subprocess.run(
+        [
+            "git",
+            "-C",
+            str(ROOT),
+            "rev-parse",
+            "--verify",
+            "--quiet",
+            f"{PREVIOUS_COMMIT}^{{commit}}",
+        ],
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
     )
-    shutil.copytree(ROOT / "packaging" / "debian", src / "debian")
+    if found.returncode != 0:
+        pytest.fail(
+            f"commit {PREVIOUS_COMMIT} (the previous release) is not in {ROOT}"
+            " (a shallow clone? fetch its history)",
+            pytrace=False,
+        )
+    src = workdir / f"offset-relay-{PREVIOUS}"
+    src.mkdir()
+    archive = subprocess.run(
+        ["git", "-C", str(ROOT), "archive", "--format=tar", PREVIOUS_COMMIT],
+        capture_output=True,
+        stdin=subprocess.DEVNULL,
+        check=True,
+    )
+    subprocess.run(["tar", "-xf", "-", "-C", str(src)], input=archive.stdout, check=True)
+    shutil.copytree(src / "packaging" / "debian", src / "debian")
     changelog = src / "debian" / "changelog"
     text = changelog.read_text()
     changelog.write_text(re.sub(r"\(([^)]*)\)", f"({PREVIOUS})", text, count=1))
@@ -139,8 +167,16 @@ def journal_cursor(host: Host) -> str:
     return match.group(1)
 
 
-def journal_since(host: Host, cursor: str) -> list[str]:
-    out = host.ssh(f"journalctl -u offset-relay -o cat --no-pager --after-cursor '{cursor}'").stdout
+def journal_since(host: Host, cursor: str, pid: str = "") -> list[str]:
+    """The relay's journal lines since ``cursor`` (the last entry before the action looked at);
+    only process ``pid``'s if given. ``--cursor`` includes that entry if it matches, which does
+    no harm; bookworm's journalctl (252) with ``--after-cursor`` skips the first matching entry
+    when the cursor's own entry does not match."""
+    if pid:
+        matches = f"_SYSTEMD_UNIT=offset-relay.service _PID={pid}"
+    else:
+        matches = "-u offset-relay"
+    out = host.ssh(f"journalctl {matches} -o cat --no-pager --cursor '{cursor}'").stdout
     return out.splitlines()
 
 
@@ -194,8 +230,16 @@ def test_restarts_upgrade_and_config_change_drop_no_tunnel(
         for n in range(RESTARTS):
             restart(f"restart-{n + 1}", "systemctl restart offset-relay")
         rig.publish([deb_package])
+        cursor = journal_cursor(host)
         restart("upgrade", f"{APT} update >/dev/null && {APT} install offset-relay >/dev/null")
         assert installed_version(host) == __version__
+        # The relay now running, this version's, took every connection back from the state
+        # the previous release handed over (the warning form of the line counts closed ones).
+        lines = journal_since(host, cursor, unit(host, "MainPID")["MainPID"])
+        restored = [m for line in lines if (m := re.search(r"hand-over: \d+ connections.*", line))]
+        assert [m.group() for m in restored] == [
+            f"hand-over: {len(load.peers)} connections restored"
+        ], lines
         host.write(f"{DROP_INS}/60-test-changed.toml", 'log_level = "debug"\n')
         restart("config", "systemctl restart offset-relay")
         assert host.ssh("strelay --print-config --config /etc/offset-relay/relay.toml").stdout
