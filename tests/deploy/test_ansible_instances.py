@@ -55,6 +55,44 @@ def test_a_second_run_with_instances_changes_nothing(controller: Controller) -> 
     controller.playbook().assert_clean(controller.names)
 
 
+def test_an_instance_identity_that_is_a_link_fails_the_play_and_is_never_followed(
+    controller: Controller,
+) -> None:
+    """Every instance's identity is handled as the single relay's: a symbolic link left in
+    the state directory (which the relay's user owns) fails the play, and what it points
+    to is neither read, chowned nor chmodded."""
+    host = controller.rig.hosts[0]
+    identity = "/var/lib/offset-relay/2/relay.ident"
+    host.ssh("install -m 0644 /dev/null /root/target && echo untouched > /root/target")
+    host.ssh(f"mv {identity} /root/relay-2.ident.saved")
+    try:
+        host.ssh(
+            "setpriv --reuid=offset-relay --regid=offset-relay --clear-groups -- "
+            f"ln -s /root/target {identity}"
+        )
+        run_ = controller.playbook()
+        assert run_.returncode != 0
+        assert "is not a regular file" in run_.output, run_.tail()
+        assert host.ssh("stat -c '%U %G %a' /root/target").stdout.strip() == "root root 644"
+        assert host.read("/root/target").strip() == "untouched"
+    finally:
+        host.ssh(f"rm -f {identity} && mv /root/relay-2.ident.saved {identity}")
+    controller.playbook().assert_clean(controller.names)
+
+
+def test_a_lost_instance_identity_is_made_again_by_the_relays_user(controller: Controller) -> None:
+    host = controller.rig.hosts[0]
+    identity = "/var/lib/offset-relay/2/relay.ident"
+    host.ssh(f"rm {identity}")
+    run_ = controller.playbook()
+    assert run_.returncode == 0, run_.tail()
+    assert host.ssh(f"stat -c '%U %a' {identity}").stdout.strip() == "offset-relay 600"
+    # The new key is in force: the instance was restarted and its new ticket probes.
+    ticket = controller.directory / "tickets" / f"{host.name}-2.relay"
+    assert_probe_passes(ticket)
+    controller.playbook().assert_clean(controller.names)
+
+
 def test_back_to_one_relay_stops_the_instances(controller: Controller) -> None:
     host = controller.rig.hosts[0]
     one = Controller(

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 import tomllib
@@ -252,3 +253,17 @@ def test_the_rendered_drop_in_passes_the_roles_validation(tmp_path):
     assert doc["budgets"]["action"] == "refuse"
     assert doc["limits"]["ipv6_prefix"] == 56
     assert doc["bans"]["enabled"] is True
+
+
+def test_the_role_readme_names_every_variable_the_role_declares():
+    """roles/offset_relay/README.md lists every variable of defaults/main.yml and of
+    meta/argument_specs.yml, and names no variable the role does not have."""
+    defaults = yaml.safe_load((ROLE / "defaults" / "main.yml").read_text())
+    specs = yaml.safe_load((ROLE / "meta" / "argument_specs.yml").read_text())
+    declared = set(defaults) | set(specs["argument_specs"]["main"]["options"])
+    readme = (ROLE / "README.md").read_text()
+
+    tags = set(re.findall(r"\boffset_relay_[a-z_]+", (ROLE / "tasks" / "main.yml").read_text()))
+    named = set(re.findall(r"`(offset_relay_[a-z_]+)`", readme))
+    assert declared - named == set()
+    assert named - declared - tags == set()
