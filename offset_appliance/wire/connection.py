@@ -13,10 +13,9 @@ from typing import Any, Literal, overload
 
 from nacl.signing import SigningKey
 
-from ..config import Limits, Timeouts
 from ..errors import CloseReason, LocalProtocolError, ProtocolError
 from .channel import Handshake, SecureChannel
-from .frames import HEADER_LEN, SETUP_FRAMES, FrameDecoder, frame_header
+from .frames import HEADER_LEN, MAX_FRAME_LENGTH, SETUP_FRAMES, FrameDecoder, frame_header
 from .keepalive import Keepalive
 from .messages import KEEPALIVE as KEEPALIVE_MESSAGE
 from .messages import Forwarded, decode_ka_message, encode_ka_message
@@ -25,6 +24,11 @@ PROTOCOL_VERSION = 0
 VERSION_FRAME = frame_header(4) + PROTOCOL_VERSION.to_bytes(4, "big")
 
 _INF = float("inf")
+
+# The original's timers, in seconds; ``config`` takes its defaults from here.
+CONN_TIMEOUT = 8.0  # the whole set-up (version and handshake) must finish within it
+KEEPALIVE_INTERVAL = 32.0  # silence after which the peer is dropped (we send at half of it)
+REKEY_INTERVAL = 3600.0
 
 
 # The layout of ``Connection.export_state``; a restore refuses any other.
@@ -72,10 +76,10 @@ class Connection:
         now: float,
         *,
         expected_peer: bytes | None = None,
-        conn_timeout: float = Timeouts.conn_timeout,
-        keepalive: float = Timeouts.keepalive,
-        rekey_interval: float = Timeouts.rekey_interval,
-        max_frame_length: int = Limits.max_frame_length,
+        conn_timeout: float = CONN_TIMEOUT,
+        keepalive: float = KEEPALIVE_INTERVAL,
+        rekey_interval: float = REKEY_INTERVAL,
+        max_frame_length: int = MAX_FRAME_LENGTH,
         random: Callable[[int], bytes] = os.urandom,
     ) -> None:
         self.state = State.VERSION
@@ -404,7 +408,7 @@ class Connection:
         now: float,
         *,
         downtime: float = 0.0,
-        max_frame_length: int = Limits.max_frame_length,
+        max_frame_length: int = MAX_FRAME_LENGTH,
         random: Callable[[int], bytes] = os.urandom,
     ) -> Connection:
         """The connection ``export_state`` described, carrying on at ``now``.

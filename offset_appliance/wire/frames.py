@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from ..config import Limits
 from ..errors import CloseReason, ProtocolError
 
 HEADER_LEN = 8
+# The original's limit on a frame's length (docs/protocol.md 1); ``config`` takes its default
+# from here.
+MAX_FRAME_LENGTH = 1048576
 # Before the secure channel is up, a peer sends three frames: its version (4 bytes), then
 # ExchangeRandNonce and ExchangeDh. Laid out as every encoder does, these are 19 and 28
 # words, at most 190 and 280 bytes packed however they are packed (10 bytes a word at
@@ -34,7 +36,7 @@ class FrameDecoder:
 
     def __init__(
         self,
-        max_length: int = Limits.max_frame_length,
+        max_length: int = MAX_FRAME_LENGTH,
         *,
         setup_frames: int = 0,
         setup_length: int = SETUP_FRAME_LENGTH,
