@@ -93,7 +93,7 @@ def layers(size: int) -> list[tuple[str, float]]:
         # What the relay does per tunnel message: receive on one connection, send on
         # another, the KaMessage forwarded as it came.
         a.send_message(payload, now)
-        messages = b.receive_data(b"".join(a.data_to_send()), now, forward=True)
+        messages = b.receive_forward(b"".join(a.data_to_send()), now)
         b.send_packed(messages, now)
         b.data_to_send()
 

@@ -602,7 +602,10 @@ class RelayServer:
         target = self.clients.get(peer) if peer is not None else None
         forward = target is not None and not target.closing
         try:
-            messages = wire.receive_data(data, now, FRAME_BUDGET, forward)
+            if forward:
+                forwarded = wire.receive_forward(data, now, FRAME_BUDGET)
+            else:
+                messages = wire.receive_data(data, now, FRAME_BUDGET)
         except ProtocolError as exc:
             self._close(client, exc.reason, str(exc))
             return
@@ -614,22 +617,22 @@ class RelayServer:
             self._opened(client, wire.peer_public_key, now)  # type: ignore[arg-type]
         if wire.pending_output:
             self.output.take(client)
-        if messages:
-            if forward:
+        if forward:
+            if forwarded:
                 assert target is not None
-                target.wire.send_packed(messages, now)
+                target.wire.send_packed(forwarded, now)
                 size = wire.forwarded_bytes
                 client.bytes_in += size
                 target.bytes_out += size
                 stats = self.stats
-                stats.messages_relayed += len(messages)
+                stats.messages_relayed += len(forwarded)
                 stats.bytes_relayed += size
                 self.output.take(target)
-            else:
-                message = core.message
-                for payload in messages:
-                    client.bytes_in += len(payload)
-                    message(cid, payload, now)
+        elif messages:
+            message = core.message
+            for payload in messages:
+                client.bytes_in += len(payload)
+                message(cid, payload, now)
 
     def _opened(self, client: Client, peer_key: bytes, now: float) -> None:
         """The client's handshake finished: it is the core's from now on."""

@@ -127,7 +127,7 @@ def test_a_relay_hop_forwarding_delivers_what_the_sender_sent(messages):
             left.receive_data(b"".join(right.data_to_send()), 0.0)
     for message in messages:
         sender.send_message(message, 0.0)
-    forwarded = relay_a.receive_data(b"".join(sender.data_to_send()), 0.0, forward=True)
+    forwarded = relay_a.receive_forward(b"".join(sender.data_to_send()), 0.0)
     assert relay_a.forwarded_bytes == sum(map(len, messages))
     relay_b.send_packed(forwarded, 0.0)
     assert receiver.receive_data(b"".join(relay_b.data_to_send()), 0.0) == messages
@@ -341,7 +341,7 @@ def test_a_relay_hop_carrying_large_messages_delivers_them(shared_padding):
     messages = [os.urandom(65536), _zero_heavy(65536), b"x" * 70000, b"short"]
     for message in messages:
         sender.send_message(message, 0.0)
-    forwarded = relay_a.receive_data(b"".join(sender.data_to_send()), 0.0, forward=True)
+    forwarded = relay_a.receive_forward(b"".join(sender.data_to_send()), 0.0)
     assert [type(item) for item in forwarded] == [tuple, tuple, tuple, bytes]
     assert relay_a.forwarded_bytes == sum(map(len, messages))
     relay_b.send_packed(forwarded, 0.0)
@@ -458,7 +458,7 @@ def test_a_forwarding_relay_hop_across_rekeys_delivers_everything():
             message = os.urandom(size)
             sent.append(message)
             sender.send_message(message, 0.0)
-        forwarded = relay_a.receive_data(b"".join(sender.data_to_send()), 0.0, forward=True)
+        forwarded = relay_a.receive_forward(b"".join(sender.data_to_send()), 0.0)
         sender.receive_data(b"".join(relay_a.data_to_send()), 0.0)
         relay_b.send_packed(forwarded, 0.0)
         delivered += receiver.receive_data(b"".join(relay_b.data_to_send()), 0.0)
