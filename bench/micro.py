@@ -23,16 +23,18 @@ from nacl.signing import SigningKey
 
 from offset_appliance.wire.channel import PaddingSource, SecureChannel
 from offset_appliance.wire.connection import Connection
-from offset_appliance.wire.frames import FrameDecoder, encode_frame
-from offset_appliance.wire.messages import (
-    ExchangeDh,
-    ExchangeRandNonce,
+from offset_appliance.wire.fastpath import (
     decode_channel_message,
     decode_ka_message,
     encode_channel_user,
     encode_ka_message,
     forward_channel_message,
     forward_ka_message,
+)
+from offset_appliance.wire.frames import FrameDecoder, encode_frame
+from offset_appliance.wire.messages import (
+    ExchangeDh,
+    ExchangeRandNonce,
 )
 
 

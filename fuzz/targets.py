@@ -23,6 +23,12 @@ from offset_appliance.relay.core import Close, CoreLimits, RelayCore, Role, Send
 from offset_appliance.wire import capnp
 from offset_appliance.wire.channel import SecureChannel
 from offset_appliance.wire.connection import VERSION_FRAME, Connection, State
+from offset_appliance.wire.fastpath import (
+    decode_channel_message,
+    decode_ka_message,
+    encode_channel_user,
+    encode_ka_message,
+)
 from offset_appliance.wire.frames import HEADER_LEN, FrameDecoder, encode_frame
 from offset_appliance.wire.messages import (
     Accept,
@@ -33,13 +39,9 @@ from offset_appliance.wire.messages import (
     Listen,
     RejectConnection,
     Rekey,
-    decode_channel_message,
     decode_init_connection,
-    decode_ka_message,
     encode_channel_rekey,
-    encode_channel_user,
     encode_init_connection,
-    encode_ka_message,
 )
 
 RELAY_ID = SigningKey(bytes(range(32)))

@@ -12,21 +12,27 @@ from nacl._sodium import lib as _lib
 from nacl.signing import SigningKey
 
 from ..errors import CloseReason, ProtocolError
+from .fastpath import (
+    Forwarded,
+    channel_user_prefix,
+    channel_user_prefix_padded,
+    decode_channel_message,
+    decode_dh,
+    decode_rand_nonce,
+    encode_channel_user,
+    encode_channel_user_padded,
+    encode_dh,
+    encode_rand_nonce,
+    forward_channel_message,
+    forward_ka_message,
+)
 from .messages import (
     RAND_NONCE_LEN,
     SALT_LEN,
     ExchangeDh,
     ExchangeRandNonce,
-    Forwarded,
     Rekey,
-    channel_user_prefix,
-    channel_user_prefix_padded,
-    decode_channel_message,
     encode_channel_rekey,
-    encode_channel_user,
-    encode_channel_user_padded,
-    forward_channel_message,
-    forward_ka_message,
 )
 
 NONCE_LEN = 12
@@ -444,12 +450,14 @@ class Handshake:
 
     def start(self) -> bytes:
         """Our ExchangeRandNonce, sent as soon as the connection is up."""
-        return ExchangeRandNonce(self._my_nonce, self._public_key, self._expected_peer).encode()
+        return encode_rand_nonce(
+            ExchangeRandNonce(self._my_nonce, self._public_key, self._expected_peer)
+        )
 
     def receive(self, frame: bytes) -> bytes | None:
         """Take the peer's next handshake frame; returns the frame to send in reply, if any."""
         if self._state is _HandshakeState.AWAIT_NONCE:
-            peer = ExchangeRandNonce.decode(frame)
+            peer = decode_rand_nonce(frame)
             if self._expected_peer is not None and peer.src_public_key != self._expected_peer:
                 raise ProtocolError(
                     f"peer proved a different public key than expected: "
@@ -460,9 +468,9 @@ class Handshake:
             private, public, salt = self._dh = _new_dh(self._random)
             signature = sign_detached(self._secret_key, public + peer.rand_nonce + salt)
             self._state = _HandshakeState.AWAIT_DH
-            return ExchangeDh(public, peer.rand_nonce, salt, signature).encode()
+            return encode_dh(ExchangeDh(public, peer.rand_nonce, salt, signature))
         if self._state is _HandshakeState.AWAIT_DH:
-            dh = ExchangeDh.decode(frame)
+            dh = decode_dh(frame)
             if dh.rand_nonce != self._my_nonce:
                 raise ProtocolError(
                     "peer echoed the wrong handshake nonce", CloseReason.WRONG_NONCE

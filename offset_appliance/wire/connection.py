@@ -14,10 +14,14 @@ from nacl.signing import SigningKey
 
 from ..errors import CloseReason, LocalProtocolError, ProtocolError
 from .channel import Handshake, SecureChannel
+from .fastpath import (
+    Forwarded,
+    decode_ka_message,
+    encode_ka_message,
+)
 from .frames import HEADER_LEN, MAX_FRAME_LENGTH, SETUP_FRAMES, FrameDecoder, frame_header
 from .keepalive import Keepalive
 from .messages import KEEPALIVE as KEEPALIVE_MESSAGE
-from .messages import Forwarded, decode_ka_message, encode_ka_message
 
 PROTOCOL_VERSION = 0
 VERSION_FRAME = frame_header(4) + PROTOCOL_VERSION.to_bytes(4, "big")
