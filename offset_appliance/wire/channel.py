@@ -6,6 +6,7 @@ import enum
 import hmac
 import os
 from collections.abc import Callable
+from typing import Any, Protocol, TypedDict
 
 from nacl._sodium import ffi as _ffi
 from nacl._sodium import lib as _lib
@@ -56,7 +57,15 @@ _ABYTES = _lib.crypto_aead_chacha20poly1305_ietf_abytes()
 _aead_encrypt = _lib.crypto_aead_chacha20poly1305_ietf_encrypt
 _aead_decrypt = _lib.crypto_aead_chacha20poly1305_ietf_decrypt
 _NULL = _ffi.NULL
-_buffer = _ffi.buffer
+
+
+class _Buffer(Protocol):
+    """What cffi's ``ffi.buffer`` gives: slicing it copies the memory out as bytes."""
+
+    def __getitem__(self, index: slice, /) -> bytes: ...
+
+
+_buffer: Callable[[Any, int], _Buffer] = _ffi.buffer
 
 
 def _encrypt(nonce: bytes, key: bytes, plaintext: bytes) -> bytes:
@@ -89,7 +98,7 @@ def _decrypt(frame: bytes, nonce: bytes, key: bytes) -> bytes | None:
 _scalarmult = _lib.crypto_scalarmult
 _scalarmult_base = _lib.crypto_scalarmult_base
 _sign = _lib.crypto_sign
-_sign_open = _lib.crypto_sign_open
+_sign_open: Callable[..., int] = _lib.crypto_sign_open
 _ZERO_KEY = bytes(32)
 
 
@@ -127,7 +136,9 @@ def verify_detached(public_key: bytes, message: bytes, signature: bytes) -> bool
     return _sign_open(out, _NULL, signature + message, 64 + len(message), public_key) == 0
 
 
-def derive_keys(dh_private: bytes, peer_dh_public: bytes, own_salt: bytes, peer_salt: bytes):
+def derive_keys(
+    dh_private: bytes, peer_dh_public: bytes, own_salt: bytes, peer_salt: bytes
+) -> tuple[bytes, bytes]:
     """(send_key, recv_key) from an X25519 exchange; refuses low-order peer points."""
     if not (isinstance(dh_private, bytes) and isinstance(peer_dh_public, bytes)):
         raise ProtocolError("invalid Diffie-Hellman public key", CloseReason.BAD_DH_KEY)
@@ -143,6 +154,30 @@ def _new_dh(random: Random) -> tuple[bytes, bytes, bytes]:
     """A fresh X25519 key pair and salt: (private, public, salt)."""
     private = random(32)
     return private, _x25519_base(private), random(SALT_LEN)
+
+
+class ChannelExport(TypedDict):
+    """``SecureChannel.export_state``: each direction as ``[key, nonce counter]``, the
+    rekey started (``[private key, salt]``), the frames to send, the rekeys done."""
+
+    send: list[bytes | int] | None
+    recv: list[bytes | int] | None
+    old_recv: list[bytes | int] | None
+    pending: list[bytes] | None
+    outbox: list[bytes]
+    rekeys: int
+
+
+class HandshakeExport(TypedDict):
+    """``Handshake.export_state``: the phase's name, our keys and nonce, the key exchange
+    under way (``[private, public, salt]``) and the peer's key once known."""
+
+    state: str
+    public_key: bytes
+    expected_peer: bytes | None
+    my_nonce: bytes
+    dh: list[bytes] | None
+    peer_public_key: bytes | None
 
 
 class PaddingSource:
@@ -347,10 +382,10 @@ class SecureChannel:
 
     # ---- hand-over (relay/handover.py) ------------------------------------------------
 
-    def export_state(self) -> dict:
+    def export_state(self) -> ChannelExport:
         """Keys, nonce counters and rekey state, as plain data (secret: see SECURITY.md)."""
 
-        def direction(d: _Direction | None) -> list | None:
+        def direction(d: _Direction | None) -> list[bytes | int] | None:
             return None if d is None else [d.key, d.counter]
 
         return {
@@ -363,10 +398,10 @@ class SecureChannel:
         }
 
     @classmethod
-    def restore_state(cls, state: dict, random: Random = os.urandom) -> SecureChannel:
+    def restore_state(cls, state: ChannelExport, random: Random = os.urandom) -> SecureChannel:
         """Rebuild a channel from ``export_state``; ``ValueError`` if anything is off."""
 
-        def direction(value: list | None) -> _Direction | None:
+        def direction(value: list[bytes | int] | None) -> _Direction | None:
             if value is None:
                 return None
             key: object = value[0]
@@ -490,7 +525,7 @@ class Handshake:
 
     # ---- hand-over (relay/handover.py) ------------------------------------------------
 
-    def export_state(self) -> dict:
+    def export_state(self) -> HandshakeExport:
         """Where the handshake stands, as plain data (its DH private key is secret)."""
         return {
             "state": self._state.name,
@@ -503,7 +538,7 @@ class Handshake:
 
     @classmethod
     def restore_state(
-        cls, state: dict, identity: SigningKey, random: Random = os.urandom
+        cls, state: HandshakeExport, identity: SigningKey, random: Random = os.urandom
     ) -> Handshake:
         """Rebuild a handshake under way; ``ValueError`` if it was another identity's."""
         if state["public_key"] != bytes(identity.verify_key):
@@ -522,6 +557,8 @@ class Handshake:
         handshake._my_nonce = my_nonce
         dh = state["dh"]
         if phase is _HandshakeState.AWAIT_DH:
+            if dh is None:
+                raise ValueError("handshake awaiting the key exchange without its keys")
             private, public, salt = dh
             if not all(isinstance(x, bytes) for x in (private, public, salt)):
                 raise ValueError("handshake key exchange of the wrong type")

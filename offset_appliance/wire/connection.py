@@ -8,19 +8,27 @@ from __future__ import annotations
 
 import enum
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any, TypedDict
 
 from nacl.signing import SigningKey
 
 from ..errors import CloseReason, LocalProtocolError, ProtocolError
-from .channel import Handshake, SecureChannel
+from .channel import ChannelExport, Handshake, HandshakeExport, SecureChannel
 from .fastpath import (
     Forwarded,
     decode_ka_message,
     encode_ka_message,
 )
-from .frames import HEADER_LEN, MAX_FRAME_LENGTH, SETUP_FRAMES, FrameDecoder, frame_header
-from .keepalive import Keepalive
+from .frames import (
+    HEADER_LEN,
+    MAX_FRAME_LENGTH,
+    SETUP_FRAMES,
+    DecoderExport,
+    FrameDecoder,
+    frame_header,
+)
+from .keepalive import Keepalive, KeepaliveExport
 from .messages import KEEPALIVE as KEEPALIVE_MESSAGE
 
 PROTOCOL_VERSION = 0
@@ -36,6 +44,25 @@ REKEY_INTERVAL = 3600.0
 
 # The layout of ``Connection.export_state``; a restore refuses any other.
 STATE_VERSION = 1
+
+
+class ConnectionExport(TypedDict):
+    """``Connection.export_state``: every layer's own export, the timers as seconds from
+    the export (None when not running), the output not yet taken and the frames held."""
+
+    v: int
+    state: str
+    peer_public_key: bytes | None
+    decoder: DecoderExport
+    handshake: HandshakeExport | None
+    channel: ChannelExport | None
+    keepalive: KeepaliveExport | None
+    keepalive_interval: float
+    rekey_interval: float
+    rekey_in: float | None
+    setup_in: float | None
+    out: bytes
+    held: list[bytes]
 
 
 class State(enum.Enum):
@@ -388,7 +415,7 @@ class Connection:
 
     # ---- hand-over (relay/handover.py) -------------------------------------------------
 
-    def export_state(self, now: float) -> dict:
+    def export_state(self, now: float) -> ConnectionExport:
         """Everything this connection is, as plain data: keys, nonce counters, rekey state,
         deadlines (as durations from ``now``), the partial frame received and the output
         not yet taken. Secret: it holds the channel keys (docs/SECURITY.md)."""
@@ -413,7 +440,7 @@ class Connection:
     @classmethod
     def restore_state(
         cls,
-        state: dict,
+        state: Mapping[str, Any],
         identity: SigningKey,
         now: float,
         *,
@@ -423,9 +450,10 @@ class Connection:
     ) -> Connection:
         """The connection ``export_state`` described, carrying on at ``now``.
 
-        ``downtime`` is how long no process served it: it counts against our own deadlines
-        (keepalive to send, rekey), not against the peer's. Anything that does not fit
-        exactly raises ``ValueError``: nothing is guessed.
+        ``state`` is a ``ConnectionExport`` as read back from storage, so it is checked,
+        not trusted. ``downtime`` is how long no process served it: it counts against our
+        own deadlines (keepalive to send, rekey), not against the peer's. Anything that does
+        not fit exactly raises ``ValueError``: nothing is guessed.
         """
         try:
             return cls._restore(state, identity, now, downtime, max_frame_length, random)
@@ -433,7 +461,15 @@ class Connection:
             raise ValueError(f"connection state incomplete or of the wrong type: {exc!r}") from None
 
     @classmethod
-    def _restore(cls, state, identity, now, downtime, max_frame_length, random) -> Connection:
+    def _restore(
+        cls,
+        state: Mapping[str, Any],
+        identity: SigningKey,
+        now: float,
+        downtime: float,
+        max_frame_length: int,
+        random: Callable[[int], bytes],
+    ) -> Connection:
         if state.get("v") != STATE_VERSION:
             raise ValueError(f"connection state version {state.get('v')!r} is not known")
         try:

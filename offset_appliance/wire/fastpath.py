@@ -93,7 +93,9 @@ class _FixedLayout:
 
     __slots__ = ("template", "fields", "_blank", "_pieces", "_runs")
 
-    def __init__(self, encode_general, sizes: tuple[int, ...]) -> None:
+    def __init__(
+        self, encode_general: Callable[[tuple[bytes, ...]], bytes], sizes: tuple[int, ...]
+    ) -> None:
         zeros = tuple(bytes(size) for size in sizes)
         self.template = bytes(unpack_bytearray(encode_general(zeros)))
         fields = []
@@ -350,7 +352,7 @@ def _ka_forward_length(header: bytes) -> int | None:
         segments, size, root, tag, pointer = _KA_FIXED.unpack(unpack(header))
     except (ProtocolError, struct.error):
         return None
-    length = pointer >> 35
+    length: int = pointer >> 35
     expected = HEADER_4.pack(
         (3 + (length + 7) // 8) << 32, KA_ROOT, KA_MESSAGE, data_pointer(0, length)
     )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TypedDict
+
 from ..errors import CloseReason, ProtocolError
 
 HEADER_LEN = 8
@@ -27,6 +29,14 @@ def frame_header(length: int) -> bytes:
 def encode_frame(payload: bytes) -> bytes:
     """One whole frame as bytes (for small frames; large ones are sent as header + payload)."""
     return len(payload).to_bytes(HEADER_LEN, "big") + payload
+
+
+class DecoderExport(TypedDict):
+    """``FrameDecoder.export_state``: the partial frame received so far."""
+
+    partial: bytes
+    need: int
+    setup_left: int
 
 
 class FrameDecoder:
@@ -138,7 +148,7 @@ class FrameDecoder:
 
     # ---- hand-over (relay/handover.py) ------------------------------------------------
 
-    def export_state(self) -> dict:
+    def export_state(self) -> DecoderExport:
         """The partial frame received so far, as plain data."""
         return {
             "partial": b"".join(self._chunks),
@@ -146,7 +156,7 @@ class FrameDecoder:
             "setup_left": self._setup_left,
         }
 
-    def restore_state(self, state: dict) -> None:
+    def restore_state(self, state: DecoderExport) -> None:
         """Take back what ``export_state`` gave; raises ``ValueError`` if it does not fit."""
         partial, need = state["partial"], state["need"]
         if not isinstance(partial, bytes) or not isinstance(need, int):
