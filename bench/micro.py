@@ -25,9 +25,13 @@ from offset_appliance.wire.channel import PaddingSource, SecureChannel
 from offset_appliance.wire.connection import Connection
 from offset_appliance.wire.fastpath import (
     decode_channel_message,
+    decode_dh,
     decode_ka_message,
+    decode_rand_nonce,
     encode_channel_user,
+    encode_dh,
     encode_ka_message,
+    encode_rand_nonce,
     forward_channel_message,
     forward_ka_message,
 )
@@ -137,10 +141,10 @@ def layers(size: int) -> list[tuple[str, float]]:
             "reference: nacl.bindings ChaCha20-Poly1305 decrypt",
             lambda: crypto_aead_chacha20poly1305_ietf_decrypt(sealed, None, nonce, key),
         ),
-        ("handshake codec: ExchangeRandNonce encode", rand_nonce.encode),
-        ("handshake codec: ExchangeRandNonce decode", lambda: ExchangeRandNonce.decode(nonce_data)),
-        ("handshake codec: ExchangeDh encode", dh.encode),
-        ("handshake codec: ExchangeDh decode", lambda: ExchangeDh.decode(dh_data)),
+        ("handshake codec: ExchangeRandNonce encode", lambda: encode_rand_nonce(rand_nonce)),
+        ("handshake codec: ExchangeRandNonce decode", lambda: decode_rand_nonce(nonce_data)),
+        ("handshake codec: ExchangeDh encode", lambda: encode_dh(dh)),
+        ("handshake codec: ExchangeDh decode", lambda: decode_dh(dh_data)),
         ("whole: Connection.send_message + data_to_send", send),
         ("whole: one relay hop, decoded (receive, send_message)", relay_hop_decoded),
         ("whole: one relay hop, forwarded (receive, send_packed)", relay_hop),

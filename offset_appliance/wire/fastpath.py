@@ -873,6 +873,39 @@ class Equivalence(NamedTuple):
     view: Callable[[Any], object] | None = None
     declines: bool = False
 
+    def disagreement(self, *args: Any) -> str | None:
+        """How the pair disagrees on ``args``, or None when it agrees. ``fast`` is called
+        twice: what it learnt the first time (header words seen, prefixes made) must not
+        change its answer."""
+        expected = _outcome(self.reference, args, None)
+        got = _outcome(self.fast, args, self.view)
+        again = _outcome(self.fast, args, self.view)
+        if again != got:
+            return f"{self.name}: {got!r} the first time, {again!r} the second"
+        if self.declines and got is None:
+            return None  # left to the general path
+        if self.view is not None and _refused(expected):
+            # What is forwarded is refused as a whole: the general path says why.
+            return None if _refused(got) else f"{self.name}: {got!r} where refused"
+        return None if got == expected else f"{self.name}: {got!r}, expected {expected!r}"
+
+
+def _outcome(function: Callable[..., object], args: tuple[Any, ...], view: Any) -> object:
+    try:
+        result = function(*args)
+    except ProtocolError as exc:
+        return ("refused", str(exc))
+    if view is None:
+        return result
+    try:
+        return view(result)
+    except ProtocolError as exc:
+        return ("gave what the general reader refuses", str(exc))
+
+
+def _refused(outcome: object) -> bool:
+    return isinstance(outcome, tuple) and outcome[:1] == ("refused",)
+
 
 EQUIVALENCES: tuple[Equivalence, ...] = (
     Equivalence(
