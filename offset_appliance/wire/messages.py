@@ -1,5 +1,6 @@
-"""The Offset messages (docs/protocol.md section 8), one frozen dataclass each, and the packed
-Cap'n Proto encodings of the channel and keepalive layers.
+"""The Offset messages (docs/protocol.md section 8), one frozen dataclass each, with the
+general codecs: every layout through the general builder and reader of ``capnp``. The
+specialised codecs of the hot path, which must agree with these, are in ``fastpath``.
 
 Keys, nonces, salts and signatures travel as ``BufferN`` structs whose i-th UInt64 is the
 big-endian reading of bytes 8i..8i+8; each struct that wraps one (``PublicKey``, ``Salt``,
