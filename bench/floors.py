@@ -23,8 +23,11 @@ from nacl.signing import SigningKey
 
 from offset_appliance.client import RelayClient
 from offset_appliance.wire.connection import Connection, State
+from offset_appliance.wire.fastpath import (
+    encode_channel_user,
+    encode_ka_message,
+)
 from offset_appliance.wire.frames import HEADER_LEN
-from offset_appliance.wire.messages import encode_channel_user, encode_ka_message
 
 from .relay import BenchError
 

@@ -23,16 +23,22 @@ from nacl.signing import SigningKey
 
 from offset_appliance.wire.channel import PaddingSource, SecureChannel
 from offset_appliance.wire.connection import Connection
+from offset_appliance.wire.fastpath import (
+    decode_channel_message,
+    decode_dh,
+    decode_ka_message,
+    decode_rand_nonce,
+    encode_channel_user,
+    encode_dh,
+    encode_ka_message,
+    encode_rand_nonce,
+    forward_channel_message,
+    forward_ka_message,
+)
 from offset_appliance.wire.frames import FrameDecoder, encode_frame
 from offset_appliance.wire.messages import (
     ExchangeDh,
     ExchangeRandNonce,
-    decode_channel_message,
-    decode_ka_message,
-    encode_channel_user,
-    encode_ka_message,
-    forward_channel_message,
-    forward_ka_message,
 )
 
 
@@ -93,7 +99,7 @@ def layers(size: int) -> list[tuple[str, float]]:
         # What the relay does per tunnel message: receive on one connection, send on
         # another, the KaMessage forwarded as it came.
         a.send_message(payload, now)
-        messages = b.receive_data(b"".join(a.data_to_send()), now, forward=True)
+        messages = b.receive_forward(b"".join(a.data_to_send()), now)
         b.send_packed(messages, now)
         b.data_to_send()
 
@@ -135,10 +141,10 @@ def layers(size: int) -> list[tuple[str, float]]:
             "reference: nacl.bindings ChaCha20-Poly1305 decrypt",
             lambda: crypto_aead_chacha20poly1305_ietf_decrypt(sealed, None, nonce, key),
         ),
-        ("handshake codec: ExchangeRandNonce encode", rand_nonce.encode),
-        ("handshake codec: ExchangeRandNonce decode", lambda: ExchangeRandNonce.decode(nonce_data)),
-        ("handshake codec: ExchangeDh encode", dh.encode),
-        ("handshake codec: ExchangeDh decode", lambda: ExchangeDh.decode(dh_data)),
+        ("handshake codec: ExchangeRandNonce encode", lambda: encode_rand_nonce(rand_nonce)),
+        ("handshake codec: ExchangeRandNonce decode", lambda: decode_rand_nonce(nonce_data)),
+        ("handshake codec: ExchangeDh encode", lambda: encode_dh(dh)),
+        ("handshake codec: ExchangeDh decode", lambda: decode_dh(dh_data)),
         ("whole: Connection.send_message + data_to_send", send),
         ("whole: one relay hop, decoded (receive, send_message)", relay_hop_decoded),
         ("whole: one relay hop, forwarded (receive, send_packed)", relay_hop),

@@ -22,6 +22,8 @@ import tomli_w
 
 from .errors import ConfigError, DataError, UsageError
 from .files import b64url_decode, split_host_port
+from .wire.connection import CONN_TIMEOUT, KEEPALIVE_INTERVAL, REKEY_INTERVAL
+from .wire.frames import MAX_FRAME_LENGTH
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -33,7 +35,7 @@ class Limits:
     max_connections: int = 20000
     max_connections_per_ip: int = 256
     max_handshakes: int = 512
-    max_frame_length: int = 1048576
+    max_frame_length: int = MAX_FRAME_LENGTH
     max_half_tunnels_per_listener: int = 128
     max_half_tunnels_per_listener_per_ip: int = 16
     half_tunnel_buffer: int = 1048576
@@ -96,11 +98,11 @@ class Bans:
 class Timeouts:
     """Protocol timers in seconds; the defaults are the original's constants."""
 
-    conn_timeout: float = 8.0
+    conn_timeout: float = CONN_TIMEOUT
     relay_conn_timeout: float = 4.0
-    keepalive: float = 32.0
+    keepalive: float = KEEPALIVE_INTERVAL
     half_tunnel: float = 32.0
-    rekey_interval: float = 3600.0
+    rekey_interval: float = REKEY_INTERVAL
 
 
 @dataclass(frozen=True)

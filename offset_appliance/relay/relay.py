@@ -245,7 +245,10 @@ class Relay:
         target = self.clients.get(peer) if peer is not None else None
         forward = target is not None and not target.closing
         try:
-            messages = wire.receive_data(data, now, FRAME_BUDGET, forward)
+            if forward:
+                forwarded = wire.receive_forward(data, now, FRAME_BUDGET)
+            else:
+                messages = wire.receive_data(data, now, FRAME_BUDGET)
         except ProtocolError as exc:
             self.close(client, exc.reason, str(exc), now=now)
             return
@@ -257,18 +260,18 @@ class Relay:
             self._opened(client, wire.peer_public_key, now)  # type: ignore[arg-type]
         if wire.pending_output:
             self.output.take(client)
-        if messages:
-            if forward:
+        if forward:
+            if forwarded:
                 assert target is not None
-                target.wire.send_packed(messages, now)
+                target.wire.send_packed(forwarded, now)
                 size = wire.forwarded_bytes
                 client.bytes_in += size
-                self._relayed(target, len(messages), size)
-            else:
-                message = core.message
-                for payload in messages:
-                    client.bytes_in += len(payload)
-                    message(cid, payload, now)
+                self._relayed(target, len(forwarded), size)
+        elif messages:
+            message = core.message
+            for payload in messages:
+                client.bytes_in += len(payload)
+                message(cid, payload, now)
 
     def _opened(self, client: Client, peer_key: bytes, now: float) -> None:
         """The client's handshake finished: it is the core's from now on, if the policy

@@ -8,6 +8,7 @@ each connection's source prefix, which is then worked out again from its address
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +30,7 @@ class ConnectionState:
     id: int
     local: tuple[str, int]
     remote: tuple[str, int]
-    wire: dict[str, Any]  # ``wire.Connection.export_state``
+    wire: Mapping[str, Any]  # ``wire.Connection.export_state``
     out: bytes
     paused: int
     closing: str | None  # the close reason's value while it flushes before closing

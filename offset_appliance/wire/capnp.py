@@ -76,7 +76,7 @@ _FULL_RUN_PACKED = 2 + _RUN_BYTES
 _MAX_LEADER_SKIPS = 8
 
 
-def _scatter_getter(tag: int) -> itemgetter:
+def _scatter_getter(tag: int) -> itemgetter[tuple[int, ...]]:
     # Index k of the source is the k-th present byte; index popcount(tag) is a zero byte
     # appended by the caller, used for every absent byte. Always 8 indices, so the getter
     # returns a tuple even for tags with a single bit.

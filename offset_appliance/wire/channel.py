@@ -6,27 +6,34 @@ import enum
 import hmac
 import os
 from collections.abc import Callable
+from typing import Any, Protocol, TypedDict
 
 from nacl._sodium import ffi as _ffi
 from nacl._sodium import lib as _lib
 from nacl.signing import SigningKey
 
 from ..errors import CloseReason, ProtocolError
+from .fastpath import (
+    Forwarded,
+    channel_user_prefix,
+    channel_user_prefix_padded,
+    decode_channel_message,
+    decode_dh,
+    decode_rand_nonce,
+    encode_channel_user,
+    encode_channel_user_padded,
+    encode_dh,
+    encode_rand_nonce,
+    forward_channel_message,
+    forward_ka_message,
+)
 from .messages import (
     RAND_NONCE_LEN,
     SALT_LEN,
     ExchangeDh,
     ExchangeRandNonce,
-    Forwarded,
     Rekey,
-    channel_user_prefix,
-    channel_user_prefix_padded,
-    decode_channel_message,
     encode_channel_rekey,
-    encode_channel_user,
-    encode_channel_user_padded,
-    forward_channel_message,
-    forward_ka_message,
 )
 
 NONCE_LEN = 12
@@ -50,7 +57,15 @@ _ABYTES = _lib.crypto_aead_chacha20poly1305_ietf_abytes()
 _aead_encrypt = _lib.crypto_aead_chacha20poly1305_ietf_encrypt
 _aead_decrypt = _lib.crypto_aead_chacha20poly1305_ietf_decrypt
 _NULL = _ffi.NULL
-_buffer = _ffi.buffer
+
+
+class _Buffer(Protocol):
+    """What cffi's ``ffi.buffer`` gives: slicing it copies the memory out as bytes."""
+
+    def __getitem__(self, index: slice, /) -> bytes: ...
+
+
+_buffer: Callable[[Any, int], _Buffer] = _ffi.buffer
 
 
 def _encrypt(nonce: bytes, key: bytes, plaintext: bytes) -> bytes:
@@ -83,7 +98,7 @@ def _decrypt(frame: bytes, nonce: bytes, key: bytes) -> bytes | None:
 _scalarmult = _lib.crypto_scalarmult
 _scalarmult_base = _lib.crypto_scalarmult_base
 _sign = _lib.crypto_sign
-_sign_open = _lib.crypto_sign_open
+_sign_open: Callable[..., int] = _lib.crypto_sign_open
 _ZERO_KEY = bytes(32)
 
 
@@ -121,7 +136,9 @@ def verify_detached(public_key: bytes, message: bytes, signature: bytes) -> bool
     return _sign_open(out, _NULL, signature + message, 64 + len(message), public_key) == 0
 
 
-def derive_keys(dh_private: bytes, peer_dh_public: bytes, own_salt: bytes, peer_salt: bytes):
+def derive_keys(
+    dh_private: bytes, peer_dh_public: bytes, own_salt: bytes, peer_salt: bytes
+) -> tuple[bytes, bytes]:
     """(send_key, recv_key) from an X25519 exchange; refuses low-order peer points."""
     if not (isinstance(dh_private, bytes) and isinstance(peer_dh_public, bytes)):
         raise ProtocolError("invalid Diffie-Hellman public key", CloseReason.BAD_DH_KEY)
@@ -137,6 +154,30 @@ def _new_dh(random: Random) -> tuple[bytes, bytes, bytes]:
     """A fresh X25519 key pair and salt: (private, public, salt)."""
     private = random(32)
     return private, _x25519_base(private), random(SALT_LEN)
+
+
+class ChannelExport(TypedDict):
+    """``SecureChannel.export_state``: each direction as ``[key, nonce counter]``, the
+    rekey started (``[private key, salt]``), the frames to send, the rekeys done."""
+
+    send: list[bytes | int] | None
+    recv: list[bytes | int] | None
+    old_recv: list[bytes | int] | None
+    pending: list[bytes] | None
+    outbox: list[bytes]
+    rekeys: int
+
+
+class HandshakeExport(TypedDict):
+    """``Handshake.export_state``: the phase's name, our keys and nonce, the key exchange
+    under way (``[private, public, salt]``) and the peer's key once known."""
+
+    state: str
+    public_key: bytes
+    expected_peer: bytes | None
+    my_nonce: bytes
+    dh: list[bytes] | None
+    peer_public_key: bytes | None
 
 
 class PaddingSource:
@@ -341,10 +382,10 @@ class SecureChannel:
 
     # ---- hand-over (relay/handover.py) ------------------------------------------------
 
-    def export_state(self) -> dict:
+    def export_state(self) -> ChannelExport:
         """Keys, nonce counters and rekey state, as plain data (secret: see SECURITY.md)."""
 
-        def direction(d: _Direction | None) -> list | None:
+        def direction(d: _Direction | None) -> list[bytes | int] | None:
             return None if d is None else [d.key, d.counter]
 
         return {
@@ -357,10 +398,10 @@ class SecureChannel:
         }
 
     @classmethod
-    def restore_state(cls, state: dict, random: Random = os.urandom) -> SecureChannel:
+    def restore_state(cls, state: ChannelExport, random: Random = os.urandom) -> SecureChannel:
         """Rebuild a channel from ``export_state``; ``ValueError`` if anything is off."""
 
-        def direction(value: list | None) -> _Direction | None:
+        def direction(value: list[bytes | int] | None) -> _Direction | None:
             if value is None:
                 return None
             key: object = value[0]
@@ -444,12 +485,14 @@ class Handshake:
 
     def start(self) -> bytes:
         """Our ExchangeRandNonce, sent as soon as the connection is up."""
-        return ExchangeRandNonce(self._my_nonce, self._public_key, self._expected_peer).encode()
+        return encode_rand_nonce(
+            ExchangeRandNonce(self._my_nonce, self._public_key, self._expected_peer)
+        )
 
     def receive(self, frame: bytes) -> bytes | None:
         """Take the peer's next handshake frame; returns the frame to send in reply, if any."""
         if self._state is _HandshakeState.AWAIT_NONCE:
-            peer = ExchangeRandNonce.decode(frame)
+            peer = decode_rand_nonce(frame)
             if self._expected_peer is not None and peer.src_public_key != self._expected_peer:
                 raise ProtocolError(
                     f"peer proved a different public key than expected: "
@@ -460,9 +503,9 @@ class Handshake:
             private, public, salt = self._dh = _new_dh(self._random)
             signature = sign_detached(self._secret_key, public + peer.rand_nonce + salt)
             self._state = _HandshakeState.AWAIT_DH
-            return ExchangeDh(public, peer.rand_nonce, salt, signature).encode()
+            return encode_dh(ExchangeDh(public, peer.rand_nonce, salt, signature))
         if self._state is _HandshakeState.AWAIT_DH:
-            dh = ExchangeDh.decode(frame)
+            dh = decode_dh(frame)
             if dh.rand_nonce != self._my_nonce:
                 raise ProtocolError(
                     "peer echoed the wrong handshake nonce", CloseReason.WRONG_NONCE
@@ -482,7 +525,7 @@ class Handshake:
 
     # ---- hand-over (relay/handover.py) ------------------------------------------------
 
-    def export_state(self) -> dict:
+    def export_state(self) -> HandshakeExport:
         """Where the handshake stands, as plain data (its DH private key is secret)."""
         return {
             "state": self._state.name,
@@ -495,7 +538,7 @@ class Handshake:
 
     @classmethod
     def restore_state(
-        cls, state: dict, identity: SigningKey, random: Random = os.urandom
+        cls, state: HandshakeExport, identity: SigningKey, random: Random = os.urandom
     ) -> Handshake:
         """Rebuild a handshake under way; ``ValueError`` if it was another identity's."""
         if state["public_key"] != bytes(identity.verify_key):
@@ -514,6 +557,8 @@ class Handshake:
         handshake._my_nonce = my_nonce
         dh = state["dh"]
         if phase is _HandshakeState.AWAIT_DH:
+            if dh is None:
+                raise ValueError("handshake awaiting the key exchange without its keys")
             private, public, salt = dh
             if not all(isinstance(x, bytes) for x in (private, public, salt)):
                 raise ValueError("handshake key exchange of the wrong type")

@@ -8,27 +8,61 @@ from __future__ import annotations
 
 import enum
 import os
-from collections.abc import Callable
-from typing import Any, Literal, overload
+from collections.abc import Callable, Mapping
+from typing import Any, TypedDict
 
 from nacl.signing import SigningKey
 
-from ..config import Limits, Timeouts
 from ..errors import CloseReason, LocalProtocolError, ProtocolError
-from .channel import Handshake, SecureChannel
-from .frames import HEADER_LEN, SETUP_FRAMES, FrameDecoder, frame_header
-from .keepalive import Keepalive
+from .channel import ChannelExport, Handshake, HandshakeExport, SecureChannel
+from .fastpath import (
+    Forwarded,
+    decode_ka_message,
+    encode_ka_message,
+)
+from .frames import (
+    HEADER_LEN,
+    MAX_FRAME_LENGTH,
+    SETUP_FRAMES,
+    DecoderExport,
+    FrameDecoder,
+    frame_header,
+)
+from .keepalive import Keepalive, KeepaliveExport
 from .messages import KEEPALIVE as KEEPALIVE_MESSAGE
-from .messages import Forwarded, decode_ka_message, encode_ka_message
 
 PROTOCOL_VERSION = 0
 VERSION_FRAME = frame_header(4) + PROTOCOL_VERSION.to_bytes(4, "big")
 
 _INF = float("inf")
 
+# The original's timers, in seconds; ``config`` takes its defaults from here.
+CONN_TIMEOUT = 8.0  # the whole set-up (version and handshake) must finish within it
+KEEPALIVE_INTERVAL = 32.0  # silence after which the peer is dropped (we send at half of it)
+REKEY_INTERVAL = 3600.0
+
 
 # The layout of ``Connection.export_state``; a restore refuses any other.
 STATE_VERSION = 1
+
+
+class ConnectionExport(TypedDict):
+    """``Connection.export_state``: every layer's own export, the timers as seconds from
+    the export (None when not running), the output not yet taken and the frames held."""
+
+    v: int
+    state: str
+    peer_public_key: bytes | None
+    decoder: DecoderExport
+    handshake: HandshakeExport | None
+    channel: ChannelExport | None
+    keepalive: KeepaliveExport | None
+    keepalive_interval: float
+    rekey_interval: float
+    rekey_in: float | None
+    setup_in: float | None
+    out: bytes
+    held: list[bytes]
 
 
 class State(enum.Enum):
@@ -43,7 +77,8 @@ class State(enum.Enum):
 class Connection:
     """The protocol stack of one TCP connection, for either side (relay or node).
 
-    ``receive_data`` returns the relay-layer messages (KaMessage.message payloads) in order;
+    ``receive_data`` returns the relay-layer messages (KaMessage.message payloads) in order
+    (``receive_forward`` the same messages packed, for a relay's tunnel);
     ``send_message`` queues one; ``data_to_send`` takes the queued output as a list of
     byte strings (suited to ``socket.sendmsg``). Timers: ``next_deadline`` and
     ``handle_timer``. Any violation raises ``ProtocolError`` and the connection is CLOSED.
@@ -72,10 +107,10 @@ class Connection:
         now: float,
         *,
         expected_peer: bytes | None = None,
-        conn_timeout: float = Timeouts.conn_timeout,
-        keepalive: float = Timeouts.keepalive,
-        rekey_interval: float = Timeouts.rekey_interval,
-        max_frame_length: int = Limits.max_frame_length,
+        conn_timeout: float = CONN_TIMEOUT,
+        keepalive: float = KEEPALIVE_INTERVAL,
+        rekey_interval: float = REKEY_INTERVAL,
+        max_frame_length: int = MAX_FRAME_LENGTH,
         random: Callable[[int], bytes] = os.urandom,
     ) -> None:
         self.state = State.VERSION
@@ -89,7 +124,7 @@ class Connection:
         self._keepalive_interval = keepalive
         self._rekey_interval = rekey_interval
         self._next_rekey = _INF
-        # Payload bytes of the messages the last ``receive_data(..., forward=True)`` returned.
+        # Payload bytes of the messages the last ``receive_forward`` returned.
         self.forwarded_bytes = 0
         self._deadline = now + conn_timeout  # the whole set-up must finish by then
         # Both sides speak first: version, then our handshake nonce, without waiting.
@@ -99,51 +134,87 @@ class Connection:
 
     # ---- input -------------------------------------------------------------------------
 
-    @overload
-    def receive_data(
-        self,
-        data: bytes,
-        now: float,
-        frame_budget: int | None = None,
-        forward: Literal[False] = False,
-    ) -> list[bytes]: ...
+    def _take_frames(self, data: bytes, frame_budget: int | None) -> list[bytes]:
+        # The frames to process now: those held from the last call, then those ``data``
+        # completes, at most ``frame_budget`` of them (the rest are held).
+        if self.state is State.CLOSED:
+            raise LocalProtocolError("connection already closed")
+        try:
+            frames = self._decoder.feed(data) if data else []
+        except ProtocolError:
+            self.state = State.CLOSED
+            raise
+        if self._held:
+            frames[:0] = self._held
+            self._held = []
+        if frame_budget is not None and len(frames) > frame_budget:
+            self._held = frames[frame_budget:]
+            del frames[frame_budget:]
+        return frames
 
-    @overload
-    def receive_data(
-        self, data: bytes, now: float, frame_budget: int | None = None, forward: bool = False
-    ) -> list[Any]: ...
-
-    def receive_data(
-        self, data: bytes, now: float, frame_budget: int | None = None, forward: bool = False
-    ) -> list[Any]:
+    def receive_data(self, data: bytes, now: float, frame_budget: int | None = None) -> list[bytes]:
         """Feed received bytes; returns the relay messages they complete, in order.
-
-        With ``forward`` (a relay's tunnel), the messages come as ``Forwarded`` items to
-        pass to another connection's ``send_packed``: packed KaMessages, checked as
-        ``decode_ka_message`` checks them but not decoded when they are in the usual layout,
-        and large ones still packed inside the ChannelMessage's packing; ``forwarded_bytes``
-        is then the total of their payloads' lengths.
 
         With ``frame_budget``, at most that many complete frames are processed; the rest
         are held (``backlog`` is then true) for the next call, which may pass no new bytes.
         An IO shell serving many connections from one loop uses this to give each a share
         of a pass; it should not read more from a connection that has a backlog.
         """
-        if self.state is State.CLOSED:
-            raise LocalProtocolError("connection already closed")
+        frames = self._take_frames(data, frame_budget)
         try:
-            frames = self._decoder.feed(data) if data else []
-            if self._held:
-                frames[:0] = self._held
-                self._held = []
-            if frame_budget is not None and len(frames) > frame_budget:
-                self._held = frames[frame_budget:]
-                del frames[frame_budget:]
             if self.state is State.OPEN:
-                if forward:
-                    return self._receive_forward(frames, now)
                 return self._receive_open(frames, now)
             return self._receive_setup(frames, now)
+        except ProtocolError:
+            self.state = State.CLOSED
+            raise
+
+    def receive_forward(
+        self, data: bytes, now: float, frame_budget: int | None = None
+    ) -> list[Forwarded]:
+        """``receive_data`` for a relay's tunnel: the messages come as ``Forwarded`` items
+        to pass to another connection's ``send_packed``.
+
+        They are packed KaMessages, checked as ``decode_ka_message`` checks them but not
+        decoded when they are in the usual layout, and large ones still packed inside the
+        ChannelMessage's packing; ``forwarded_bytes`` is then the total of their payloads'
+        lengths. ``frame_budget`` is as for ``receive_data``.
+        """
+        self.forwarded_bytes = 0
+        frames = self._take_frames(data, frame_budget)
+        try:
+            if self.state is not State.OPEN:
+                # Messages after a handshake finished in this read: packed as they are sent.
+                payloads = self._receive_setup(frames, now)
+                self.forwarded_bytes = sum(map(len, payloads))
+                return [encode_ka_message(payload) for payload in payloads]
+            if not frames:
+                return []
+            # _receive_open, with the KaMessages checked and kept packed.
+            channel = self._channel
+            keepalive = self._keepalive
+            assert channel is not None and keepalive is not None
+            messages: list[Forwarded] = []
+            size = 0
+            heard = False
+            open_forward = channel.open_forward
+            append = messages.append
+            for frame in frames:
+                opened = open_forward(frame)
+                if opened is None:
+                    self._next_rekey = now + self._rekey_interval
+                    if channel.outbox:
+                        self._flush_outbox(channel)
+                    continue
+                heard = True
+                message, length = opened
+                if message is not None:
+                    append(message)
+                    size += length
+            if heard:
+                keepalive.last_recv = now
+            self.forwarded_bytes = size
+            return messages
         except ProtocolError:
             self.state = State.CLOSED
             raise
@@ -207,36 +278,6 @@ class Connection:
             keepalive.last_recv = now
         return messages
 
-    def _receive_forward(self, frames: list[bytes], now: float) -> list[Forwarded]:
-        # _receive_open, with the KaMessages checked and kept packed.
-        self.forwarded_bytes = 0
-        if not frames:
-            return []
-        channel = self._channel
-        keepalive = self._keepalive
-        assert channel is not None and keepalive is not None
-        messages: list[Forwarded] = []
-        size = 0
-        heard = False
-        open_forward = channel.open_forward
-        append = messages.append
-        for frame in frames:
-            opened = open_forward(frame)
-            if opened is None:
-                self._next_rekey = now + self._rekey_interval
-                if channel.outbox:
-                    self._flush_outbox(channel)
-                continue
-            heard = True
-            message, length = opened
-            if message is not None:
-                append(message)
-                size += length
-        if heard:
-            keepalive.last_recv = now
-        self.forwarded_bytes = size
-        return messages
-
     @property
     def backlog(self) -> bool:
         """Complete frames are held beyond a frame budget, waiting for ``receive_data``."""
@@ -273,8 +314,8 @@ class Connection:
         self._keepalive.last_send = now  # type: ignore[union-attr]
 
     def send_packed(self, messages: list[Forwarded], now: float) -> None:
-        """Queue packed KaMessages (from another connection's ``receive_data(...,
-        forward=True)``) for the peer, as they are."""
+        """Queue packed KaMessages (from another connection's ``receive_forward``) for the
+        peer, as they are."""
         channel = self._channel
         if channel is None or self.state is not State.OPEN:
             raise LocalProtocolError("cannot send before the secure channel is open")
@@ -374,7 +415,7 @@ class Connection:
 
     # ---- hand-over (relay/handover.py) -------------------------------------------------
 
-    def export_state(self, now: float) -> dict:
+    def export_state(self, now: float) -> ConnectionExport:
         """Everything this connection is, as plain data: keys, nonce counters, rekey state,
         deadlines (as durations from ``now``), the partial frame received and the output
         not yet taken. Secret: it holds the channel keys (docs/SECURITY.md)."""
@@ -399,19 +440,20 @@ class Connection:
     @classmethod
     def restore_state(
         cls,
-        state: dict,
+        state: Mapping[str, Any],
         identity: SigningKey,
         now: float,
         *,
         downtime: float = 0.0,
-        max_frame_length: int = Limits.max_frame_length,
+        max_frame_length: int = MAX_FRAME_LENGTH,
         random: Callable[[int], bytes] = os.urandom,
     ) -> Connection:
         """The connection ``export_state`` described, carrying on at ``now``.
 
-        ``downtime`` is how long no process served it: it counts against our own deadlines
-        (keepalive to send, rekey), not against the peer's. Anything that does not fit
-        exactly raises ``ValueError``: nothing is guessed.
+        ``state`` is a ``ConnectionExport`` as read back from storage, so it is checked,
+        not trusted. ``downtime`` is how long no process served it: it counts against our
+        own deadlines (keepalive to send, rekey), not against the peer's. Anything that does
+        not fit exactly raises ``ValueError``: nothing is guessed.
         """
         try:
             return cls._restore(state, identity, now, downtime, max_frame_length, random)
@@ -419,7 +461,15 @@ class Connection:
             raise ValueError(f"connection state incomplete or of the wrong type: {exc!r}") from None
 
     @classmethod
-    def _restore(cls, state, identity, now, downtime, max_frame_length, random) -> Connection:
+    def _restore(
+        cls,
+        state: Mapping[str, Any],
+        identity: SigningKey,
+        now: float,
+        downtime: float,
+        max_frame_length: int,
+        random: Callable[[int], bytes],
+    ) -> Connection:
         if state.get("v") != STATE_VERSION:
             raise ValueError(f"connection state version {state.get('v')!r} is not known")
         try:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-from ..config import Limits
+from typing import TypedDict
+
 from ..errors import CloseReason, ProtocolError
 
 HEADER_LEN = 8
+# The original's limit on a frame's length (docs/protocol.md 1); ``config`` takes its default
+# from here.
+MAX_FRAME_LENGTH = 1048576
 # Before the secure channel is up, a peer sends three frames: its version (4 bytes), then
 # ExchangeRandNonce and ExchangeDh. Laid out as every encoder does, these are 19 and 28
 # words, at most 190 and 280 bytes packed however they are packed (10 bytes a word at
@@ -27,6 +31,14 @@ def encode_frame(payload: bytes) -> bytes:
     return len(payload).to_bytes(HEADER_LEN, "big") + payload
 
 
+class DecoderExport(TypedDict):
+    """``FrameDecoder.export_state``: the partial frame received so far."""
+
+    partial: bytes
+    need: int
+    setup_left: int
+
+
 class FrameDecoder:
     """Splits a byte stream into frame bodies, refusing oversize frames before buffering them."""
 
@@ -34,7 +46,7 @@ class FrameDecoder:
 
     def __init__(
         self,
-        max_length: int = Limits.max_frame_length,
+        max_length: int = MAX_FRAME_LENGTH,
         *,
         setup_frames: int = 0,
         setup_length: int = SETUP_FRAME_LENGTH,
@@ -136,7 +148,7 @@ class FrameDecoder:
 
     # ---- hand-over (relay/handover.py) ------------------------------------------------
 
-    def export_state(self) -> dict:
+    def export_state(self) -> DecoderExport:
         """The partial frame received so far, as plain data."""
         return {
             "partial": b"".join(self._chunks),
@@ -144,7 +156,7 @@ class FrameDecoder:
             "setup_left": self._setup_left,
         }
 
-    def restore_state(self, state: dict) -> None:
+    def restore_state(self, state: DecoderExport) -> None:
         """Take back what ``export_state`` gave; raises ``ValueError`` if it does not fit."""
         partial, need = state["partial"], state["need"]
         if not isinstance(partial, bytes) or not isinstance(need, int):

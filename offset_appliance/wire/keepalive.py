@@ -2,6 +2,17 @@
 
 from __future__ import annotations
 
+from typing import TypedDict
+
+
+class KeepaliveExport(TypedDict):
+    """``Keepalive.export_state``: the deadlines as seconds already elapsed."""
+
+    interval: float
+    since_recv: float
+    since_send: float
+    paused: bool
+
 
 class Keepalive:
     """Tracks when the peer last sent us a KaMessage and when we last sent it one.
@@ -53,7 +64,7 @@ class Keepalive:
 
     # ---- hand-over (relay/handover.py) ------------------------------------------------
 
-    def export_state(self, now: float) -> dict:
+    def export_state(self, now: float) -> KeepaliveExport:
         """The deadlines as time already elapsed (a clock's origin does not travel)."""
         return {
             "interval": self.interval,
@@ -63,7 +74,7 @@ class Keepalive:
         }
 
     @classmethod
-    def restore_state(cls, state: dict, now: float, downtime: float) -> Keepalive:
+    def restore_state(cls, state: KeepaliveExport, now: float, downtime: float) -> Keepalive:
         """Rebuild from ``export_state``. ``downtime`` (the seconds no process served the
         connection) counts against what we owe the peer, not against the peer: its bytes
         of that time wait in the socket and are read first."""

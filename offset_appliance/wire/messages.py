@@ -1,5 +1,6 @@
-"""The Offset messages (docs/protocol.md section 8), one frozen dataclass each, and the packed
-Cap'n Proto encodings of the channel and keepalive layers.
+"""The Offset messages (docs/protocol.md section 8), one frozen dataclass each, with the
+general codecs: every layout through the general builder and reader of ``capnp``. The
+specialised codecs of the hot path, which must agree with these, are in ``fastpath``.
 
 Keys, nonces, salts and signatures travel as ``BufferN`` structs whose i-th UInt64 is the
 big-endian reading of bytes 8i..8i+8; each struct that wraps one (``PublicKey``, ``Salt``,
@@ -10,29 +11,18 @@ big-endian reading of bytes 8i..8i+8; each struct that wraps one (``PublicKey``,
 
 from __future__ import annotations
 
-import os
 import struct
 from dataclasses import dataclass
 from typing import Self, TypeVar
 
 from ..errors import ProtocolError
 from .capnp import (
-    MAX_EXPANSION_WORDS,
-    MAX_STEP_BYTES,
-    MAX_STEPS,
-    WORD,
     MessageBuilder,
     StructReader,
-    data_pointer,
-    default_max_words,
     pack,
-    pack_message,
-    packed_words,
     read_message,
     read_unpacked,
-    skip_packed_words,
     struct_pointer,
-    unpack,
     unpack_bytearray,
 )
 
@@ -43,15 +33,15 @@ RAND_NONCE_LEN = 16
 SIGNATURE_LEN = 64
 
 # Union tags.
-_INIT_LISTEN, _INIT_ACCEPT, _INIT_CONNECT = 0, 1, 2
-_KA_KEEPALIVE, _KA_MESSAGE = 0, 1
-_CONTENT_REKEY, _CONTENT_USER = 0, 1
-_DEST_EMPTY, _DEST_PUBLIC_KEY = 0, 1
+INIT_LISTEN, INIT_ACCEPT, INIT_CONNECT = 0, 1, 2
+KA_KEEPALIVE, KA_MESSAGE = 0, 1
+CONTENT_REKEY, CONTENT_USER = 0, 1
+DEST_EMPTY, DEST_PUBLIC_KEY = 0, 1
 
 # BufferN <-> bytes: read the words little-endian as Cap'n Proto stores them, write them
 # big-endian as the protocol reads them (and back).
-_WORDS_LE = {size: struct.Struct(f"<{size // 8}Q") for size in (16, 32, 64)}
-_WORDS_BE = {size: struct.Struct(f">{size // 8}Q") for size in (16, 32, 64)}
+WORDS_LE = {size: struct.Struct(f"<{size // 8}Q") for size in (16, 32, 64)}
+WORDS_BE = {size: struct.Struct(f">{size // 8}Q") for size in (16, 32, 64)}
 
 
 def _check_bytes(name: str, value: object, size: int) -> None:
@@ -64,7 +54,7 @@ def _put_buffer(builder: MessageBuilder, pointer: int, value: bytes) -> None:
     wrapper = builder.set_struct(pointer, 0, 1)
     words = len(value) // 8
     inner = builder.set_struct(wrapper, words, 0)
-    builder.set_words(inner, _WORDS_BE[len(value)].unpack(value))
+    builder.set_words(inner, WORDS_BE[len(value)].unpack(value))
 
 
 def _get_buffer(parent: StructReader, index: int, size: int, what: str) -> bytes:
@@ -73,10 +63,10 @@ def _get_buffer(parent: StructReader, index: int, size: int, what: str) -> bytes
     inner = None if wrapper is None else wrapper.struct(0)
     if inner is None:
         raise ProtocolError(f"{what} is missing")
-    return _WORDS_BE[size].pack(*_WORDS_LE[size].unpack(inner.data_section(size // 8)))
+    return WORDS_BE[size].pack(*WORDS_LE[size].unpack(inner.data_section(size // 8)))
 
 
-def _unpacked(data: bytes) -> bytearray:
+def unpacked_words(data: bytes) -> bytearray:
     """The words of a packed message, unpacked once for both the fast path and the reader."""
     if isinstance(data, bytes):
         return unpack_bytearray(data)
@@ -109,53 +99,27 @@ class ExchangeRandNonce:
             _check_bytes("opt_dest_public_key", self.opt_dest_public_key, PUBLIC_KEY_LEN)
 
     def encode(self) -> bytes:
-        """The packed Cap'n Proto encoding."""
-        if self.opt_dest_public_key is None:
-            return _RAND_NONCE_FIXED.encode((self.rand_nonce, self.src_public_key))
-        return _RAND_NONCE_DEST_FIXED.encode(
-            (self.rand_nonce, self.src_public_key, self.opt_dest_public_key)
-        )
-
-    def encode_general(self) -> bytes:
-        """The same encoding through the general builder (what the fixed layouts copy)."""
+        """The packed Cap'n Proto encoding, through the general builder."""
         builder = MessageBuilder()
         root = builder.set_struct(0, 1, 3)
         _put_buffer(builder, root + 1, self.rand_nonce)
         _put_buffer(builder, root + 2, self.src_public_key)
         if self.opt_dest_public_key is not None:
-            builder.set_word(root, _DEST_PUBLIC_KEY)
+            builder.set_word(root, DEST_PUBLIC_KEY)
             _put_buffer(builder, root + 3, self.opt_dest_public_key)
         return builder.finish()
 
     @classmethod
     def decode(cls, data: bytes) -> Self:
-        """Parse a packed encoding; raises ProtocolError if it is malformed."""
-        fields = _RAND_NONCE_FIXED.decode_packed(data)
-        if fields is not None:
-            return cls(fields[0], fields[1], None)
-        fields = _RAND_NONCE_DEST_FIXED.decode_packed(data)
-        if fields is not None:
-            return cls(*fields)
-        words = _unpack_for_fixed(data)
-        if words is not None:
-            fields = _RAND_NONCE_FIXED.decode(words)
-            if fields is not None:
-                return cls(fields[0], fields[1], None)
-            fields = _RAND_NONCE_DEST_FIXED.decode(words)
-            if fields is not None:
-                return cls(*fields)
-        return cls.decode_general(data)
-
-    @classmethod
-    def decode_general(cls, data: bytes) -> Self:
-        """``decode`` through the general reader alone (what the fixed layouts must match)."""
+        """Parse a packed encoding with the general reader; raises ProtocolError if it is
+        malformed."""
         root = _root(data)
         rand_nonce = _get_buffer(root, 0, RAND_NONCE_LEN, "randNonce")
         src = _get_buffer(root, 1, PUBLIC_KEY_LEN, "srcPublicKey")
         tag = root.uint16(0)
-        if tag == _DEST_EMPTY:
+        if tag == DEST_EMPTY:
             dest = None
-        elif tag == _DEST_PUBLIC_KEY:
+        elif tag == DEST_PUBLIC_KEY:
             dest = _get_buffer(root, 2, PUBLIC_KEY_LEN, "optDestPublicKey")
         else:
             raise ProtocolError(f"unknown optDestPublicKey variant {tag}")
@@ -178,13 +142,7 @@ class ExchangeDh:
         _check_bytes("signature", self.signature, SIGNATURE_LEN)
 
     def encode(self) -> bytes:
-        """The packed Cap'n Proto encoding."""
-        return _DH_FIXED.encode(
-            (self.dh_public_key, self.rand_nonce, self.key_salt, self.signature)
-        )
-
-    def encode_general(self) -> bytes:
-        """The same encoding through the general builder (what the fixed layout copies)."""
+        """The packed Cap'n Proto encoding, through the general builder."""
         builder = MessageBuilder()
         root = builder.set_struct(0, 0, 4)
         _put_buffer(builder, root, self.dh_public_key)
@@ -195,20 +153,8 @@ class ExchangeDh:
 
     @classmethod
     def decode(cls, data: bytes) -> Self:
-        """Parse a packed encoding; raises ProtocolError if it is malformed."""
-        fields = _DH_FIXED.decode_packed(data)
-        if fields is not None:
-            return cls(*fields)
-        words = _unpack_for_fixed(data)
-        if words is not None:
-            fields = _DH_FIXED.decode(words)
-            if fields is not None:
-                return cls(*fields)
-        return cls.decode_general(data)
-
-    @classmethod
-    def decode_general(cls, data: bytes) -> Self:
-        """``decode`` through the general reader alone (what the fixed layout must match)."""
+        """Parse a packed encoding with the general reader; raises ProtocolError if it is
+        malformed."""
         root = _root(data)
         return cls(
             _get_buffer(root, 0, DH_PUBLIC_KEY_LEN, "dhPublicKey"),
@@ -216,154 +162,6 @@ class ExchangeDh:
             _get_buffer(root, 2, SALT_LEN, "keySalt"),
             _get_buffer(root, 3, SIGNATURE_LEN, "signature"),
         )
-
-
-# ---- fixed layouts of the handshake messages ------------------------------------------------
-#
-# Our encoder always writes the same words for a handshake message but for the BufferN values,
-# so the unpacked message is a template with the values at fixed offsets. Encoding fills the
-# template and packs it; decoding checks that every other byte is the template's and reads the
-# values out. Any other encoding (another valid layout) goes through the general reader.
-
-
-def _unpack_for_fixed(data: bytes) -> bytearray | None:
-    if type(data) is not bytes or len(data) > 1024:
-        return None
-    try:
-        return unpack_bytearray(data)
-    except ProtocolError:
-        return None  # the general reader says what is wrong
-
-
-def _nonzero_with_zeros(word: bytes) -> bool:
-    # A word the packer writes as its own tag and bytes: it neither joins a zero run nor a
-    # verbatim run (one takes words of at most one zero byte), so packing restarts after it.
-    return word != bytes(WORD) and word.count(0) >= 2
-
-
-class _FixedLayout:
-    """The unpacked template of one handshake layout and where its BufferN values go.
-
-    Where every value is bordered by template words that pack on their own, the packed
-    message is the packed template pieces with each value's packing between them, so the
-    values are spliced into packed bytes directly: a value without zero bytes packs as one
-    verbatim run (the 0xff tag, its first word, the count of the others, the others), and
-    a packed message made of the template's pieces and such runs unpacks to the template
-    with those values, which is all ``decode_packed`` accepts.
-    """
-
-    __slots__ = ("template", "fields", "_blank", "_pieces", "_runs")
-
-    def __init__(self, encode_general, sizes: tuple[int, ...]) -> None:
-        zeros = tuple(bytes(size) for size in sizes)
-        self.template = bytes(unpack_bytearray(encode_general(zeros)))
-        fields = []
-        for index, size in enumerate(sizes):
-            marker = bytes(range(1, size + 1))
-            values = list(zeros)
-            values[index] = marker
-            marked = bytes(unpack_bytearray(encode_general(tuple(values))))
-            stored = _WORDS_LE[size].pack(*_WORDS_BE[size].unpack(marker))
-            at = marked.find(stored)
-            if len(marked) != len(self.template) or at < 0 or at % 8:
-                raise RuntimeError("a handshake message has no fixed layout")  # a codec bug
-            fields.append((at, size))
-        self.fields = tuple(fields)
-        self._blank = tuple(bytes(size) for size in sizes)
-        # The packed template between the values, and each value's verbatim-run count byte.
-        template = self.template
-        order = sorted(self.fields)
-        bordered = order == list(self.fields) and all(
-            at >= WORD
-            and _nonzero_with_zeros(template[at - WORD : at])
-            and (
-                at + size == len(template)
-                or _nonzero_with_zeros(template[at + size : at + size + WORD])
-            )
-            for at, size in order
-        )
-        if bordered:
-            edges = [0] + [x for at, size in order for x in (at, at + size)] + [len(template)]
-            self._pieces: tuple[bytes, ...] | None = tuple(
-                pack(template[edges[i] : edges[i + 1]]) for i in range(0, len(edges), 2)
-            )
-            self._runs = tuple(bytes([size // WORD - 1]) for _at, size in order)
-        else:
-            self._pieces = None
-            self._runs = ()
-
-    def encode(self, values: tuple[bytes, ...]) -> bytes:
-        pieces = self._pieces
-        if pieces is None:
-            words = bytearray(self.template)
-            for (at, size), value in zip(self.fields, values, strict=True):
-                words[at : at + size] = _WORDS_LE[size].pack(*_WORDS_BE[size].unpack(value))
-            return pack(bytes(words))
-        out = [pieces[0]]
-        for (_at, size), run, value, piece in zip(
-            self.fields, self._runs, values, pieces[1:], strict=True
-        ):
-            stored = _WORDS_LE[size].pack(*_WORDS_BE[size].unpack(value))
-            if 0 in stored:
-                out.append(pack(stored))
-            else:
-                out += (b"\xff", stored[:WORD], run, stored[WORD:])
-            out.append(piece)
-        return b"".join(out)
-
-    def decode_packed(self, data: bytes) -> tuple[bytes, ...] | None:
-        """The values of a packed message made of the template's pieces and one verbatim run
-        per value, else None (the message may still be valid: the other paths decide)."""
-        pieces = self._pieces
-        if pieces is None or type(data) is not bytes:
-            return None
-        first = pieces[0]
-        if not data.startswith(first):
-            return None
-        pos = len(first)
-        values = []
-        for (_at, size), run, piece in zip(self.fields, self._runs, pieces[1:], strict=True):
-            end = pos + size + 2
-            if (
-                len(data) < end
-                or data[pos] != 0xFF
-                or data[pos + 9 : pos + 10] != run
-                or not data.startswith(piece, end)
-            ):
-                return None
-            stored = data[pos + 1 : pos + 9] + data[pos + 10 : end]
-            values.append(_WORDS_BE[size].pack(*_WORDS_LE[size].unpack(stored)))
-            pos = end + len(piece)
-        if pos != len(data):
-            return None
-        return tuple(values)
-
-    def decode(self, words: bytearray) -> tuple[bytes, ...] | None:
-        if len(words) != len(self.template):
-            return None
-        values = []
-        for at, size in self.fields:
-            values.append(_WORDS_BE[size].pack(*_WORDS_LE[size].unpack_from(words, at)))
-        words = bytearray(words)
-        for (at, size), blank in zip(self.fields, self._blank, strict=True):
-            words[at : at + size] = blank
-        if words != self.template:
-            return None
-        return tuple(values)
-
-
-_RAND_NONCE_FIXED = _FixedLayout(
-    lambda v: ExchangeRandNonce(v[0], v[1], None).encode_general(),
-    (RAND_NONCE_LEN, PUBLIC_KEY_LEN),
-)
-_RAND_NONCE_DEST_FIXED = _FixedLayout(
-    lambda v: ExchangeRandNonce(*v).encode_general(),
-    (RAND_NONCE_LEN, PUBLIC_KEY_LEN, PUBLIC_KEY_LEN),
-)
-_DH_FIXED = _FixedLayout(
-    lambda v: ExchangeDh(*v).encode_general(),
-    (DH_PUBLIC_KEY_LEN, RAND_NONCE_LEN, SALT_LEN, SIGNATURE_LEN),
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -509,12 +307,12 @@ def encode_init_connection(msg: InitConnection) -> bytes:
     builder = MessageBuilder()
     root = builder.set_struct(0, 1, 1)
     if isinstance(msg, Listen):
-        builder.set_word(root, _INIT_LISTEN)
+        builder.set_word(root, INIT_LISTEN)
     elif isinstance(msg, Accept):
-        builder.set_word(root, _INIT_ACCEPT)
+        builder.set_word(root, INIT_ACCEPT)
         _put_buffer(builder, root + 1, msg.public_key)
     elif isinstance(msg, Connect):
-        builder.set_word(root, _INIT_CONNECT)
+        builder.set_word(root, INIT_CONNECT)
         _put_buffer(builder, root + 1, msg.public_key)
     else:
         raise TypeError(f"not an InitConnection variant: {type(msg).__name__}")
@@ -532,11 +330,11 @@ def decode_init_connection_general(data: bytes) -> InitConnection:
     """``decode_init_connection`` through the general reader alone."""
     root = _root(data)
     tag = root.uint16(0)
-    if tag == _INIT_LISTEN:
+    if tag == INIT_LISTEN:
         return Listen()
-    if tag == _INIT_ACCEPT:
+    if tag == INIT_ACCEPT:
         return Accept(_get_buffer(root, 0, PUBLIC_KEY_LEN, "accept"))
-    if tag == _INIT_CONNECT:
+    if tag == INIT_CONNECT:
         return Connect(_get_buffer(root, 0, PUBLIC_KEY_LEN, "connect"))
     raise ProtocolError(f"unknown InitConnection variant {tag}")
 
@@ -554,242 +352,23 @@ def _expect_init(cls: type[_Init], data: bytes) -> _Init:
     return init
 
 
-# ---- channel and keepalive layers (the hot path) ------------------------------------------
+# ---- channel and keepalive layers ----------------------------------------------------------
 
-# These layouts are written out word by word rather than through MessageBuilder because
-# every tunnel message goes through them: the few header words are packed normally, the
-# Data bodies as verbatim runs, so a payload is only ever sliced and joined.
+# The fixed words of their layouts, shared with the specialised codecs of ``fastpath``.
 
-_HEADER_4 = struct.Struct("<4Q")
-_U64 = struct.Struct("<Q")
-_HEADER_6 = struct.Struct("<6Q")
+HEADER_4 = struct.Struct("<4Q")
+U64 = struct.Struct("<Q")
+HEADER_6 = struct.Struct("<6Q")
 
 # KaMessage: root pointer, the struct (tag word, Data pointer), then the Data body.
-_KA_ROOT = struct_pointer(0, 1, 1)
+KA_ROOT = struct_pointer(0, 1, 1)
 # ChannelMessage: root pointer, the struct (randPadding, content pointers), ChannelContent
 # (tag word, Data pointer), then randPadding's body, then user's body.
-_CHANNEL_ROOT = struct_pointer(0, 0, 2)
-_CHANNEL_CONTENT = struct_pointer(0, 1, 1)
+CHANNEL_ROOT = struct_pointer(0, 0, 2)
+CHANNEL_CONTENT = struct_pointer(0, 1, 1)
 
-KEEPALIVE: bytes = pack(_HEADER_4.pack(3 << 32, _KA_ROOT, _KA_KEEPALIVE, 0))
+KEEPALIVE: bytes = pack(HEADER_4.pack(3 << 32, KA_ROOT, KA_KEEPALIVE, 0))
 """The packed KaMessage ``keepAlive``."""
-
-
-# The packed header words depend only on the Data lengths, which repeat: pack them once.
-_PACKED_HEADERS: dict[bytes, bytes] = {}
-_PACKED_HEADERS_LIMIT = 4096
-_COUNT = tuple(bytes([n]) for n in range(256))
-_PAD = tuple(bytes(n) for n in range(8))
-# A body of at most this many bytes is one verbatim run: 0xff, its first word, a count.
-_ONE_RUN = 256 * 8
-
-
-def _packed_header(header: bytes) -> bytes:
-    packed = _PACKED_HEADERS.get(header)
-    if packed is None:
-        packed = pack(header)
-        if len(_PACKED_HEADERS) >= _PACKED_HEADERS_LIMIT:
-            _PACKED_HEADERS.clear()
-        _PACKED_HEADERS[header] = packed
-    return packed
-
-
-def _one_run(body: bytes) -> bool:
-    # A body that fits one run and whose first word has no zero byte (which the reference
-    # packer never tags 0xff) is packed as 0xff, word, count, rest, zero padding.
-    return 8 <= len(body) <= _ONE_RUN and 0 not in body[:8]
-
-
-def _run_pieces(body: bytes) -> tuple[bytes, ...]:
-    """The packing of a body that passed ``_one_run``: a single verbatim run."""
-    length = len(body)
-    return (b"\xff", body[:8], _COUNT[(length + 7) // 8 - 1], body[8:], _PAD[-length % 8])
-
-
-def encode_ka_message(payload: bytes) -> bytes:
-    """The packed KaMessage ``message`` carrying ``payload``."""
-    length = len(payload)
-    body_words = (length + 7) // 8
-    header = _HEADER_4.pack((3 + body_words) << 32, _KA_ROOT, _KA_MESSAGE, data_pointer(0, length))
-    if _one_run(payload):
-        return b"".join((_packed_header(header), *_run_pieces(payload)))
-    return pack_message(header, (payload,), _packed_header(header))
-
-
-# Fixed layouts our encoders write (and the reference encoders too, for one segment):
-# segment table, root pointer, struct words, then the Data. Decoders check these words and
-# slice the Data out; anything else goes through the general reader.
-_KA_FIXED = struct.Struct("<IIQQQ")
-_CHANNEL_FIXED = struct.Struct("<IIQQQQQ")
-LIST_KIND = 1
-_BYTE_LIST = LIST_KIND | (2 << 32)
-_LOW35 = (1 << 35) - 1
-
-
-def decode_ka_message(data: bytes) -> bytes | None:
-    """The payload of a packed KaMessage, or None for ``keepAlive``."""
-    words = _unpacked(data)
-    if len(words) >= 32:
-        segments, size, root, tag, pointer = _KA_FIXED.unpack_from(words)
-        if (
-            segments == 0
-            and size * 8 + 8 == len(words)
-            and root == _KA_ROOT
-            and tag & 0xFFFF == _KA_MESSAGE
-            and pointer & _LOW35 == _BYTE_LIST
-            and 32 + (pointer >> 35) <= len(words)
-        ):
-            return bytes(words[32 : 32 + (pointer >> 35)])
-    # Not our layout: the general reader, on the words already unpacked.
-    root = read_unpacked(words).root()
-    tag = root.uint16(0)
-    if tag == _KA_KEEPALIVE:
-        return None
-    if tag == _KA_MESSAGE:
-        payload = root.data(0)
-        return b"" if payload is None else payload
-    raise ProtocolError(f"unknown KaMessage variant {tag}")
-
-
-# Forwarding (the relay's tunnels): a KaMessage ``message`` is sent on as it was received when
-# it is in the layout our encoder writes (and the reference's, for one segment): its packed
-# header words are exactly ours for its length, and the packed body unpacks to exactly the
-# words of the payload. Then the bytes decode to the same payload as a re-encoding would, and
-# nothing but the header and the body's run structure needs reading. The packed headers seen
-# map to their payload length; a header missing from the map is checked once, by unpacking.
-_KA_FORWARD_HEADERS: dict[bytes, int] = {}
-_KA_FORWARD_LIMIT = 4096
-# The root pointer and the tag word as packed: the bytes between the first and last header words.
-_KA_MIDDLE = pack(_HEADER_4.pack(0, _KA_ROOT, _KA_MESSAGE, 0))[2:7]
-_POP = tuple(bin(tag).count("1") for tag in range(256))
-
-
-def _ka_forward_length(header: bytes) -> int | None:
-    """The payload length of a packed KaMessage header (its first 4 words as packed), if it
-    is exactly what ``encode_ka_message`` writes for that length; None otherwise."""
-    try:
-        segments, size, root, tag, pointer = _KA_FIXED.unpack(unpack(header))
-    except (ProtocolError, struct.error):
-        return None
-    length = pointer >> 35
-    expected = _HEADER_4.pack(
-        (3 + (length + 7) // 8) << 32, _KA_ROOT, _KA_MESSAGE, data_pointer(0, length)
-    )
-    if _packed_header(expected) != header:
-        return None
-    if len(_KA_FORWARD_HEADERS) >= _KA_FORWARD_LIMIT:
-        _KA_FORWARD_HEADERS.clear()
-    _KA_FORWARD_HEADERS[header] = length
-    return length
-
-
-def forward_ka_message(data: bytes) -> tuple[bytes, int] | None:
-    """A received packed KaMessage as the relay sends it on: ``(packed, payload length)``, or
-    None for ``keepAlive``. ``packed`` is ``data`` itself when it is in our layout (see above),
-    else the canonical encoding of its payload; whatever ``decode_ka_message`` refuses raises
-    the same ``ProtocolError``, and ``decode_ka_message(packed)`` is always its payload."""
-    if type(data) is bytes and len(data) > 8:
-        # The header: the segment table word and the data pointer vary with the length, the
-        # two words between them do not.
-        middle = 1 + _POP[data[0]]
-        last = middle + 5
-        if data[middle:last] == _KA_MIDDLE and last < len(data):
-            end = last + 1 + _POP[data[last]]
-            header = data[:end]
-            length = _KA_FORWARD_HEADERS.get(header)
-            if length is None:
-                length = _ka_forward_length(header)
-            if length is not None:
-                body_words = (length + 7) // 8
-                rest = len(data) - end
-                if rest == 0:
-                    if body_words == 0:
-                        return data, 0
-                elif (
-                    # The usual body: one verbatim run.
-                    data[end] == 0xFF
-                    and rest > 9
-                    and data[end + 9] + 1 == body_words
-                    and rest == 10 + 8 * data[end + 9]
-                ) or (
-                    4 + body_words <= default_max_words(len(data))
-                    and _body_words(data, end) == body_words
-                ):
-                    return data, length
-    payload = decode_ka_message(data)
-    if payload is None:
-        return None
-    return encode_ka_message(payload), len(payload)
-
-
-def _body_words(data: bytes, pos: int) -> int:
-    try:
-        return packed_words(data, pos)
-    except ProtocolError:
-        return -1  # decode_ka_message says what is wrong
-
-
-def encode_channel_user(padding: bytes, user: bytes) -> bytes:
-    """The packed ChannelMessage carrying ``user`` data after ``padding``."""
-    padding_words = (len(padding) + 7) // 8
-    user_words = (len(user) + 7) // 8
-    header = _HEADER_6.pack(
-        (5 + padding_words + user_words) << 32,
-        _CHANNEL_ROOT,
-        data_pointer(3, len(padding)),
-        _CHANNEL_CONTENT,
-        _CONTENT_USER,
-        data_pointer(padding_words, len(user)),
-    )
-    packed_header = _packed_header(header)
-    if _one_run(user) and (not padding or _one_run(padding)):
-        padding_run = _run_pieces(padding) if padding else ()
-        return b"".join((packed_header, *padding_run, *_run_pieces(user)))
-    return pack_message(header, (padding, user), packed_header)
-
-
-# Padding of each length 0..255, drawn once per process: only its length needs to change
-# from message to message (the bytes are encrypted with the rest), so each length's packed
-# body, and with the header words the whole packed start of a message, is made once.
-_PADDINGS = tuple(os.urandom(length) for length in range(256))
-_PADDED_PREFIXES: dict[tuple[int, int], bytes] = {}
-_PADDED_PREFIXES_LIMIT = 8192
-
-
-def encode_channel_user_padded(padding_length: int, user: bytes) -> bytes:
-    """``encode_channel_user`` with this process's padding of ``padding_length`` (0..255)
-    bytes; the same bytes as ``encode_channel_user(padding_of(padding_length), user)``."""
-    length = len(user)
-    if not _one_run(user):
-        return encode_channel_user(_PADDINGS[padding_length], user)
-    prefix = _PADDED_PREFIXES.get((padding_length, length))
-    if prefix is None:
-        prefix = _padded_prefix(padding_length, length)
-        if prefix is None:
-            return encode_channel_user(_PADDINGS[padding_length], user)
-    return b"".join(
-        (prefix, b"\xff", user[:8], _COUNT[(length + 7) // 8 - 1], user[8:], _PAD[-length % 8])
-    )
-
-
-def padding_of(padding_length: int) -> bytes:
-    """The padding ``encode_channel_user_padded`` uses for this length."""
-    return _PADDINGS[padding_length]
-
-
-def _padded_prefix(padding_length: int, length: int) -> bytes | None:
-    # The message for a user body of one verbatim run, less that run: encode a marker
-    # body of the same length and cut its run off.
-    marker = b"\x01" * length
-    whole = encode_channel_user(_PADDINGS[padding_length], marker)
-    run = b"".join(_run_pieces(marker))
-    if not whole.endswith(run):
-        return None
-    prefix = whole[: len(whole) - len(run)]
-    if len(_PADDED_PREFIXES) >= _PADDED_PREFIXES_LIMIT:
-        _PADDED_PREFIXES.clear()
-    _PADDED_PREFIXES[(padding_length, length)] = prefix
-    return prefix
 
 
 def encode_channel_rekey(padding: bytes, rekey: Rekey) -> bytes:
@@ -798,325 +377,49 @@ def encode_channel_rekey(padding: bytes, rekey: Rekey) -> bytes:
     root = builder.set_struct(0, 0, 2)
     builder.set_data(root, padding)
     content = builder.set_struct(root + 1, 1, 1)
-    builder.set_word(content, _CONTENT_REKEY)
+    builder.set_word(content, CONTENT_REKEY)
     rekey._build(builder, content + 1)
     return builder.finish()
 
 
-# Packed ChannelMessage headers (the 6 words of our layout, as packed) seen, and the padding
-# and user lengths they announce; a header missing from the map is checked once.
-_CHANNEL_HEADERS: dict[bytes, tuple[int, int]] = {}
-_CHANNEL_HEADERS_LIMIT = 4096
-_CHANNEL_ROOT_PACKED = pack(_U64.pack(_CHANNEL_ROOT))
-_CHANNEL_MIDDLE = pack(_HEADER_6.pack(0, 0, 0, _CHANNEL_CONTENT, _CONTENT_USER, 0))[2:7]
-
-
-def _channel_header_lengths(header: bytes) -> tuple[int, int] | None:
-    try:
-        words = unpack(header)
-        if len(words) != 48:
-            return None
-        _, _, _, padding, _, _, user = _CHANNEL_FIXED.unpack(words)
-    except (ProtocolError, struct.error):
+def read_ka_message(words: bytearray) -> bytes | None:
+    """The payload of a KaMessage from its unpacked words (any layout), or None for
+    ``keepAlive``: the general reader."""
+    root = read_unpacked(words).root()
+    tag = root.uint16(0)
+    if tag == KA_KEEPALIVE:
         return None
-    padding_length, user_length = padding >> 35, user >> 35
-    padding_words = (padding_length + 7) // 8
-    expected = _HEADER_6.pack(
-        (5 + padding_words + (user_length + 7) // 8) << 32,
-        _CHANNEL_ROOT,
-        data_pointer(3, padding_length),
-        _CHANNEL_CONTENT,
-        _CONTENT_USER,
-        data_pointer(padding_words, user_length),
-    )
-    if _packed_header(expected) != header:
-        return None
-    if len(_CHANNEL_HEADERS) >= _CHANNEL_HEADERS_LIMIT:
-        _CHANNEL_HEADERS.clear()
-    lengths = _CHANNEL_HEADERS[header] = (padding_length, user_length)
-    return lengths
+    if tag == KA_MESSAGE:
+        payload = root.data(0)
+        return b"" if payload is None else payload
+    raise ProtocolError(f"unknown KaMessage variant {tag}")
 
 
-def _channel_user_at(data: bytes) -> tuple[int, int, int] | None:
-    """For a packed ChannelMessage in our layout (``len(data) > 16``): where its packed
-    user words start, the user data's length and the unpacking steps taken before them,
-    the header words compared with ours for the lengths they give and the padding skipped
-    by its run structure. None when the message is anything else."""
-    # Header: segment table, root, padding pointer, content pointer, tag, user pointer.
-    at = 1 + _POP[data[0]]
-    if data[at : at + 2] != _CHANNEL_ROOT_PACKED:
-        return None
-    at += 3 + _POP[data[at + 2]]
-    if data[at : at + 5] != _CHANNEL_MIDDLE or at + 5 >= len(data):
-        return None
-    end = at + 6 + _POP[data[at + 5]]
-    header = data[:end]
-    lengths = _CHANNEL_HEADERS.get(header)
-    if lengths is None:
-        lengths = _channel_header_lengths(header)
-        if lengths is None:
-            return None
-    padding_length, user_length = lengths
-    user_words = (user_length + 7) // 8
-    if 6 + (padding_length + 7) // 8 + user_words > default_max_words(len(data)):
-        return None  # too large to unpack: the general path refuses it
-    steps = 6  # the header's
-    if padding_length:
-        end, taken = skip_packed_words(data, end, (padding_length + 7) // 8)
-        if end < 0:
-            return None
-        steps += taken
-    return end, user_length, steps
+def decode_ka_message_general(data: bytes) -> bytes | None:
+    """The payload of a packed KaMessage, or None for ``keepAlive``, through the general
+    reader alone."""
+    return read_ka_message(unpacked_words(data))
 
 
-def _user_from_packed(data: bytes) -> bytes | None:
-    """The user data of a packed ChannelMessage in our layout, read from the packed bytes:
-    the user body sliced out of its verbatim run (or unpacked alone). None when the message
-    is anything else (the general path then decides)."""
-    found = _channel_user_at(data)
-    if found is None:
-        return None
-    end, user_length, steps = found
-    user_words = (user_length + 7) // 8
-    if user_words == 0:
-        return b"" if end == len(data) else None
-    rest = len(data) - end
-    if rest > 9 and data[end] == 0xFF and rest == 10 + 8 * data[end + 9]:
-        # One verbatim run: its first word, then its count, then the other words.
-        if data[end + 9] + 1 != user_words:
-            return None
-        if user_length <= 8:
-            return data[end + 1 : end + 1 + user_length]
-        return data[end + 1 : end + 9] + data[end + 10 : end + 2 + user_length]
-    try:
-        # Within what the whole message may take to unpack, less what came before.
-        words = unpack_bytearray(data, MAX_STEPS + len(data) // MAX_STEP_BYTES - steps, end)
-    except ProtocolError:
-        return None
-    if len(words) != 8 * user_words:
-        return None
-    return bytes(words[:user_length])
-
-
-# Forwarding a large message (the relay's tunnels): the ChannelMessage's user data is a
-# packed KaMessage, and the ChannelMessage packs those bytes in turn. When both are in our
-# layout, the packed user words are carried into the outgoing ChannelMessage as they came
-# (packed words concatenate, so only its header and padding are new); the KaMessage inside
-# is checked on an unpacked copy of the user data, which is then dropped.
-# Smaller user data (one verbatim run) is sliced out instead, which costs less.
-CARRY_MIN = _ONE_RUN + 1
-# (user data length, its packed words, the KaMessage's payload length)
-_Carried = tuple[int, memoryview, int]
-# A tunnel message as the relay forwards it (``Connection.send_packed``): a packed KaMessage,
-# or large user data as (its length, the packed words it came in).
-Forwarded = bytes | tuple[int, memoryview]
-
-
-def forward_channel_user(data: bytes) -> _Carried | None:
-    """For a ChannelMessage whose user data the relay forwards: ``(user data length, its
-    packed words, the KaMessage's payload length)`` when the message is in our layout, its
-    user data is larger than one verbatim run and is a KaMessage ``message`` that
-    ``forward_ka_message`` would send on as it came, and its last word's bytes beyond the
-    user data are zero. Then ``channel_user_prefix(padding, length) + words`` is the
-    ChannelMessage ``encode_channel_user(padding, user data)`` would write, packed as the
-    sender packed it. None for anything else (then ``decode_channel_message`` and
-    ``forward_ka_message`` decide), and this accepts nothing that they would refuse."""
-    if type(data) is not bytes or len(data) <= 16:
-        return None
-    found = _channel_user_at(data)
-    if found is None or found[1] < CARRY_MIN:
-        return None
-    return _carried(data, *found)
-
-
-def _carried(data: bytes, start: int, length: int, steps: int) -> _Carried | None:
-    # forward_channel_user, after the ChannelMessage's header and padding.
-    words = (length + 7) // 8
-    try:
-        # As _user_from_packed unpacks them, to check them only (the packed words are
-        # what goes on): a stretch of full runs is copied and two strided deletions.
-        user = unpack_bytearray(data, MAX_STEPS + len(data) // MAX_STEP_BYTES - steps, start)
-    except ProtocolError:
-        return None
-    if len(user) != 8 * words or any(user[length:]):
-        return None
-    # The KaMessage inside, as forward_ka_message checks it: its header (at most 23 bytes)
-    # exactly ours for its length, its body's packed items as many words as that length.
-    middle = 1 + _POP[user[0]]
-    last = middle + 5
-    if user[middle:last] != _KA_MIDDLE:
-        return None
-    header = bytes(user[: last + 1 + _POP[user[last]]])
-    payload_length = _KA_FORWARD_HEADERS.get(header)
-    if payload_length is None:
-        payload_length = _ka_forward_length(header)
-        if payload_length is None:
-            return None
-    body_words = (payload_length + 7) // 8
-    if 4 + body_words > default_max_words(length):
-        return None
-    try:
-        if packed_words(user, len(header), length) != body_words:
-            return None
-    except ProtocolError:
-        return None
-    return length, memoryview(data)[start:], payload_length
-
-
-def forward_channel_message(data: bytes) -> tuple[Forwarded | None, int] | None:
-    """The relay's tunnel path for a decrypted ChannelMessage in our layout carrying user
-    data: ``(what send_packed takes, payload length)``, with None and 0 for a keepalive;
-    large user data as ``forward_channel_user`` carries it, smaller as ``forward_ka_message``
-    forwards it (raising what it raises). None when the message is anything else (a Rekey,
-    another layout): ``decode_channel_message`` then reads it.
-
-    The usual small message (padding and user data each one verbatim run, the KaMessage's
-    body one run) is read here without another call: the same steps as
-    ``_channel_user_at``, ``_user_from_packed`` and ``forward_ka_message``, one after the
-    other."""
-    if type(data) is not bytes or len(data) <= 16:
-        return None
-    pop = _POP
-    size = len(data)
-    # The ChannelMessage's header words, as _channel_user_at reads them.
-    at = 1 + pop[data[0]]
-    if data[at : at + 2] != _CHANNEL_ROOT_PACKED:
-        return None
-    at += 3 + pop[data[at + 2]]
-    if data[at : at + 5] != _CHANNEL_MIDDLE or at + 5 >= size:
-        return None
-    end = at + 6 + pop[data[at + 5]]
-    lengths = _CHANNEL_HEADERS.get(data[:end])
-    if lengths is None:
-        return _forward_channel_general(data)
-    padding_length, length = lengths
-    padding_words = (padding_length + 7) // 8
-    words = (length + 7) // 8
-    if not 0 < length < CARRY_MIN or 6 + padding_words + words > MAX_EXPANSION_WORDS:
-        return _forward_channel_general(data)
-    if padding_words:
-        # The padding: one verbatim run, else skipped by the general walk.
-        if end + 9 < size and data[end] == 0xFF and data[end + 9] + 1 == padding_words:
-            end += 2 + 8 * padding_words
-        else:
-            return _forward_channel_general(data)
-    # The user data: one verbatim run.
-    rest = size - end
-    if not (rest > 9 and data[end] == 0xFF and rest == 10 + 8 * data[end + 9]):
-        return _forward_channel_general(data)
-    if data[end + 9] + 1 != words:
-        return None
-    if length <= 8:
-        user = data[end + 1 : end + 1 + length]
-    else:
-        user = data[end + 1 : end + 9] + data[end + 10 : end + 2 + length]
-    # The KaMessage, as forward_ka_message's first test (a body of one run).
-    middle = 1 + pop[user[0]]
-    last = middle + 5
-    if user[middle:last] == _KA_MIDDLE and last < length:
-        header_end = last + 1 + pop[user[last]]
-        payload_length = _KA_FORWARD_HEADERS.get(user[:header_end])
-        if payload_length is not None:
-            rest = length - header_end
-            if (
-                rest > 9
-                and user[header_end] == 0xFF
-                and user[header_end + 9] + 1 == (payload_length + 7) // 8
-                and rest == 10 + 8 * user[header_end + 9]
-            ):
-                return user, payload_length
-    forwarded = forward_ka_message(user)
-    return (None, 0) if forwarded is None else forwarded
-
-
-def _forward_channel_general(data: bytes) -> tuple[Forwarded | None, int] | None:
-    # forward_channel_message through the general helpers.
-    found = _channel_user_at(data)
-    if found is None:
-        return None
-    end, length, steps = found
-    if length >= CARRY_MIN:
-        carried = _carried(data, end, length, steps)
-        if carried is None:
-            return None
-        return carried[:2], carried[2]
-    user = _user_from_packed(data)
-    if user is None:
-        return None
-    forwarded = forward_ka_message(user)
-    return (None, 0) if forwarded is None else forwarded
-
-
-def channel_user_prefix(padding: bytes, user_length: int) -> bytes:
-    """The packed start of ``encode_channel_user(padding, user)`` for user data of
-    ``user_length`` bytes: its header words and padding, all of it but the user words."""
-    padding_words = (len(padding) + 7) // 8
-    header = _HEADER_6.pack(
-        (5 + padding_words + (user_length + 7) // 8) << 32,
-        _CHANNEL_ROOT,
-        data_pointer(3, len(padding)),
-        _CHANNEL_CONTENT,
-        _CONTENT_USER,
-        data_pointer(padding_words, user_length),
-    )
-    return pack_message(header, (padding, b""), _packed_header(header))
-
-
-_CARRIED_PREFIXES: dict[tuple[int, int], bytes] = {}
-
-
-def channel_user_prefix_padded(padding_length: int, user_length: int) -> bytes:
-    """``channel_user_prefix`` with this process's padding of ``padding_length`` bytes (as
-    ``encode_channel_user_padded`` uses), made once per pair of lengths."""
-    key = (padding_length, user_length)
-    prefix = _CARRIED_PREFIXES.get(key)
-    if prefix is None:
-        prefix = channel_user_prefix(_PADDINGS[padding_length], user_length)
-        if len(_CARRIED_PREFIXES) >= _PADDED_PREFIXES_LIMIT:
-            _CARRIED_PREFIXES.clear()
-        _CARRIED_PREFIXES[key] = prefix
-    return prefix
-
-
-def decode_channel_message(data: bytes) -> bytes | Rekey:
-    """The user data of a packed ChannelMessage, or its Rekey (the padding is ignored)."""
-    if type(data) is bytes and len(data) > 16:
-        user = _user_from_packed(data)
-        if user is not None:
-            return user
-    return decode_channel_message_unpacked(data)
-
-
-def decode_channel_message_unpacked(data: bytes) -> bytes | Rekey:
-    """``decode_channel_message`` by unpacking the whole message first (any layout)."""
-    words = _unpacked(data)
-    if len(words) >= 48:
-        segments, size, root, _, content, tag, pointer = _CHANNEL_FIXED.unpack_from(words)
-        if (
-            segments == 0
-            and size * 8 + 8 == len(words)
-            and root == _CHANNEL_ROOT
-            and content == _CHANNEL_CONTENT
-            and tag & 0xFFFF == _CONTENT_USER
-            and pointer & 3 == LIST_KIND
-            and (pointer >> 32) & 7 == 2
-            and not pointer & 0x80000000
-        ):
-            # Like the reference reader, the padding (never read) is not checked.
-            start = 48 + (pointer & 0xFFFFFFFF) // 4 * 8
-            end = start + (pointer >> 35)
-            if end <= len(words):
-                return bytes(words[start:end])
+def read_channel_message(words: bytearray) -> bytes | Rekey:
+    """The user data of a ChannelMessage from its unpacked words (any layout), or its
+    Rekey: the general reader (the padding is ignored)."""
     content = read_unpacked(words).root().struct(1)
     if content is None:
         raise ProtocolError("ChannelMessage content is missing")
     tag = content.uint16(0)
-    if tag == _CONTENT_USER:
+    if tag == CONTENT_USER:
         user = content.data(0)
         return b"" if user is None else user
-    if tag == _CONTENT_REKEY:
+    if tag == CONTENT_REKEY:
         rekey = content.struct(0)
         if rekey is None:
             raise ProtocolError("Rekey is missing")
         return Rekey._read(rekey)
     raise ProtocolError(f"unknown ChannelContent variant {tag}")
+
+
+def decode_channel_message_general(data: bytes) -> bytes | Rekey:
+    """The user data of a packed ChannelMessage, or its Rekey, through the general reader
+    alone."""
+    return read_channel_message(unpacked_words(data))

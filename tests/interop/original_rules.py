@@ -30,12 +30,14 @@ from nacl.signing import SigningKey
 
 from offset_appliance.wire.channel import Handshake, SecureChannel
 from offset_appliance.wire.connection import VERSION_FRAME
+from offset_appliance.wire.fastpath import (
+    decode_ka_message,
+    encode_ka_message,
+)
 from offset_appliance.wire.frames import FrameDecoder, encode_frame
 from offset_appliance.wire.messages import (
     KEEPALIVE,
-    decode_ka_message,
     encode_init_connection,
-    encode_ka_message,
 )
 
 KEEPALIVE_TICKS = 0x20

@@ -24,6 +24,10 @@ import pytest
 from nacl.signing import SigningKey
 
 from offset_appliance.errors import ProtocolError
+from offset_appliance.wire.fastpath import (
+    encode_channel_user,
+    encode_ka_message,
+)
 from offset_appliance.wire.frames import FrameDecoder, encode_frame
 from offset_appliance.wire.messages import (
     Accept,
@@ -34,9 +38,7 @@ from offset_appliance.wire.messages import (
     Rekey,
     decode_init_connection,
     encode_channel_rekey,
-    encode_channel_user,
     encode_init_connection,
-    encode_ka_message,
 )
 
 from .honest import HonestTunnel

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from offset_appliance.errors import ProtocolError
-from offset_appliance.wire import messages
+from offset_appliance.wire import fastpath, messages
 from offset_appliance.wire.capnp import (
     MAX_DEPTH,
     MAX_EXPANSION_WORDS,
@@ -135,18 +135,18 @@ def test_large_body_with_zero_bytes_at_run_starts_packs_correctly():
 
 def test_zero_heavy_bodies_stay_small():
     # Zero words in a Data body become zero runs, not verbatim copies.
-    packed = messages.encode_ka_message(bytes(4_000))
+    packed = fastpath.encode_ka_message(bytes(4_000))
     assert len(packed) < 100
-    assert messages.decode_ka_message(packed) == bytes(4_000)
+    assert fastpath.decode_ka_message(packed) == bytes(4_000)
 
 
 def test_unpacked_size_is_bounded_by_the_packed_size():
     # 2 bytes of zero run stand for up to 2 KiB: by default a message may unpack to at most
     # its packed size plus 64 KiB, so a small frame cannot cost megabytes.
-    packed = messages.encode_ka_message(bytes(100_000))
+    packed = fastpath.encode_ka_message(bytes(100_000))
     assert len(packed) < 1000
     with pytest.raises(ProtocolError, match="too large"):
-        messages.decode_ka_message(packed)
+        fastpath.decode_ka_message(packed)
     bomb = b"\x00\xff" * 100
     assert default_max_words(len(bomb)) == MAX_EXPANSION_WORDS + 25
     with pytest.raises(ProtocolError, match="too large"):
@@ -210,10 +210,10 @@ def test_read_message_refuses_bad_segment_tables(unpacked, error):
 
 
 def test_every_prefix_of_a_message_is_refused():
-    packed = messages.encode_channel_user(b"pad", messages.encode_ka_message(os.urandom(5000)))
+    packed = fastpath.encode_channel_user(b"pad", fastpath.encode_ka_message(os.urandom(5000)))
     for cut in range(len(packed)):
         with pytest.raises(ProtocolError):
-            messages.decode_channel_message(packed[:cut])
+            fastpath.decode_channel_message(packed[:cut])
 
 
 # ---- pointers: any valid layout ----------------------------------------------------------------
@@ -233,7 +233,7 @@ def test_double_far_pointers_are_followed():
         [0, 0, data_pointer(0, len(PAYLOAD)), *data_words(PAYLOAD)],
     )
     packed = pack(stream(*segments))
-    assert messages.decode_ka_message(packed) == PAYLOAD
+    assert fastpath.decode_ka_message(packed) == PAYLOAD
     assert tool.decode("KaMessage", packed) == ka_text(PAYLOAD)
 
 
@@ -245,7 +245,7 @@ def test_far_pointer_to_data_with_double_landing_pad():
         [0xDEAD, *body],
     )
     packed = pack(stream(*segments))
-    assert messages.decode_ka_message(packed) == PAYLOAD
+    assert fastpath.decode_ka_message(packed) == PAYLOAD
     assert tool.decode("KaMessage", packed) == ka_text(PAYLOAD)
 
 
@@ -260,7 +260,7 @@ def test_objects_in_reverse_order_are_read():
         data_pointer(1 - (struct_at + 2), len(PAYLOAD)),
     ]
     packed = pack(stream(segment))
-    assert messages.decode_ka_message(packed) == PAYLOAD
+    assert fastpath.decode_ka_message(packed) == PAYLOAD
     assert tool.decode("KaMessage", packed) == ka_text(PAYLOAD)
 
 
@@ -286,7 +286,7 @@ def test_channel_message_with_content_before_padding_and_rekey_far_away():
         *be.unpack(key),  # 10..13: dhPublicKey's Buffer256
     ]
     packed = pack(stream(seg0, seg1))
-    assert messages.decode_channel_message(packed) == messages.Rekey(key, salt)
+    assert fastpath.decode_channel_message(packed) == messages.Rekey(key, salt)
     expected = (
         '(randPadding = "pad", content = (rekey = ('
         f"dhPublicKey = {tool.wrapped_text(key)}, keySalt = {tool.wrapped_text(salt)})))"
@@ -308,7 +308,7 @@ def test_structs_larger_than_the_schema_are_read():
         0x4242,
         *data_words(payload),
     ]
-    assert messages.decode_ka_message(pack(stream(segment))) == payload
+    assert fastpath.decode_ka_message(pack(stream(segment))) == payload
 
 
 def test_structs_smaller_than_the_schema_read_as_defaults():
@@ -333,14 +333,14 @@ def test_structs_smaller_than_the_schema_read_as_defaults():
 
 def test_null_root_reads_as_the_default_struct():
     packed = pack(stream([0]))
-    assert messages.decode_ka_message(packed) is None  # keepAlive is the union's default
+    assert fastpath.decode_ka_message(packed) is None  # keepAlive is the union's default
     assert messages.decode_init_connection(packed) == messages.Listen()
     with pytest.raises(ProtocolError, match="missing"):
         messages.RejectConnection.decode(packed)
 
 
 def test_null_data_reads_as_empty():
-    assert messages.decode_ka_message(pack(stream([struct_pointer(0, 1, 1), 1, 0]))) == b""
+    assert fastpath.decode_ka_message(pack(stream([struct_pointer(0, 1, 1), 1, 0]))) == b""
 
 
 def test_zero_sized_struct_with_offset_minus_one():
@@ -397,7 +397,7 @@ BAD_LAYOUTS = {
 def test_bad_pointers_are_refused(name):
     packed = pack(stream(BAD_LAYOUTS[name]))
     with pytest.raises(ProtocolError):
-        messages.decode_ka_message(packed)
+        fastpath.decode_ka_message(packed)
 
 
 def test_wrong_pointer_kind_for_a_required_struct():

@@ -27,6 +27,12 @@ from offset_appliance.wire.channel import (
     derive_keys,
     hkdf_sha512_256,
 )
+from offset_appliance.wire.fastpath import (
+    decode_channel_message,
+    decode_ka_message,
+    encode_channel_user,
+    encode_ka_message,
+)
 from offset_appliance.wire.messages import (
     KEEPALIVE,
     Accept,
@@ -37,13 +43,9 @@ from offset_appliance.wire.messages import (
     Listen,
     RejectConnection,
     Rekey,
-    decode_channel_message,
     decode_init_connection,
-    decode_ka_message,
     encode_channel_rekey,
-    encode_channel_user,
     encode_init_connection,
-    encode_ka_message,
 )
 
 RAW = serialization.Encoding.Raw

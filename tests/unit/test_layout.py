@@ -74,3 +74,16 @@ def test_the_loop_knows_no_control_and_the_core_no_shell():
     assert not _reachable(graph, relay + "core") & shell
     # The hand-over moves bytes; the state it moves is the relay's.
     assert relay + "server" not in _reachable(graph, relay + "handover")
+
+
+def test_the_wire_layer_takes_its_limits_as_arguments():
+    """The protocol layer imports nothing of the configuration or of the relay: the
+    dependency runs from them to it."""
+    graph = _graph()
+    wire = [name for name in graph if name.startswith("offset_appliance.wire.")]
+    assert len(wire) >= 7
+    above = {"offset_appliance.config"} | {
+        n for n in graph if n.startswith("offset_appliance.relay")
+    }
+    for name in wire:
+        assert not _reachable(graph, name) & above, name

@@ -12,6 +12,14 @@ from hypothesis import strategies as st
 
 from offset_appliance.errors import ProtocolError
 from offset_appliance.wire.capnp import pack, unpack
+from offset_appliance.wire.fastpath import (
+    decode_channel_message,
+    decode_dh,
+    decode_ka_message,
+    decode_rand_nonce,
+    encode_channel_user,
+    encode_ka_message,
+)
 from offset_appliance.wire.messages import (
     KEEPALIVE,
     Accept,
@@ -22,14 +30,9 @@ from offset_appliance.wire.messages import (
     Listen,
     RejectConnection,
     Rekey,
-    decode_channel_message,
     decode_init_connection,
-    decode_init_connection_general,
-    decode_ka_message,
     encode_channel_rekey,
-    encode_channel_user,
     encode_init_connection,
-    encode_ka_message,
 )
 
 from ..capnp import tool
@@ -321,6 +324,8 @@ DECODERS = [
     decode_init_connection,
     decode_ka_message,
     decode_channel_message,
+    decode_rand_nonce,
+    decode_dh,
 ]
 
 
@@ -432,7 +437,7 @@ def test_decoders_refuse_what_is_not_bytes():
 
 def _channel_words(user: bytes, padding: bytes, user_first: bool, spare_words: int) -> bytes:
     """A one-segment ChannelMessage laid out by hand, Data bodies in either order."""
-    from offset_appliance.wire.capnp import data_pointer, pack, struct_pointer
+    from offset_appliance.wire.capnp import data_pointer, struct_pointer
 
     def body(data: bytes) -> bytes:
         return data + bytes(-len(data) % 8)
@@ -466,152 +471,10 @@ def test_channel_layouts_decode_the_same(user_first, spare_words, size):
 
 
 def test_channel_fast_path_refuses_out_of_bounds_user():
-    from offset_appliance.wire.capnp import data_pointer, pack, struct_pointer
+    from offset_appliance.wire.capnp import data_pointer, struct_pointer
 
     words = (struct_pointer(0, 0, 2), 0, struct_pointer(0, 1, 1), 1, data_pointer(0, 100))
     segment = b"".join(w.to_bytes(8, "little") for w in words) + bytes(8)
     table = (0).to_bytes(4, "little") + (len(segment) // 8).to_bytes(4, "little")
     with pytest.raises(ProtocolError):
         decode_channel_message(pack(table + segment))
-
-
-# ---- fixed layouts of the handshake messages ----------------------------------------------
-
-
-def _handshake_messages(draw_bytes) -> list:
-    return [
-        ExchangeRandNonce(draw_bytes(16), draw_bytes(32), None),
-        ExchangeRandNonce(draw_bytes(16), draw_bytes(32), draw_bytes(32)),
-        ExchangeDh(draw_bytes(32), draw_bytes(16), draw_bytes(32), draw_bytes(64)),
-    ]
-
-
-@given(st.randoms(use_true_random=False))
-def test_handshake_fixed_layouts_write_what_the_general_builder_writes(rng):
-    for message in _handshake_messages(rng.randbytes):
-        encoded = message.encode()
-        assert encoded == message.encode_general()
-        assert type(message).decode(encoded) == message
-
-
-def _decoded(decode, data):
-    try:
-        return decode(data)
-    except ProtocolError as exc:
-        return ("refused", str(exc))
-
-
-@given(st.randoms(use_true_random=False), st.integers(0, 1 << 16), st.integers(1, 255))
-def test_a_handshake_message_off_the_fixed_layout_decodes_as_the_general_reader_says(rng, at, xor):
-    # One byte of the unpacked words changed: in a value it keeps the layout (the fast path
-    # reads the new value), anywhere else the general reader decides. A bytearray always
-    # takes the general reader, so both must agree.
-    for message in _handshake_messages(rng.randbytes):
-        words = bytearray(unpack(message.encode_general()))
-        words[at % len(words)] ^= xor
-        data = pack(bytes(words))
-        decode = type(message).decode
-        assert _decoded(decode, data) == _decoded(decode, bytearray(data))
-
-
-# ---- the packed fast paths of the handshake messages ----------------------------------------
-
-# Values with zero bytes now and then: a value without one is spliced into the packed bytes
-# as a verbatim run, one with one is packed the general way.
-
-
-def _packed_words_one_by_one(words: bytes) -> bytes:
-    # Another valid packing of the same words: every word on its own tag, no runs.
-    out = bytearray()
-    for pos in range(0, len(words), 8):
-        word = words[pos : pos + 8]
-        tag = sum(1 << bit for bit in range(8) if word[bit])
-        out.append(tag)
-        out += bytes(b for b in word if b)
-        if tag == 0:
-            out.append(0)
-        elif tag == 0xFF:
-            out.append(0)
-    return bytes(out)
-
-
-def _packed_verbatim(words: bytes) -> bytes:
-    # Another valid packing: one verbatim run of every word (the capnp tool reads it).
-    count = len(words) // 8 - 1
-    assert count <= 255
-    return b"\xff" + words[:8] + bytes([count]) + words[8:]
-
-
-@st.composite
-def _handshake_bytes(draw):
-    def value(size: int) -> bytes:
-        if draw(st.booleans()):
-            return draw(st.binary(min_size=size, max_size=size))
-        # Mostly non-zero bytes, with a zero or a run of zeros at times.
-        return bytes(
-            draw(st.integers(0, 255) if draw(st.booleans()) else st.integers(1, 255))
-            for _ in range(size)
-        )
-
-    message = draw(
-        st.sampled_from(["nonce", "nonce_dest", "dh"]).map(
-            lambda kind: {
-                "nonce": lambda: ExchangeRandNonce(value(16), value(32), None),
-                "nonce_dest": lambda: ExchangeRandNonce(value(16), value(32), value(32)),
-                "dh": lambda: ExchangeDh(value(32), value(16), value(32), value(64)),
-            }[kind]()
-        )
-    )
-    words = unpack(message.encode_general())
-    packing = draw(st.sampled_from(["ours", "one_by_one", "verbatim"]))
-    data = {
-        "ours": message.encode(),
-        "one_by_one": _packed_words_one_by_one(words),
-        "verbatim": _packed_verbatim(words),
-    }[packing]
-    edit = draw(st.sampled_from(["none", "flip", "cut", "insert", "append"]))
-    if edit != "none" and data:
-        at = draw(st.integers(0, len(data) - 1))
-        if edit == "flip":
-            data = data[:at] + bytes([data[at] ^ draw(st.integers(1, 255))]) + data[at + 1 :]
-        elif edit == "cut":
-            data = data[:at] + data[at + draw(st.integers(1, 12)) :]
-        elif edit == "insert":
-            data = data[:at] + draw(st.binary(min_size=1, max_size=9)) + data[at:]
-        else:
-            data += draw(st.binary(min_size=1, max_size=9))
-    return message, data
-
-
-@settings(max_examples=1000, suppress_health_check=[HealthCheck.too_slow])
-@given(_handshake_bytes())
-def test_handshake_fast_decode_accepts_what_the_general_reader_accepts(case):
-    # The packed and unpacked fixed-layout paths refuse nothing the general reader accepts,
-    # accept nothing it refuses, and read the same values; valid encodings, other valid
-    # packings of the same words and damaged bytes alike.
-    message, data = case
-    cls = type(message)
-    assert _decoded(cls.decode, data) == _decoded(cls.decode_general, data)
-    # And the other handshake message's decoder on the same bytes.
-    other = ExchangeDh if cls is ExchangeRandNonce else ExchangeRandNonce
-    assert _decoded(other.decode, data) == _decoded(other.decode_general, data)
-
-
-@given(_handshake_bytes())
-def test_handshake_values_with_and_without_zero_bytes_encode_as_the_general_builder(case):
-    message, _data = case
-    encoded = message.encode()
-    assert encoded == message.encode_general()
-    assert type(message).decode(encoded) == message
-
-
-def test_listen_fast_path_is_the_general_reader_s_listen():
-    data = Listen().encode()
-    assert decode_init_connection(data) == decode_init_connection_general(data) == Listen()
-    # One byte off: the general reader decides, as before.
-    for at in range(len(data)):
-        for xor in (1, 0x80):
-            damaged = data[:at] + bytes([data[at] ^ xor]) + data[at + 1 :]
-            assert _decoded(decode_init_connection, damaged) == _decoded(
-                decode_init_connection_general, damaged
-            )
