@@ -70,7 +70,9 @@ def test_bulk_moved_every_byte_and_costs_add_up(smoke):
     bulk = smoke[0]["bulk"]
     assert bulk["messages"] * bulk["message_bytes"] == bulk["bytes"] == 4 << 20
     assert _positive(bulk["seconds"], bulk["mb_per_s"], bulk["relay_cpu_seconds"])
-    assert _positive(bulk["floor_cpu_per_gib"], bulk["client_cpu_seconds"])
+    assert _positive(bulk["floor_cpu_per_gib"])
+    # Read from /proc in clock ticks (10 ms): the smoke's 4 MiB can cost the client less.
+    assert bulk["client_cpu_seconds"] >= 0
     # The ratio is the relay's cost over the floor's, both per GiB.
     assert bulk["ratio"] == pytest.approx(
         bulk["relay_cpu_per_gib"] / bulk["floor_cpu_per_gib"], rel=0.02
