@@ -25,7 +25,7 @@ import select
 import socket
 from collections.abc import Sequence
 
-from .relay import Relay, close_quietly
+from .relay import Relay, close_quietly, socket_address
 from .state import READABLE, VERSION, RelayState, StateError
 
 log = logging.getLogger("strelay")
@@ -204,14 +204,6 @@ class ServiceManager:
 # ---- what a start inherits ---------------------------------------------------------------
 
 
-def _address(sock: socket.socket, peer: bool) -> tuple[str, int] | None:
-    try:
-        address = sock.getpeername() if peer else sock.getsockname()
-    except OSError:
-        return None
-    return (address[0], address[1])
-
-
 class Inherited:
     """The descriptors a start got back from the store, sorted by name."""
 
@@ -254,11 +246,11 @@ class Inherited:
                 os.close(fd)
                 self.unknown += 1
                 return
-            local = _address(sock, False)
+            local = socket_address(sock, False)
             if name == NAME_LISTEN and local is not None:
                 self.listen[local] = sock
                 return
-            remote = _address(sock, True)
+            remote = socket_address(sock, True)
             if name == NAME_CONN and local is not None and remote is not None:
                 self.conns[(local, remote)] = sock
                 return

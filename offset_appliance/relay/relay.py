@@ -438,7 +438,7 @@ class Relay:
         """The whole relay as typed data (secret: it holds every channel's keys)."""
         records = []
         for client in self.handed_over():
-            local, remote = _address(client.sock, False), _address(client.sock, True)
+            local, remote = socket_address(client.sock, False), socket_address(client.sock, True)
             if local is None or remote is None:
                 continue  # already reset: nothing to hand over
             out = b"".join([*client.out, *client.wire.data_to_send()])
@@ -610,7 +610,8 @@ def boot_id() -> str:
         return ""
 
 
-def _address(sock: socket.socket, peer: bool) -> tuple[str, int] | None:
+def socket_address(sock: socket.socket, peer: bool) -> tuple[str, int] | None:
+    """The socket's own (or its peer's) address and port; None once it is reset."""
     try:
         address = sock.getpeername() if peer else sock.getsockname()
     except OSError:
