@@ -107,11 +107,15 @@ class RelayCore:
         # The access lists' pure verdict on why a key may not "listen", "accept" or
         # "connect" (None: it may); a refused request closes its connection for that reason.
         self._refuse_request = refuse_request
+        self._actions: deque[Action] = deque()
+        # Whether an action waits to be taken (how many): asked after every read, so the
+        # deque's own length, without a Python call. The deque is never replaced.
+        self.has_actions: Callable[[], int] = self._actions.__len__
         self._reset()
 
     def _reset(self) -> None:
         """Empty: no connection, no action, no timer."""
-        self._actions: deque[Action] = deque()
+        self._actions.clear()
         # Connections whose output queue is above its high water mark, as the shell last
         # said: an IncomingConnection for a listener among them is refused (LISTENER_FULL).
         self._congested: set[int] = set()
@@ -139,10 +143,6 @@ class RelayCore:
         """The oldest action not yet taken, or None."""
         actions = self._actions
         return actions.popleft() if actions else None
-
-    def has_actions(self) -> bool:
-        """Whether an action waits to be taken."""
-        return bool(self._actions)
 
     def discard_actions(self) -> None:
         """Drop every waiting action (the shell has closed every connection already)."""

@@ -89,6 +89,8 @@ class Policy:
         self._peer_of = peer_of
         self._orphans_from = orphans_from
         self._actions: deque[Action] = deque()
+        # Whether a pause or resume waits to be taken (how many).
+        self.has_actions: Callable[[], int] = self._actions.__len__
         self.limits = config.limits
         self.access = AccessControl()
         self.bans = BanTable()
@@ -137,10 +139,6 @@ class Policy:
         """The oldest pause or resume not yet taken, or None."""
         actions = self._actions
         return actions.popleft() if actions else None
-
-    def has_actions(self) -> bool:
-        """Whether a pause or resume waits to be taken."""
-        return bool(self._actions)
 
     # ---- a connection's life -----------------------------------------------------------
 

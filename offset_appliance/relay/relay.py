@@ -94,6 +94,7 @@ class Relay:
             now=now,
             rss=rss if rss is not None else read_rss,
         )
+        self._core_waiting = self.core.has_actions
         self.timers = Timers(self.clients)
         self.output = Output(selector, self.clients, self.core, config.limits, self.timers)
         self.listeners = Listeners(selector, stats)
@@ -134,7 +135,7 @@ class Relay:
             self._write(client, now)
         if mask & selectors.EVENT_READ and not client.paused and client.id in self.clients:
             self.read(client, now)
-        if self.core.has_actions():
+        if self._core_waiting():
             self.drain(now)
 
     def may_accept(self, deferred: bool) -> bool:
@@ -241,7 +242,7 @@ class Relay:
         # The direct path: a tunnel's messages go straight to its other end, packed as they
         # came, one queue move for the batch. Anything else (and a tunnel while actions wait,
         # so that they keep their order) goes through the core.
-        peer = None if core.has_actions() else core.tunnel_peer(cid)
+        peer = None if self._core_waiting() else core.tunnel_peer(cid)
         target = self.clients.get(peer) if peer is not None else None
         forward = target is not None and not target.closing
         try:
