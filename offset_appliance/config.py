@@ -50,7 +50,9 @@ class Limits:
     ipv6_prefix: int = 64
     # Resident memory (bytes) past which new connections are refused and the feeders of
     # the largest output queues paused, until it is below the low mark (0: 90 % of it).
-    max_memory: int = 0
+    # "auto": 80 % of the memory limit of the relay's control group, or of the machine's
+    # memory (relay/memory.py); 0: no ceiling.
+    max_memory: int | str = "auto"
     memory_low_mark: int = 0
 
 
@@ -349,11 +351,16 @@ def _number(where: str, value: Any, *, integer: bool) -> float | int:
 
 def _limits(table: dict[str, Any], origin: dict[str, Path]) -> Limits:
     names = {f.name for f in dataclasses.fields(Limits)}
-    values: dict[str, int] = {}
+    values: dict[str, Any] = {}
     for key, value in table.items():
         where = f"{origin[f'limits.{key}']}: limits.{key}"
         if key not in names:
             raise ConfigError(f"{where}: unknown key")
+        if key == "max_memory" and isinstance(value, str):
+            if value != "auto":
+                raise ConfigError(f'{where}: expected a number of bytes or "auto", got {value!r}')
+            values[key] = value
+            continue
         number = int(_number(where, value, integer=True))
         low, high = LIMIT_MINIMUM[key], LIMIT_MAXIMUM[key]
         if not low <= number <= high:
@@ -376,7 +383,13 @@ def _limits(table: dict[str, Any], origin: dict[str, Path]) -> Limits:
             f"{culprit}: limits.max_handshakes ({limits.max_handshakes}) must not exceed "
             f"max_connections ({limits.max_connections}); lower max_handshakes too"
         )
-    if limits.max_memory and limits.memory_low_mark >= limits.max_memory:
+    if limits.max_memory == "auto":
+        if limits.memory_low_mark:
+            raise ConfigError(
+                f"{origin['limits.memory_low_mark']}: limits.memory_low_mark: needs max_memory "
+                'in bytes (with max_memory = "auto" the low mark is 90 % of the ceiling)'
+            )
+    elif limits.max_memory and limits.memory_low_mark >= int(limits.max_memory):
         key = "memory_low_mark" if "memory_low_mark" in table else "max_memory"
         raise ConfigError(
             f"{origin[f'limits.{key}']}: limits.{key}: memory_low_mark "

@@ -40,6 +40,9 @@ class CloseReason(enum.Enum):
     CONNECT_DENIED = "connect_denied"
     # The relay's own limits and life.
     EVICTED = "evicted"
+    # Over the memory ceiling, its receiver took no byte of a large queue for a keepalive
+    # timeout (relay/policy.py).
+    STALLED = "stalled"
     FLUSH_TIMEOUT = "flush_timeout"
     BUDGET = "budget"  # over a transfer budget, with budgets.action = "refuse"
     SHUTDOWN = "shutdown"

@@ -30,7 +30,7 @@ from ..config import Config
 from ..errors import CloseReason
 from ..wire.connection import State
 from .access import AccessControl
-from .actions import PAUSED_BY_MEMORY, Action, Pause, Resume
+from .actions import PAUSED_BY_MEMORY, Action, Close, Pause, Resume
 from .bandwidth import BandwidthControl
 from .bans import BanTable
 from .clients import Client
@@ -94,7 +94,8 @@ class Policy:
         self.limits = config.limits
         self.access = AccessControl()
         self.bans = BanTable()
-        self.memory = MemoryGuard(rss=rss)
+        self.memory = MemoryGuard(self.limits, rss=rss)
+        self.keepalive = config.timeouts.keepalive
         self.refusals = RefusalLog()
         self.prefixes = Prefixes(self.limits.ipv4_prefix, self.limits.ipv6_prefix)
         self.rate = RateLimiter(
@@ -106,9 +107,12 @@ class Policy:
         self.handshaking: OrderedDict[int, Client] = OrderedDict()
         self.memory_full = False  # over the memory ceiling: refuse new connections
         self._memory_swept = False  # connections paused for memory were all resumed
+        # Over the ceiling: the largest output queues watched for progress, by connection
+        # id: (its queued bytes, since when its receiver has taken none).
+        self._stalls: dict[int, tuple[int, float]] = {}
+        log.info("%s", self.memory.describe())
         self.access.apply_config(config.access)
         self.bans.apply_config(config.bans)
-        self.memory.apply_config(self.limits)
         self.bandwidth = BandwidthControl(config, clients, self._actions, stats, now, wallclock)
         # Read by the relay on every read: with bandwidth limits and budgets off, False.
         self.metering = self.bandwidth.enabled
@@ -124,7 +128,9 @@ class Policy:
         self.rate.burst = float(limits.new_connections_per_ip_burst)
         self.access.apply_config(config.access)
         self.bans.apply_config(config.bans)
-        self.memory.apply_config(limits)
+        self.keepalive = config.timeouts.keepalive
+        if self.memory.apply_config(limits):
+            log.info("%s", self.memory.describe())
         self.bandwidth.apply_config(config, now)
         self.metering = self.bandwidth.enabled
 
@@ -192,7 +198,7 @@ class Policy:
         if limit == "connection_rate":
             return limits.new_connections_per_ip_per_second
         if limit == "memory":
-            return limits.max_memory
+            return self.memory.max_memory
         value = getattr(limits, limit, None)
         return value if isinstance(value, int) else None
 
@@ -305,8 +311,10 @@ class Policy:
 
     def _check_memory(self, now: float) -> None:
         """Sample the resident size; over the ceiling, refuse new connections and pause the
-        feeders of the largest output queues, more at each sample while it lasts; below
-        the low mark, resume them all."""
+        feeders of the largest output queues, more at each sample while it lasts, and close
+        those of them whose receiver took no byte for a keepalive timeout (a peer that does
+        not read holds the relay's memory as one that says nothing holds a connection);
+        below the low mark, resume them all."""
         memory = self.memory
         memory.sample(now)
         self.memory_full = memory.active
@@ -320,12 +328,36 @@ class Policy:
                 if other is not None and not other.paused & PAUSED_BY_MEMORY:
                     actions.append(Pause(other.id, PAUSED_BY_MEMORY))
                     self._memory_swept = False
-        elif not self._memory_swept:
+            self._close_stalled(queues, now)
+            return
+        self._stalls.clear()
+        if not self._memory_swept:
             # Below the low mark (or the first look after a hand-over, which keeps pauses).
             self._memory_swept = True
             for client in clients.values():
                 if client.paused & PAUSED_BY_MEMORY:
                     actions.append(Resume(client.id, PAUSED_BY_MEMORY))
+
+    def _close_stalled(self, queues: list[Client], now: float) -> None:
+        """Close the receivers of large queues (past the low water mark) that took no byte
+        for a keepalive timeout while the relay is over its ceiling."""
+        stalls = self._stalls
+        watched: dict[int, tuple[int, float]] = {}
+        least = self.limits.buffer_low_water
+        for target in queues:
+            size = target.out_size
+            if size < least:
+                continue
+            # Its queue shrinking is the receiver taking bytes; growing (the relay's
+            # keepalives) is not.
+            seen = stalls.get(target.id)
+            if seen is None or size < seen[0]:
+                watched[target.id] = (size, now)
+            elif now - seen[1] < self.keepalive:
+                watched[target.id] = (max(size, seen[0]), seen[1])
+            else:
+                self._actions.append(Close(target.id, CloseReason.STALLED))
+        self._stalls = watched
 
     # ---- for /metrics ------------------------------------------------------------------
 

@@ -21,7 +21,14 @@ BIN = Path(sys.executable).parent
 class RelayProcess:
     """A running strelay, its address, its public key and its log lines."""
 
-    def __init__(self, tmp: Path, settings: str = "", extra_args: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        settings: str = "",
+        extra_args: tuple[str, ...] = (),
+        prefix: tuple[str, ...] = (),
+    ) -> None:
+        """``prefix``: a command the relay's is run by (``sh -c '...; exec "$@"'``)."""
         self.dir = tmp
         self.ident = tmp / "relay.ident"
         if not self.ident.exists():
@@ -34,7 +41,7 @@ class RelayProcess:
         )
         self.lines: list[str] = []
         self.proc = subprocess.Popen(
-            [BIN / "strelay", "--config", self.config, *extra_args],
+            [*prefix, BIN / "strelay", "--config", self.config, *extra_args],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
@@ -105,10 +112,12 @@ def relay_factory(tmp_path):
     """Start relays with extra TOML settings; all are stopped at the end of the test."""
     started: list[RelayProcess] = []
 
-    def start(settings: str = "", name: str = "relay") -> RelayProcess:
+    def start(
+        settings: str = "", name: str = "relay", prefix: tuple[str, ...] = ()
+    ) -> RelayProcess:
         directory = tmp_path / f"{name}{len(started)}"
         directory.mkdir()
-        relay = RelayProcess(directory, settings)
+        relay = RelayProcess(directory, settings, prefix=prefix)
         started.append(relay)
         return relay
 

@@ -103,6 +103,9 @@ class Node:
                 sent = self.sock.send(self.pending)
             except BlockingIOError:
                 sent = 0
+            except (ConnectionResetError, BrokenPipeError):  # the relay closed it
+                self.pending, sent = b"", 0
+                self.eof = True
             self.pending = self.pending[sent:]
             moved = sent > 0
         while self.reading and not self.eof:

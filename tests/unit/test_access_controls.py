@@ -171,11 +171,11 @@ def test_the_printed_config_with_every_control_reads_back_the_same(tmp_path):
     assert doc["limits"]["memory_low_mark"] == 0
 
 
-def test_everything_is_off_by_default(tmp_path):
+def test_everything_is_off_by_default_but_the_memory_ceiling(tmp_path):
     config = load_config(write(tmp_path / "relay.toml", BASE))
     assert config.access == Access()
     assert not config.bans.enabled
-    assert config.limits.max_memory == 0
+    assert config.limits.max_memory == "auto"
     assert (config.limits.ipv4_prefix, config.limits.ipv6_prefix) == (32, 64)
 
 

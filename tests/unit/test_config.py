@@ -117,12 +117,16 @@ def test_missing_file_and_missing_settings(tmp_path):
 @pytest.mark.parametrize("key", sorted(LIMIT_MAXIMUM))
 def test_a_limit_above_its_upper_bound_is_an_error_naming_the_key(tmp_path, key):
     high = LIMIT_MAXIMUM[key]
-    room = "max_connections = 1048576\n" if key == "max_handshakes" else ""
+    room = {
+        "max_handshakes": "max_connections = 1048576\n",
+        # A low mark is only set beside a ceiling in bytes.
+        "memory_low_mark": f"max_memory = {LIMIT_MAXIMUM['max_memory']}\n",
+    }.get(key, "")
     main = write(
         tmp_path / "relay.toml",
         f'identity_file = "id"\nlisten = ["0.0.0.0:4567"]\n[limits]\n{room}{key} = {high}\n',
     )
-    if key != "buffer_low_water":  # it must stay below the high water mark
+    if key not in ("buffer_low_water", "memory_low_mark"):  # they stay below their pairs
         assert getattr(load_config(main).limits, key) == high
     write(main, main.read_text().replace(f"{key} = {high}", f"{key} = {high + 1}"))
     with pytest.raises(ConfigError, match=rf"limits\.{key}: must be between .* and {high}"):
