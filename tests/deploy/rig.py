@@ -7,7 +7,10 @@ server. The hosts of one rig share a bridge on the controller: the controller is
 198.18.N.1, the hosts 198.18.N.2, 198.18.N.3, ... The hosts have no route to the Debian
 archive; a local apt repository served over HTTP from 198.18.N.1 plays its part, holding
 the packages under test and whatever of their dependencies the base system lacks, so that
-``apt install`` on a host resolves dependencies the way it does for a user.
+``apt install`` on a host resolves dependencies the way it does for a user. With
+``ipv6=True`` the bridge also carries two IPv6 /64s of unique local addresses (see
+``Rig.ipv6_subnets``): the controller is ``::1`` in each, the hosts ``::2``, ``::3``, ... in
+the first, which reach the second on-link.
 
 Usage::
 
@@ -29,6 +32,7 @@ import atexit
 import contextlib
 import fcntl
 import hashlib
+import ipaddress
 import json
 import logging
 import os
@@ -53,6 +57,9 @@ CACHE_DIR = Path("/var/cache/offset-relay-tests")
 STATE_DIR = Path("/run/offset-relay-rig")
 # RFC 2544's benchmarking range: never routed, so a test cannot reach anything real.
 NET_PREFIX = "198.18"
+# One unique local /48 (RFC 4193, picked at random once) for every rig's IPv6: rig N takes
+# the /64s with subnet ids N and 0x100 + N (N < 256), so concurrent rigs never share one.
+ULA_PREFIX = ipaddress.IPv6Network("fd5e:7a1c:93b4::/48")
 REPO_PORT = 8080
 REQUIRED_TOOLS = ("mmdebstrap", "systemd-nspawn", "ip", "ssh", "ssh-keygen", "dpkg-scanpackages")
 
@@ -383,6 +390,7 @@ class Host:
     netns: str
     root: Path
     ssh_config: Path
+    address6: str | None = None  # its address in the rig's first IPv6 /64, if it has one
 
     def ssh_argv(self, command: str) -> list[str]:
         """The ssh command line that runs ``command`` (a shell string) on this host."""
@@ -446,11 +454,12 @@ class Rig:
         include: Sequence[str] = (),
         repo_debs: Sequence[Path] = (),
         repo_packages: Sequence[str] = (),
+        ipv6: bool = False,
     ) -> None:
         """Hosts named ``<name>-1`` ... ``<name>-<count>``; ``include`` adds packages to the
         base system, ``repo_debs`` are served with the dependencies the base system lacks,
         and ``repo_packages`` (archive package names) are served with theirs, for hosts to
-        install with apt."""
+        install with apt. ``ipv6`` adds the rig's two IPv6 /64s to the bridge."""
         if not 1 <= count <= 200:
             raise ValueError("count must be between 1 and 200")
         if not re.fullmatch(r"[a-z][a-z0-9-]{0,30}", name):
@@ -461,6 +470,7 @@ class Rig:
         self.include = tuple(include)
         self.repo_debs = tuple(Path(d) for d in repo_debs)
         self.repo_packages = tuple(repo_packages)
+        self.ipv6 = ipv6
         self.hosts: list[Host] = []
         self.boot_states: dict[str, BootState] = {}
         self.ssh_config = self.workdir / "ssh_config"
@@ -480,6 +490,49 @@ class Rig:
     def gateway(self) -> str:
         """The controller's address on the rig's bridge."""
         return f"{NET_PREFIX}.{self._subnet}.1"
+
+    @property
+    def ipv6_subnets(self) -> tuple[ipaddress.IPv6Network, ipaddress.IPv6Network]:
+        """The rig's two IPv6 /64s (whether or not ``ipv6`` is on): the hosts are in the
+        first; the second is on the same bridge, as another source network."""
+        base = int(ULA_PREFIX.network_address)
+        first, second = (base | (sid << 64) for sid in (self._subnet, 0x100 + self._subnet))
+        return ipaddress.IPv6Network((first, 64)), ipaddress.IPv6Network((second, 64))
+
+    @property
+    def gateways6(self) -> tuple[str, str]:
+        """The controller's address in each of the rig's IPv6 /64s."""
+        first, second = self.ipv6_subnets
+        return str(first[1]), str(second[1])
+
+    def add_addresses6(self, subnet: ipaddress.IPv6Network, count: int, start: int) -> list[str]:
+        """Give the controller ``count`` more addresses of ``subnet`` (one of
+        ``ipv6_subnets``), ``subnet[start]`` on, for tests to bind as sources. They go with
+        the bridge; ``remove_addresses6`` takes them away sooner."""
+        if not self.ipv6 or subnet not in self.ipv6_subnets:
+            raise ValueError(f"{subnet} is not one of this rig's IPv6 subnets")
+        if start < 0x100:
+            raise ValueError("start below 256: those are the rig's own (controller, hosts)")
+        bridge = f"or{self._subnet}-br"
+        added: list[str] = []
+        try:
+            for offset in range(count):
+                address = str(subnet[start + offset])
+                # nodad: usable at once, never "tentative" (no one else on the bridge has it).
+                run(["ip", "addr", "add", f"{address}/128", "dev", bridge, "nodad"])
+                added.append(address)
+        except BaseException:
+            self.remove_addresses6(added)
+            raise
+        return added
+
+    def remove_addresses6(self, addresses: Iterable[str]) -> None:
+        """Take addresses ``add_addresses6`` gave off the bridge again; never raises."""
+        bridge = f"or{self._subnet}-br"
+        for address in addresses:
+            subprocess.run(
+                ["ip", "addr", "del", f"{address}/128", "dev", bridge], capture_output=True
+            )
 
     @property
     def repo_url(self) -> str:
@@ -533,6 +586,9 @@ class Rig:
             self._boot(host)
         for host in self.hosts:
             self.boot_states[host.name] = self._wait_booted(host)
+        if self.ipv6:
+            for host in self.hosts:
+                self._check_ipv6(host)
 
     def close(self) -> None:
         """Power the hosts off (SIGKILL whatever lingers), remove the network and files."""
@@ -599,6 +655,9 @@ class Rig:
         run(["ip", "link", "add", bridge, "type", "bridge"])
         self._remember(links=bridge)
         run(["ip", "addr", "add", f"{self.gateway}/24", "dev", bridge])
+        if self.ipv6:
+            for gateway in self.gateways6:
+                run(["ip", "addr", "add", f"{gateway}/64", "dev", bridge, "nodad"])
         run(["ip", "link", "set", bridge, "up"])
 
     def publish(self, debs: Sequence[Path] = (), packages: Sequence[str] = ()) -> None:
@@ -677,6 +736,7 @@ class Rig:
             netns=netns,
             root=root,
             ssh_config=self.ssh_config,
+            address6=str(self.ipv6_subnets[0][index + 1]) if self.ipv6 else None,
         )
         etc = root / "etc"
         (etc / "hostname").write_text(f"{name}\n")
@@ -685,6 +745,13 @@ class Rig:
         )
         # The local repository stands in for the archive, which the host cannot reach.
         (etc / "apt" / "sources.list").write_text(f"{self.apt_source}\n")
+        if self.ipv6:
+            # Should systemd-networkd run, it leaves host0 (and the addresses set here) alone.
+            network = etc / "systemd" / "network"
+            network.mkdir(parents=True, exist_ok=True)
+            (network / "10-rig-host0.network").write_text(
+                "[Match]\nName=host0\n\n[Link]\nUnmanaged=yes\n"
+            )
         for extra in (etc / "apt" / "sources.list.d").glob("*"):
             extra.unlink()
         # A host key of its own for each host, pinned in known_hosts.
@@ -710,9 +777,27 @@ class Rig:
         self._remember(links=veth)
         run(["ip", "link", "set", veth, "master", f"or{self._subnet}-br", "up"])
         run(["ip", "-n", netns, "addr", "add", f"{host.address}/24", "dev", "host0"])
+        if host.address6 is not None:
+            run(["ip", "-n", netns, "addr", "add", f"{host.address6}/64", "dev", "host0", "nodad"])
         run(["ip", "-n", netns, "link", "set", "host0", "up"])
         run(["ip", "-n", netns, "link", "set", "lo", "up"])
+        if host.address6 is not None:
+            # The second /64 is on the same bridge: reached on-link, not through a router.
+            second = str(self.ipv6_subnets[1])
+            run(["ip", "-n", netns, "-6", "route", "add", second, "dev", "host0"])
         return host
+
+    def _check_ipv6(self, host: Host) -> None:
+        """The host kept its IPv6 address (settled, not tentative) and its route to the
+        second /64 through boot."""
+        ip = ["ip", "-n", host.netns, "-6", "-o"]
+        shown = run([*ip, "addr", "show", "dev", "host0"]).stdout
+        line = next((line for line in shown.splitlines() if f" {host.address6}/64 " in line), "")
+        if not line or "tentative" in line:
+            raise RigError(f"{host.name}: host0 lost {host.address6} or has not settled: {shown}")
+        second = str(self.ipv6_subnets[1])
+        if not run([*ip, "route", "show", second, "dev", "host0"]).stdout.strip():
+            raise RigError(f"{host.name}: host0 lost its route to {second}")
 
     def _write_ssh_config(self) -> None:
         lines = []
