@@ -148,13 +148,17 @@ def cgroup_limit(read: Callable[[str], str | None] = _read_text) -> tuple[int, s
 
 
 def machine_memory(read: Callable[[str], str | None] = _read_text) -> int:
-    """The machine's memory in bytes (MemTotal), 0 where /proc cannot tell."""
+    """The machine's memory in bytes: MemTotal, or where /proc/meminfo is hidden (the
+    unit's ``ProcSubset=pid``) what sysinfo(2) says; 0 where neither tells."""
     for line in (read("/proc/meminfo") or "").splitlines():
         if line.startswith("MemTotal:"):
             fields = line.split()
             if len(fields) >= 2 and fields[1].isdigit():
                 return int(fields[1]) * 1024
-    return 0
+    try:
+        return max(0, os.sysconf("SC_PHYS_PAGES") * _PAGE_SIZE)
+    except (ValueError, OSError):  # pragma: no cover - not Linux
+        return 0
 
 
 def resolve_ceiling(

@@ -537,6 +537,63 @@ def test_relay_dumps_no_core_and_has_a_memory_ceiling(host: Host) -> None:
     assert owner == "root"
 
 
+# Frees most of 100 MB of heap blocks (one kept at the top, so the heap cannot simply
+# shrink), then asks glibc to give the free pages back, as the relay does over its ceiling.
+TRIM = """
+import ctypes
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096
+blocks = [bytes(1000) + bytes([n % 256]) for n in range(100000)]
+keep = blocks[-1]
+del blocks
+before = rss()
+ctypes.CDLL(None).malloc_trim(0)
+print(before, rss())
+"""
+
+
+def test_the_default_memory_ceiling_is_said_at_start_and_trims_under_the_unit_filters(
+    host: Host,
+) -> None:
+    # The start line names the ceiling and what it came from: the unit's group where the
+    # host enforces MemoryMax, the machine's memory where it does not (a test host on a
+    # machine whose cgroups are hybrid v1 does not: it has no memory group of its own), read
+    # with /proc/meminfo hidden by ProcSubset=pid.
+    lines = host.ssh(
+        "journalctl -u offset-relay -b -o cat --no-pager | grep 'memory ceiling [0-9o]'"
+    ).stdout
+    last = lines.strip().splitlines()[-1]
+    limit = host.ssh(
+        "cat /sys/fs/cgroup/system.slice/offset-relay.service/memory.max"
+        " /sys/fs/cgroup/memory/system.slice/offset-relay.service/memory.limit_in_bytes"
+        " 2>/dev/null | head -1",
+        check=False,
+    ).stdout.strip()
+    if limit == str(2 << 30):
+        assert (
+            "memory ceiling 1638.4 MiB of resident memory (auto: 80 % of 2048.0 MiB, the memory"
+            in last
+        ), last
+    else:
+        assert "(auto: 80 % of " in last and "the machine's memory" in last, (limit, last)
+    # malloc_trim, which the ceiling relies on to give memory back, works under the unit's
+    # system call filter (a filtered call would fail with EPERM and give nothing back).
+    unit_text = host.ssh("systemctl cat offset-relay").stdout
+    filters = [line.strip() for line in unit_text.splitlines() if line.startswith("SystemCall")]
+    assert len(filters) == 4, filters
+    properties = " ".join(f"-p {_quote(line)}" for line in filters)
+    result = host.ssh(
+        f"systemd-run --quiet --wait --pipe -p NoNewPrivileges=yes {properties} "
+        f"python3 -c {_quote(TRIM)}"
+    )
+    before, after = map(int, result.stdout.split())
+    assert before > 90_000_000 and after < before // 4, (before, after)
+
+
+def _quote(text: str) -> str:
+    return "'" + text.replace("'", "'\\''") + "'"
+
+
 def test_open_file_limit_is_raised(host: Host) -> None:
     configured = int(unit(host, "LimitNOFILE")["LimitNOFILE"])
     assert configured >= 65536

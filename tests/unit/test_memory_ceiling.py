@@ -6,6 +6,7 @@ closed, while those that read slowly stay."""
 from __future__ import annotations
 
 import logging
+import os
 
 import pytest
 
@@ -83,8 +84,10 @@ def test_without_a_group_limit_auto_takes_the_machine_memory_and_a_number_is_tak
     assert "the machine's memory" in origin
     assert resolve_ceiling(123456, read) == (123456, "max_memory")
     assert resolve_ceiling(0, read)[0] == 0
-    # Nothing readable at all: no ceiling rather than a wrong one.
-    assert resolve_ceiling("auto", lambda path: None)[0] == 0
+    # /proc/meminfo hidden (the unit's ProcSubset=pid): the machine's memory as sysinfo(2)
+    # gives it.
+    physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    assert resolve_ceiling("auto", lambda path: None)[0] == physical * AUTO_SHARE // 100
 
 
 def test_a_group_limit_above_the_machine_memory_gives_way_to_it():
