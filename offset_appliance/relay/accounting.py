@@ -51,7 +51,7 @@ class CloseAccounting:
                 "%s: close, key %s, %s, after %.1f s, %d B in, %d B out: %s%s",
                 client.label,
                 b64url_encode(key)[:8] if key else "-",
-                client.role or "handshake",
+                client.role or ("handshake" if handshaking else "-"),
                 (now - client.started) if now is not None else 0.0,
                 client.bytes_in,
                 client.bytes_out,

@@ -81,6 +81,7 @@ class BandwidthControl:
         self.state_path: Path | None = None
         self._dirty = False
         self._write_failed = False
+        self._clock_behind = False  # the wall clock reads a day before the current period
         self._next_save = 0.0
         self._total: Bucket | None = None
         self._total_floor: Bucket | None = None
@@ -268,7 +269,19 @@ class BandwidthControl:
         if usage is None:
             return
         wall = self.wallclock()
-        if period_of(wall) != (usage.day, usage.month):
+        if usage.behind(wall):
+            if not self._clock_behind:
+                log.warning(
+                    "budgets: the clock reads %s, before the current period's day %s (stepped "
+                    "back?): counting goes on in %s until the clock passes it",
+                    period_of(wall)[0],
+                    usage.day,
+                    usage.day,
+                )
+                self._clock_behind = True
+        elif self._clock_behind:
+            self._clock_behind = False
+        if period_of(wall)[0] > usage.day:
             self._flush(now)  # the bytes read so far belong to the period that ends
         if usage.roll(wall):
             log.info("budgets: a new period, %s: daily counts start again", usage.day)
@@ -277,7 +290,10 @@ class BandwidthControl:
             self._total_floor = None
             self.generation += 1
             self._wake_paused(now)
-        if self._dirty and now >= self._next_save:
+        if now >= self._next_save:
+            # Even with nothing settled since the last save: the bytes each connection holds
+            # below its batch are settled by the save (a quiet tunnel's last ones included).
+            self._next_save = now + self.budgets.save_interval
             self.save(now)
 
     def stop(self, now: float) -> None:

@@ -402,6 +402,8 @@ class Relay:
                 client.role = _ROLE_NAMES[role]
             elif handshaking:
                 client.role = "handshake"
+            elif reason is CloseReason.TUNNEL_PEER_CLOSED:
+                client.role = "tunnel"  # the core let go of the tunnel with its other end
         policy.closing(client, reason, handshaking, now)
         if flush and not client.closing and client.out:
             client.closing = True

@@ -107,10 +107,16 @@ class Usage:
         yield from self.keys.values()
         yield from self.prefixes.values()
 
+    def behind(self, wall: float) -> bool:
+        """Whether ``wall`` is before the current day: the clock was stepped back (periods
+        only go forward, so that no byte is counted in a period twice)."""
+        return period_of(wall)[0] < self.day
+
     def roll(self, wall: float) -> bool:
-        """Start a new day (and month) when the UTC date has changed; True if it did."""
+        """Start a new day (and month) when the UTC date has moved on; True if it did. A
+        clock stepped back keeps the current period until it passes it again."""
         day, month = period_of(wall)
-        if day == self.day and month == self.month:
+        if day <= self.day:
             return False
         new_month = month != self.month
         for entry in self.entries():
@@ -166,6 +172,10 @@ class Usage:
         keeping what still belongs to the current day and month."""
         doc = check_document(document)
         day, month = period_of(wall)
+        if doc["day"] > day:
+            # Written in a later period than the clock reads now (it was stepped back): the
+            # counts go on in that period rather than being lost.
+            day, month = doc["day"], doc["month"]
         same_month = doc["month"] == month
         same_day = same_month and doc["day"] == day
         self.day, self.month = day, month

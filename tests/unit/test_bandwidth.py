@@ -348,7 +348,7 @@ def test_a_new_utc_day_lifts_a_daily_budget(rigs):
     rig = rigs(budgets={"key_daily": 100_000, "action": "refuse"})
     control = rig.server.policy.bandwidth
     control.wallclock = lambda: utc("2026-11-30T23:59:58")
-    control.usage.roll(control.wallclock())
+    control.usage.day, control.usage.month = "2026-11-30", "2026-11"  # as if started then
     heavy = SigningKey.generate()
     _, connector, _ = tunnel(rig, heavy)
     flood(connector, 20)
@@ -381,6 +381,60 @@ def test_usage_rolls_over_by_utc_day_and_month():
     assert (entry.day, entry.month, entry.over) == (0, 1500, False)
     usage.key_scope.set_limits(0, 1000)
     assert usage.refresh_over() == [entry]
+
+
+def test_a_quiet_tunnel_s_last_bytes_are_saved_without_waiting_for_more(tmp_path):
+    path = tmp_path / "usage.json"
+    rig = Rig(budgets={"total_monthly": 10**12, "state_file": str(path), "save_interval": 1})
+    try:
+        _, connector, acceptor = tunnel(rig)
+        for rounds in (10, 3):  # then less than a batch: nothing settles by itself
+            for _ in range(rounds):
+                connector.send(b"x" * 8192)
+                acceptor.send(b"y" * 8192)
+                rig.settle()
+            rig.clock.advance(2.5)  # a save
+            rig.settle()
+        read = rig.client_of(connector).bytes_in + rig.client_of(acceptor).bytes_in
+        for _ in range(2):  # quiet from now on: the saves still settle what is held
+            rig.clock.advance(2.5)
+            rig.settle()
+        assert read_usage_file(path)["total"][1] >= read
+    finally:
+        rig.close()
+
+
+def test_a_clock_stepped_back_keeps_the_current_period_and_no_byte_is_counted_twice():
+    usage = Usage(utc("2026-12-01T00:10:00"))
+    usage.total.day = usage.total.month = 700
+    # Stepped back across midnight and the month's end: still December the first.
+    assert usage.behind(utc("2026-11-30T21:10:00"))
+    assert not usage.roll(utc("2026-11-30T21:10:00"))
+    assert (usage.day, usage.month) == ("2026-12-01", "2026-12")
+    assert (usage.total.day, usage.total.month) == (700, 700)
+    # Back on the current day: nothing is started again.
+    assert not usage.behind(utc("2026-12-01T00:20:00"))
+    assert not usage.roll(utc("2026-12-01T00:20:00"))
+    assert usage.total.month == 700
+    # A state file written in a later period than the clock now reads: kept, not dropped.
+    document = usage.document(utc("2026-12-01T00:20:00"))
+    later = Usage(utc("2026-11-30T20:00:00"))
+    later.take(document, utc("2026-11-30T20:00:00"))
+    assert (later.day, later.month, later.total.month) == ("2026-12-01", "2026-12", 700)
+
+
+def test_a_clock_stepped_back_is_said_once_and_counting_goes_on(rigs, caplog):
+    rig = rigs(budgets={"total_monthly": 10**9})
+    control = rig.server.policy.bandwidth
+    control.usage.day, control.usage.month = "2026-12-01", "2026-12"
+    control.wallclock = lambda: utc("2026-11-30T22:00:00")
+    with caplog.at_level(logging.INFO, "strelay"):
+        for _ in range(3):
+            rig.clock.advance(3)
+            rig.settle()
+    assert caplog.text.count("budgets: the clock reads 2026-11-30, before") == 1
+    assert "a new period" not in caplog.text
+    assert control.usage.day == "2026-12-01"
 
 
 def test_usage_tables_are_bounded():
