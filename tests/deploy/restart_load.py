@@ -32,6 +32,7 @@ KEEPALIVE = 32.0  # the original's: no KaMessage for this long closes the connec
 MESSAGE_SIZE = 1024
 SEND_INTERVAL = 0.1  # each tunnel end sends one message this often
 BULK_WINDOW = 1 << 16  # a bulk end keeps this many bytes waiting for its socket
+BULK_BURST = 64  # and sends at most this many messages a turn
 
 
 def payload(tunnel: int, direction: int, number: int) -> bytes:
@@ -233,12 +234,18 @@ class Load:
                             self._send(peer, payload(peer.tunnel, peer.direction, peer.sent))
                             peer.sent += 1
                 next_send = now + SEND_INTERVAL
-            if self.sending:
+            bulk = self.sending and self.bulk
+            if bulk:
+                # A burst a turn: a socket that takes all must not starve the other peers'
+                # keepalives.
                 for peer in self.bulk:
-                    while not peer.closed and len(peer.pending) < BULK_WINDOW:
+                    for _ in range(BULK_BURST):
+                        if peer.closed or len(peer.pending) >= BULK_WINDOW:
+                            break
                         self._send(peer, payload(peer.tunnel, peer.direction, peer.sent))
                         peer.sent += 1
-            self._turn(max(0.0, min(0.05, next_send - time.monotonic())))
+            wait = 0.002 if bulk else max(0.0, min(0.05, next_send - time.monotonic()))
+            self._turn(wait)
 
     def _turn(self, wait: float) -> None:
         for key, _ in self.selector.select(wait):
