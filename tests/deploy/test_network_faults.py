@@ -194,6 +194,7 @@ def impaired_link(rig: Rig, host: Host, workdir: Path) -> Iterator[ImpairedLink]
     link = ImpairedLink({})
     forwarder: subprocess.Popen[bytes] | None = None
     try:
+        rig.adopt(links=[near])
         run(["ip", "link", "add", near, "type", "veth", "peer", "name", far])
         run(["ip", "link", "set", far, "master", bridge, "up"])
         run(["ip", "link", "set", near, "up"])
@@ -341,6 +342,7 @@ def node_host(rig: Rig) -> Iterator[tuple[str, str, str]]:
     netns, link = f"or{n}-lost", f"or{n}-lost"
     address = f"{NET_PREFIX}.{n}.{NODE_ADDRESS_INDEX}"
     try:
+        rig.adopt(netns=[netns], links=[link])
         run(["ip", "netns", "add", netns])
         run(["ip", "link", "add", link, "type", "veth", "peer", "name", "eth0", "netns", netns])
         run(["ip", "link", "set", link, "master", f"or{n}-br", "up"])
