@@ -63,12 +63,24 @@ bench: venv
 
 # The reliability scenarios of tests/reliability scaled up: each repeats against one relay for
 # its share of OFFSET_SOAK_SECONDS (default 30 minutes; the run takes a few minutes more) and
-# the fuzz targets also run under atheris. Figures: tests/reliability/soak-results.json.
+# the fuzz targets also run under atheris. Figures: tests/reliability/soak-results.json. Then
+# soak-netem.
 OFFSET_SOAK_SECONDS ?= 1800
 .PHONY: soak
 soak: venv
 	$(BIN)/pip install -q atheris
 	OFFSET_SOAK_SECONDS=$(OFFSET_SOAK_SECONDS) $(BIN)/pytest -q tests/reliability
+	$(MAKE) soak-netem
+
+# The lossy, slow network of tests/deploy/test_network_faults.py held for OFFSET_NETEM_SECONDS
+# (default 10 minutes): 100 tunnels and 20 idle listeners through 100 ms of delay (20 ms of
+# jitter), 1 % loss and 10 % reordering both ways, on a booted host (root). Figures:
+# tests/deploy/netem-results.json.
+OFFSET_NETEM_SECONDS ?= 600
+.PHONY: soak-netem
+soak-netem: venv
+	OFFSET_NETEM_SECONDS=$(OFFSET_NETEM_SECONDS) $(BIN)/pytest -q \
+		tests/deploy/test_network_faults.py -k lossy_slow_network
 
 # The relay against the original Offset binaries (a build of github freedomlayer/offset; nothing
 # of it is in this repository): OFFSET_ORIGINAL_BIN is the folder holding its stmgr, strelay,

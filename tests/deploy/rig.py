@@ -629,6 +629,14 @@ class Rig:
             getattr(self._record, key).append(value)
         self._record.save()
 
+    def adopt(self, *, netns: Sequence[str] = (), links: Sequence[str] = ()) -> None:
+        """Record namespaces and links a test made on the rig's network: a later rig removes
+        them if this process dies before the test could."""
+        for name in netns:
+            self._remember(netns=name)
+        for name in links:
+            self._remember(links=name)
+
     # pieces
 
     def _make_keys(self) -> None:
