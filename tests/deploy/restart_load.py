@@ -73,6 +73,7 @@ class Peer:
     bad: list[str] = field(default_factory=list)
     inbox: list[bytes] = field(default_factory=list)
     closed: str | None = None
+    closed_at: float = 0.0  # when it saw the close (monotonic)
     last_heard: float = 0.0
     last_ka: float = 0.0
     longest_ka_gap: float = 0.0
@@ -219,6 +220,9 @@ class Load:
             self._thread.join(10)
 
     def close(self) -> None:
+        self._stop = True  # its thread, if still running, stops before the selector goes
+        if self._thread is not None:
+            self._thread.join(10)
         for peer in self.peers:
             peer.sock.close()
         self.selector.close()
@@ -319,6 +323,7 @@ class Load:
     def _lost(self, peer: Peer, why: str) -> None:
         if peer.closed is None:
             peer.closed = why
+            peer.closed_at = time.monotonic()
             try:
                 self.selector.unregister(peer.sock)
             except (KeyError, ValueError):

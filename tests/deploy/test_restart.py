@@ -359,6 +359,62 @@ def test_crash_keeps_the_listening_sockets_and_closes_live_connections(host: Hos
         load.close()
 
 
+# The original node's reconnect back-off (stnode: BACKOFF_TICKS 8 ticks of TICK_MS 1000 ms):
+# a node back online within it has not noticed more than one failed attempt.
+ORIGINAL_BACKOFF = 8.0
+CRASH_RESULTS = ROOT / "tests" / "deploy" / "crash-results.json"
+
+
+def test_a_crash_mid_transfer_is_an_outage_shorter_than_the_original_node_back_off(
+    host: Host,
+) -> None:
+    """kill -9 while 10 tunnels stream both ways: every peer sees its connection end; each
+    reconnects at once, its connect waits in the kept listening socket, and it is served as
+    soon as the new process runs; the outage as each side saw it is recorded."""
+    load = Load((host.address, PORT), relay_key(host))
+    try:
+        load.set_up(10, 5)
+        load.start()
+        time.sleep(2)  # mid-transfer
+        old_pid = unit(host, "MainPID")["MainPID"]
+        killed = time.monotonic()
+        host.ssh("systemctl kill -s SIGKILL offset-relay", check=False)
+        wait_for("every peer to see the crash", lambda: all(p.closed for p in load.peers), 30)
+        # The peers reconnect at once: the connects wait in the backlog of the listening
+        # socket kept in the fd store while no process runs, and are answered by the next.
+        again = Load((host.address, PORT), relay_key(host))
+        try:
+            again.set_up(10, 5)
+            served = time.monotonic()
+            again.start()
+            time.sleep(1)
+            again.finish()
+        finally:
+            again.close()
+        new_pid = unit(host, "MainPID")["MainPID"]
+    finally:
+        load.close()
+    assert new_pid != old_pid
+    assert all(not p.bad for p in load.peers), [p.bad for p in load.peers if p.bad][:3]
+    assert all(not p.closed for p in again.peers), [p.closed for p in again.peers][:3]
+    assert all(a.expected > 0 and b.expected > 0 for a, b in again.ends)
+    seen = sorted(p.closed_at - killed for p in load.peers)
+    figures = {
+        "tunnels": 10,
+        "idle_listeners": 5,
+        "peers_saw_the_close_after_s": {"first": round(seen[0], 3), "last": round(seen[-1], 3)},
+        "how_peers_saw_it": sorted({p.closed or "" for p in load.peers}),
+        "reconnected_and_served_after_kill_s": round(served - killed, 3),
+        "original_node_backoff_s": ORIGINAL_BACKOFF,
+    }
+    CRASH_RESULTS.write_text(json.dumps(figures, indent=2, sort_keys=True) + "\n")
+    # Back within the original node's back-off: its first attempt after the close is the
+    # one that is served (each connect above was the first, made at once, and none was
+    # refused), and the unit's restart delay leaves the new process time to start in it.
+    restart_delay = unit(host, "RestartUSec")["RestartUSec"]
+    assert re.fullmatch(r"(\d+ms|[1-4]s|[1-4]\.\d+s)", restart_delay), restart_delay
+
+
 def test_stop_empties_the_store(host: Host) -> None:
     load = Load((host.address, PORT), relay_key(host))
     try:
