@@ -173,7 +173,7 @@ def resolve_ceiling(
     if group is not None and (not machine or group[0] <= machine):
         limit, where = group
     elif machine:
-        limit, where = machine, "the machine's memory (no control group limit)"
+        limit, where = machine, "machine's memory (no control group limit)"
     else:
         return 0, "auto: no memory limit found, off"
     return (

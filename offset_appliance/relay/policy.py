@@ -110,7 +110,6 @@ class Policy:
         # Over the ceiling: the largest output queues watched for progress, by connection
         # id: (its queued bytes, since when its receiver has taken none).
         self._stalls: dict[int, tuple[int, float]] = {}
-        log.info("%s", self.memory.describe())
         self.access.apply_config(config.access)
         self.bans.apply_config(config.bans)
         self.bandwidth = BandwidthControl(config, clients, self._actions, stats, now, wallclock)

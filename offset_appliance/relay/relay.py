@@ -26,6 +26,7 @@ from .accounting import CloseAccounting
 from .actions import PAUSED_BY_CLOSE, Action, Close, Pause, Send
 from .clients import RECV_MAX, RECV_MIN, Client
 from .core import CoreLimits, RelayCore, Role
+from .linger import Linger, discard_input
 from .listening import Listeners
 from .memory import read_rss
 from .metrics import Stats
@@ -98,6 +99,7 @@ class Relay:
         self.timers = Timers(self.clients)
         self.output = Output(selector, self.clients, self.core, config.limits, self.timers)
         self.listeners = Listeners(selector, stats)
+        self.linger = Linger(selector)
         self.accounting = CloseAccounting(stats)
 
     def _refuse_request(self, kind: str, key: bytes) -> CloseReason | None:
@@ -166,6 +168,8 @@ class Relay:
         self._take_policy_actions(now)
         self.listeners.handle_timer(now)
         self.flush(now)
+        if self.linger:
+            self.linger.expire(now)
 
     def flush(self, now: float) -> None:
         """Write every connection that got output since the last flush."""
@@ -420,12 +424,19 @@ class Relay:
         self.accounting.closed(client, reason, handshaking=handshaking, detail=detail, now=now)
         policy.closed(client, now)
         self.output.forget(client)
-        client.sock.close()
+        if reason in _PEER_GONE:
+            client.sock.close()
+        elif reason is CloseReason.SHUTDOWN:  # no loop left to linger in: a FIN if it can
+            discard_input(client.sock)
+            client.sock.close()
+        else:
+            self.linger.close(client.sock, now)
         self.core.closed(cid)
 
     def shutdown(self, now: float) -> None:
         """Stop listening and close every connection."""
         self.listeners.close()
+        self.linger.close_all()
         for client in list(self.clients.values()):
             self.close(client, CloseReason.SHUTDOWN, now=now)
         self.core.discard_actions()  # every connection is closed already
@@ -471,6 +482,7 @@ class Relay:
     def release(self) -> None:
         """Let go of every socket without telling any peer (their copies are in the store)."""
         self.listeners.release()
+        self.linger.close_all()  # closed already as far as their peers know
         for client in self.clients.values():
             if client.events:
                 self.output.selector.unregister(client.sock)
@@ -620,6 +632,11 @@ def socket_address(sock: socket.socket, peer: bool) -> tuple[str, int] | None:
     except OSError:
         return None
     return (address[0], address[1])
+
+
+# Closes the peer began (its FIN or reset is in): nothing of its input is left to discard,
+# and no FIN of the relay's can go out after them.
+_PEER_GONE = frozenset({CloseReason.PEER_CLOSED, CloseReason.RESET})
 
 
 def close_quietly(sock: socket.socket, limit: int = 1 << 22) -> None:

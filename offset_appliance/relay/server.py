@@ -274,6 +274,7 @@ def run(
     if server.metrics is not None:
         log.info("metrics on http://%s/metrics", format_address(*server.metrics.address))
     log.info("relay public key %s", b64url_encode(server.public_key))
+    log.info("%s", server.policy.memory.describe())
     server.notifier.notify("READY=1\nSTATUS=" + server.status_line())
     server.serve_forever()
     return 0

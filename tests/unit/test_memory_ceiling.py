@@ -5,6 +5,7 @@ closed, while those that read slowly stay."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 
@@ -126,13 +127,20 @@ def _v1(path: str, limit: str) -> str | None:
     }.get(path)
 
 
-def test_the_relay_logs_its_ceiling_at_start(rigs, caplog):
-    with caplog.at_level(logging.INFO, logger="strelay"):
-        rigs(limits={"max_memory": 100 * MiB})
-    assert any(
-        r.getMessage().startswith("memory ceiling 100.0 MiB of resident memory (max_memory)")
-        for r in caplog.records
+def test_a_reload_that_changes_the_ceiling_says_the_new_one(rigs, caplog):
+    rig = rigs(limits={"max_memory": 100 * MiB})
+    policy = rig.server.policy
+    assert policy.memory.describe().startswith(
+        "memory ceiling 100.0 MiB of resident memory (max_memory)"
     )
+    config = rig.server.config
+    with caplog.at_level(logging.INFO, logger="strelay"):
+        policy.apply(config, rig.clock())  # unchanged: nothing said
+        assert not [r for r in caplog.records if "memory ceiling" in r.getMessage()]
+        limits = dataclasses.replace(config.limits, max_memory=200 * MiB)
+        policy.apply(dataclasses.replace(config, limits=limits), rig.clock())
+    (line,) = [r.getMessage() for r in caplog.records if "memory ceiling" in r.getMessage()]
+    assert line.startswith("memory ceiling 200.0 MiB")
 
 
 # ---- over the ceiling: a receiver that takes nothing is closed, a slow one is not ------------

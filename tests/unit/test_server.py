@@ -13,6 +13,7 @@ import pytest
 
 from offset_appliance.config import LIMIT_MAXIMUM, Config
 from offset_appliance.errors import ConfigError
+from offset_appliance.relay.linger import LINGER_SECONDS, MAX_LINGERING
 from offset_appliance.wire import capnp
 from offset_appliance.wire.connection import VERSION_FRAME, State
 from offset_appliance.wire.frames import FrameDecoder, encode_frame
@@ -92,6 +93,12 @@ def test_ten_thousand_half_tunnels_expire_in_one_timer_pass(rigs):
     stats = rig.server.stats
     assert stats.closed["half_tunnel_expired"] == 10_000
     assert rig.server.core.half_tunnel_count == 0
+    # Closed with a FIN: a descriptor lingers until its peer closes too, or its time; past
+    # MAX_LINGERING at once, the rest are closed at once.
+    assert len(rig.server.relay.linger) == MAX_LINGERING
+    rig.clock.advance(LINGER_SECONDS)
+    rig.server.step(0)
+    assert len(rig.server.relay.linger) == 0
     assert all(sock.fileno() == -1 for sock in socks)
     assert len(rig.server.clients) == listeners
     rig.settle()
