@@ -84,13 +84,17 @@ soak-netem: venv
 
 # The relay against the original Offset binaries (a build of github freedomlayer/offset; nothing
 # of it is in this repository): OFFSET_ORIGINAL_BIN is the folder holding its stmgr, strelay,
-# stnode and stctrl. Files both ways, our client through its strelay, its nodes through ours,
-# and an idle node held across relay rekeys for OFFSET_INTEROP_HOLD seconds (default 660).
+# stnode, stctrl, stindex and stverify. Files both ways, our client through its strelay, its
+# nodes through ours, an idle node held across relay rekeys for OFFSET_INTEROP_HOLD seconds
+# (default 660), two of its nodes paying each other through ours; then, on a booted host (root),
+# its nodes kept connected and paying through the package's restart, upgrade and restart after a
+# configuration change (figures: tests/deploy/original-nodes-results.json).
 .PHONY: interop
 interop: venv
 	@test -n "$(OFFSET_ORIGINAL_BIN)" || \
 		{ echo "interop: set OFFSET_ORIGINAL_BIN to the folder of the original binaries" >&2; exit 2; }
-	OFFSET_ORIGINAL_BIN=$(OFFSET_ORIGINAL_BIN) $(BIN)/pytest -v -s tests/interop
+	OFFSET_ORIGINAL_BIN=$(OFFSET_ORIGINAL_BIN) $(BIN)/pytest -v -s tests/interop \
+		tests/deploy/test_original_nodes.py
 
 # The Debian package, built from a copy of the tree (dpkg-buildpackage writes beside the
 # source and cleans it) with Debian's own python3 first on PATH: pybuild must not see
