@@ -321,7 +321,13 @@ class Policy:
         actions = self._actions
         if memory.active:
             queues = [c for c in clients.values() if c.out_size and not c.closing]
-            for target in heapq.nlargest(PAUSE_BATCH, queues, key=lambda c: c.out_size):
+            # Every queue past the low water mark at once (they grow fastest), and the
+            # largest others, more at each sample while it lasts.
+            least = self.limits.buffer_low_water
+            large = [c for c in queues if c.out_size >= least]
+            if len(large) < PAUSE_BATCH:
+                large = heapq.nlargest(PAUSE_BATCH, queues, key=lambda c: c.out_size)
+            for target in large:
                 feeder = self._peer_of(target.id)
                 other = clients.get(feeder) if feeder is not None else None
                 if other is not None and not other.paused & PAUSED_BY_MEMORY:

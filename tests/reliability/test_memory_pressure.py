@@ -239,6 +239,14 @@ def record(key: str, figures: dict) -> None:
     RESULTS.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
 
 
+def peak_rss(relay) -> int:
+    """The relay's largest resident size so far (VmHWM), in bytes."""
+    for line in Path(f"/proc/{relay.proc.pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
+
+
 def in_group(group: Path) -> tuple[str, ...]:
     return ("sh", "-c", 'echo $$ > "$0" && exec "$@"', str(group / "cgroup.procs"))
 
@@ -265,7 +273,7 @@ def test_with_the_default_ceiling_the_relay_lives_and_newcomers_are_served_again
                 assert time.monotonic() < deadline, "the ceiling was never reached"
                 time.sleep(0.1)
             tripped = time.monotonic()
-            peak_rss = relay.rss_kib() * 1024
+            seen_rss = relay.rss_kib() * 1024
             # Refused while over it; served again once the stalled acceptors are gone.
             served_after = None
             while served_after is None:
@@ -279,11 +287,14 @@ def test_with_the_default_ceiling_the_relay_lives_and_newcomers_are_served_again
                     time.sleep(0.5)
             values = scrape(relay)
             still_open = attack.open_count()
+            peak = peak_rss(relay)
         finally:
             attack.close()
         assert relay.proc.poll() is None  # never killed
         stalled = closed(values, "stalled")
-        assert stalled >= 1
+        # Served again only once receivers that took nothing for a keepalive timeout were
+        # closed, unless the memory given back (malloc_trim) was enough before that.
+        assert stalled >= 1 or served_after < KEEPALIVE, (stalled, served_after)
         assert values['offset_relay_connections_refused_total{limit="memory"}'] >= 1
         record(
             "default_ceiling",
@@ -294,7 +305,8 @@ def test_with_the_default_ceiling_the_relay_lives_and_newcomers_are_served_again
                 "tunnels_refused_at_set_up": attack.refused,
                 "keepalive_s": KEEPALIVE,
                 "ceiling_reached_after_attack_began_s": round(tripped - began, 1),
-                "rss_at_ceiling_mib": round(peak_rss / MiB, 1),
+                "rss_when_the_ceiling_was_seen_mib": round(seen_rss / MiB, 1),
+                "peak_rss_mib": round(peak / MiB, 1),
                 "newcomer_served_after_s": round(served_after, 1),
                 "closed_stalled": stalled,
                 "attack_connections_still_open": still_open,
