@@ -1,6 +1,9 @@
-"""Shared test helpers: two protocol stacks talking through memory."""
+"""Shared test helpers: two protocol stacks talking through memory, and /metrics read as
+numbers."""
 
 from __future__ import annotations
+
+import urllib.request
 
 from nacl.signing import SigningKey
 
@@ -27,3 +30,19 @@ def exchange(a: Connection, b: Connection, now: float) -> tuple[list[bytes], lis
     to_b = deliver(a, b, now)
     to_a = deliver(b, a, now)
     return to_a, to_b
+
+
+def metric_samples(text: str) -> dict[str, float]:
+    """Every sample of a Prometheus text exposition, by name with labels."""
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+    return values
+
+
+def scrape_url(url: str, timeout: float = 10.0) -> dict[str, float]:
+    """The samples of the /metrics page at ``url``."""
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        return metric_samples(response.read().decode())

@@ -30,7 +30,6 @@ import ipaddress
 import json
 import socket
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -39,6 +38,7 @@ from nacl.signing import SigningKey
 
 from offset_appliance.client import RelayClient
 from offset_appliance.files import b64url_decode, split_host_port
+from tests.helpers import scrape_url
 
 from .rig import Host, Rig
 from .test_package import probe
@@ -124,15 +124,7 @@ def _scrapes(host: Host) -> bool:
 
 def scrape(host: Host) -> dict[str, float]:
     """Every sample of the relay's /metrics, by name with labels."""
-    url = f"http://{host.address}:{METRICS_PORT}/metrics"
-    with urllib.request.urlopen(url, timeout=10) as response:
-        text = response.read().decode()
-    values = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            values[name] = float(value)
-    return values
+    return scrape_url(f"http://{host.address}:{METRICS_PORT}/metrics")
 
 
 def refused(values: dict[str, float], limit: str) -> float:

@@ -37,7 +37,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,10 +53,18 @@ from offset_appliance.wire.messages import (
     Listen,
     encode_init_connection,
 )
+from tests.helpers import scrape_url
 
 from .restart_load import KEEPALIVE, MESSAGE_SIZE, Load, percentiles
 from .rig import NET_PREFIX, Host, Rig, run
-from .test_restart import APT, DROP_INS, journal_cursor, relay_key, wait_active, wait_for
+from .test_restart import (
+    DROP_INS,
+    install_relay,
+    journal_cursor,
+    relay_key,
+    wait_active,
+    wait_for,
+)
 
 pytestmark = pytest.mark.deploy
 
@@ -85,18 +92,14 @@ def rig(make_rig: Callable[..., Rig], deb_package: Path) -> Rig:
 @pytest.fixture(scope="module")
 def host(rig: Rig) -> Host:
     host = rig.hosts[0]
-    host.ssh(f"{APT} update")
-    result = host.ssh(f"{APT} install offset-relay 2>&1", check=False, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:]
     # 100 tunnels are 300 connections from one address; every close is logged (debug) and
     # counted (/metrics, on the rig's network).
-    host.write(
-        f"{DROP_INS}/50-test-faults.toml",
+    install_relay(
+        host,
+        "50-test-faults.toml",
         'log_level = "debug"\n\n[limits]\nmax_connections_per_ip = 2048\n\n'
         f'[metrics]\nenabled = true\nlisten = "{host.address}:{METRICS_PORT}"\n',
     )
-    host.ssh("systemctl restart offset-relay")
-    wait_active(host)
     wait_for("the metrics endpoint", lambda: _reachable(host), 30)
     return host
 
@@ -116,15 +119,7 @@ def _reachable(host: Host) -> bool:
 
 def metrics(host: Host) -> dict[str, float]:
     """The relay's /metrics samples, by name with labels."""
-    url = f"http://{host.address}:{METRICS_PORT}/metrics"
-    with urllib.request.urlopen(url, timeout=10) as response:
-        text = response.read().decode()
-    samples = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            samples[name] = float(value)
-    return samples
+    return scrape_url(f"http://{host.address}:{METRICS_PORT}/metrics")
 
 
 def closes(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:

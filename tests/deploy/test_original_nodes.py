@@ -32,7 +32,6 @@ import struct
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -41,6 +40,7 @@ import pytest
 
 from offset_appliance import __version__
 from offset_appliance.files import load_ticket
+from tests.helpers import scrape_url
 from tests.interop.original_network import OriginalNetwork, Payment
 
 from .rig import NET_PREFIX, Host, Rig, run
@@ -49,6 +49,7 @@ from .test_restart import (
     DROP_INS,
     PREVIOUS,
     build_previous,
+    install_relay,
     installed_version,
     journal_cursor,
     journal_since,
@@ -96,29 +97,18 @@ def rig(make_rig: Callable[..., Rig], tmp_path_factory: pytest.TempPathFactory) 
 def host(rig: Rig) -> Host:
     """The host with the previous release installed and /metrics on the rig's network."""
     host = rig.hosts[0]
-    host.ssh(f"{APT} update")
-    result = host.ssh(f"{APT} install offset-relay 2>&1", check=False, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:]
-    assert installed_version(host) == PREVIOUS
-    host.write(
-        f"{DROP_INS}/50-test-metrics.toml",
+    install_relay(
+        host,
+        "50-test-metrics.toml",
         f'[metrics]\nenabled = true\nlisten = "{host.address}:{METRICS_PORT}"\n',
     )
-    host.ssh("systemctl restart offset-relay")
-    wait_active(host)
+    assert installed_version(host) == PREVIOUS
     wait_for("the metrics endpoint", lambda: _reachable(host), 30)
     return host
 
 
 def metrics(host: Host) -> dict[str, float]:
-    with urllib.request.urlopen(f"http://{host.address}:{METRICS_PORT}/metrics", timeout=10) as r:
-        text = r.read().decode()
-    samples = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            samples[name] = float(value)
-    return samples
+    return scrape_url(f"http://{host.address}:{METRICS_PORT}/metrics")
 
 
 def _reachable(host: Host) -> bool:
@@ -291,6 +281,34 @@ def test_original_nodes_keep_their_connections_through_restart_upgrade_and_confi
             step("config-restart", config_change)
             effective = host.ssh("strelay --print-config --config /etc/offset-relay/relay.toml")
             assert re.search(r'^log_level = "debug"', effective.stdout, re.M), effective.stdout
+
+            # A crash (kill -9): nothing is handed over, the nodes' connections end. They
+            # come back by themselves (the original's reconnect back-off) to the next process,
+            # whose listening socket waited in the fd store meanwhile, and pay again.
+            peers = relay_peers(host, node_address)
+            pid = unit(host, "MainPID")["MainPID"]
+            killed = time.monotonic()
+            host.ssh("systemctl kill -s SIGKILL offset-relay", check=False)
+            wait_for("the next process", lambda: unit(host, "MainPID")["MainPID"] not in
+                     ("0", pid), 30)  # fmt: skip
+            wait_active(host)
+            relay_back = time.monotonic()
+            wait_for("the metrics endpoint", lambda: _reachable(host), 30)
+
+            def back_online() -> bool:
+                now = relay_peers(host, node_address)
+                return len(now) >= 3 and not now & peers and net.online()
+
+            wait_for("the nodes back online", back_online, 60)
+            nodes_back = time.monotonic()
+            payment = pay("crash", 10 + len(payments))
+            figures["crash"] = {
+                "relay_running_again_after_kill_s": round(relay_back - killed, 2),
+                "nodes_online_again_after_kill_s": round(nodes_back - killed, 2),
+                "original_node_backoff_s": 8.0,
+                "new_connections": len(relay_peers(host, node_address)),
+                "payment_round_trip_s": round(payment.seconds, 3),
+            }
         except BaseException:
             print(net.logs())
             raise

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from offset_appliance import __version__
+from tests.helpers import metric_samples
 
 from .rig import Host, Rig
 
@@ -396,13 +397,7 @@ _FETCH = (
 
 def _scrape(host: Host) -> dict[str, float]:
     """The relay's /metrics, read on the host (the endpoint listens on loopback)."""
-    text = host.ssh(f"python3 -c {_FETCH!r}").stdout
-    values = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            values[name] = float(value)
-    return values
+    return metric_samples(host.ssh(f"python3 -c {_FETCH!r}").stdout)
 
 
 def test_reload_with_a_bad_config_fails_and_the_relay_says_so(

@@ -118,15 +118,21 @@ def rig(make_rig: Callable[..., Rig], tmp_path_factory: pytest.TempPathFactory) 
 @pytest.fixture(scope="module")
 def host(rig: Rig) -> Host:
     host = rig.hosts[0]
+    # 100 tunnels are 300 connections from the controller's one address.
+    install_relay(host, "50-test-load.toml", "[limits]\nmax_connections_per_ip = 2048\n")
+    assert installed_version(host) == PREVIOUS
+    return host
+
+
+def install_relay(host: Host, drop_in: str, settings: str) -> None:
+    """``apt install offset-relay`` from the rig's repository, then ``settings`` in the
+    drop-in ``drop_in`` and a restart."""
     host.ssh(f"{APT} update")
     result = host.ssh(f"{APT} install offset-relay 2>&1", check=False, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:]
-    assert installed_version(host) == PREVIOUS
-    # 100 tunnels are 300 connections from the controller's one address.
-    host.write(f"{DROP_INS}/50-test-load.toml", "[limits]\nmax_connections_per_ip = 2048\n")
+    host.write(f"{DROP_INS}/{drop_in}", settings)
     host.ssh("systemctl restart offset-relay")
     wait_active(host)
-    return host
 
 
 def installed_version(host: Host) -> str:

@@ -13,6 +13,7 @@ import urllib.request
 from offset_appliance import __version__
 from offset_appliance.wire.frames import encode_frame
 from offset_appliance.wire.messages import IncomingConnection
+from tests.helpers import metric_samples
 
 from .conftest import tunnel
 
@@ -37,12 +38,7 @@ def scrape_text(address) -> str:
 
 
 def parse(text: str) -> dict[str, float]:
-    values = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            values[name] = float(value)
-    return values
+    return metric_samples(text)
 
 
 def wait_for(address, name: str, expected: float) -> dict[str, float]:

@@ -20,7 +20,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -30,6 +29,7 @@ from bench.links import Loop
 from bench.workers import open_tunnels, payload_bytes
 from offset_appliance.client import ClientError, RelayClient
 from offset_appliance.files import load_identity, load_ticket
+from tests.helpers import scrape_url
 
 from .conftest import RelayProcess
 
@@ -343,15 +343,7 @@ class Node:
 def metrics(relay: RelayProcess) -> dict[str, float]:
     port = re.search(r"metrics on http://127\.0\.0\.1:(\d+)/metrics", relay.log_text())
     assert port, relay.log_text()
-    url = f"http://127.0.0.1:{port.group(1)}/metrics"
-    with urllib.request.urlopen(url, timeout=5) as response:
-        text = response.read().decode()
-    values = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            values[name] = float(value)
-    return values
+    return scrape_url(f"http://127.0.0.1:{port.group(1)}/metrics", timeout=5)
 
 
 METRICS = '[metrics]\nenabled = true\nlisten = "127.0.0.1:0"\n'

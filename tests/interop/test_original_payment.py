@@ -16,10 +16,11 @@ import re
 import socket
 import subprocess
 import sys
-import urllib.request
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import scrape_url
 
 from .conftest import RelayProcess
 from .original_network import OriginalNetwork
@@ -56,14 +57,7 @@ def free_port() -> int:
 def metrics(relay: RelayProcess) -> dict[str, float]:
     port = re.search(r"metrics on http://127\.0\.0\.1:(\d+)/metrics", relay.log_text())
     assert port, relay.log_text()
-    with urllib.request.urlopen(f"http://127.0.0.1:{port.group(1)}/metrics", timeout=5) as r:
-        text = r.read().decode()
-    values = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            values[name] = float(value)
-    return values
+    return scrape_url(f"http://127.0.0.1:{port.group(1)}/metrics", timeout=5)
 
 
 def test_two_original_nodes_pay_each_other_through_our_relay(original, tmp_path):

@@ -14,6 +14,7 @@ import urllib.request
 
 from offset_appliance.probe import HEALTHY, probe
 from offset_appliance.wire.messages import IncomingConnection
+from tests.helpers import scrape_url
 
 METRICS = '[metrics]\nenabled = true\nlisten = "127.0.0.1:0"\n'
 
@@ -47,14 +48,7 @@ def metrics_address(relay) -> tuple[str, int]:
 def scrape(relay) -> dict[str, float]:
     """Every sample of the relay's /metrics, by name with labels."""
     host, port = metrics_address(relay)
-    with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    values = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            values[name] = float(value)
-    return values
+    return scrape_url(f"http://{host}:{port}/metrics")
 
 
 def closed(values: dict[str, float], reason: str) -> float:
