@@ -1,7 +1,13 @@
-"""What the operator reads in the log about strangers: refusals by the relay's limits, one
-warning line per limit and source at most once a minute, with how many were refused.
+"""What the operator reads in the log about strangers: refusals by the relay's limits and
+lists, and handshakes that failed, one warning line per kind and source at most once a
+minute, with how many there were.
 
-A flood from one address costs one line a minute, not one per connection; the number of
+The first line of a source's spell comes one second after its first refusal (at the end of
+the loop's turn then), so a burst is counted in it; the rest of the minute is summed in one
+line at its end. Each line's count is the number in the time it names, true when printed:
+``refusing 100.64.0.7: max_connections_per_ip (256); 412 refused in the last 1 s``.
+
+A flood from one address costs two lines a minute, not one per connection; the number of
 sources remembered is bounded, so a flood from many addresses cannot grow it either (the
 excess is counted under ``other sources``).
 """
@@ -13,19 +19,23 @@ import logging
 log = logging.getLogger("strelay")
 
 WINDOW = 60.0
+FIRST_DELAY = 1.0
 MAX_SOURCES = 1024
 OTHERS = "other sources"
+PAST = {"refusing": "refused", "evicting": "evicted", "dropping": "dropped"}
 
 
 class _Window:
-    """One limit's refusals of one source: since when, how many, the limit's last value."""
+    """One kind's refusals of one source: since when, how many since the last line, the
+    limit's last value, and when the last line was said (None: not yet)."""
 
-    __slots__ = ("start", "count", "value")
+    __slots__ = ("start", "count", "value", "said_at")
 
     def __init__(self, start: float, value: int | None) -> None:
         self.start = start
         self.count = 0
         self.value = value
+        self.said_at: float | None = None
 
 
 class RefusalLog:
@@ -37,12 +47,13 @@ class RefusalLog:
         self.max_sources = max_sources
         # (verb, limit, source) -> its window
         self._open: dict[tuple[str, str, str], _Window] = {}
+        self._new: list[tuple[str, str, str]] = []  # windows whose first line is not said
 
     def refused(
         self, limit: str, value: int | None, source: str, now: float, verb: str = "refusing"
     ) -> None:
-        """One connection from ``source`` refused (or evicted) by ``limit`` (set to ``value``;
-        None for a refusal by a list, which has no value to show)."""
+        """One connection from ``source`` refused (or evicted, or dropped) by ``limit`` (set
+        to ``value``; None for a refusal by a list, which has no value to show)."""
         key = (verb, limit, source)
         entry = self._open.get(key)
         if entry is None:
@@ -50,38 +61,49 @@ class RefusalLog:
                 key = (verb, limit, OTHERS)
                 entry = self._open.get(key)
             if entry is None:
-                # The first of a window is said at once; the rest when the window ends.
-                self._open[key] = _Window(now, value)
-                self._line(key, 1, value)
-                return
+                entry = self._open[key] = _Window(now, value)
+                self._new.append(key)
         entry.count += 1
         entry.value = value
-        if now - entry.start >= self.window:
-            self._close_window(key, entry, now)
+
+    def say_new(self, now: float) -> None:
+        """At the end of a turn: the first line of each spell that began a second ago."""
+        if not self._new:
+            return
+        waiting = []
+        for key in self._new:
+            entry = self._open.get(key)
+            if entry is None or entry.said_at is not None:
+                continue
+            if now - entry.start >= FIRST_DELAY:
+                self._say(key, entry, now)
+            else:
+                waiting.append(key)
+        self._new = waiting
 
     def flush(self, now: float) -> None:
-        """End the windows that are over: a line for each that saw refusals after its first."""
+        """End the windows that are over: a line for each that saw refusals since its last
+        line; a window without any is forgotten."""
         for key, entry in list(self._open.items()):
             if now - entry.start >= self.window:
-                self._close_window(key, entry, now)
+                if entry.count:
+                    self._say(key, entry, now)
+                    entry.start = now
+                else:
+                    del self._open[key]
 
-    def _close_window(self, key: tuple[str, str, str], entry: _Window, now: float) -> None:
-        if entry.count:
-            self._line(key, entry.count, entry.value)
-            entry.start, entry.count = now, 0
-        else:
-            del self._open[key]
-
-    def _line(self, key: tuple[str, str, str], count: int, value: int | None) -> None:
+    def _say(self, key: tuple[str, str, str], entry: _Window, now: float) -> None:
+        since = entry.start if entry.said_at is None else entry.said_at
         verb, limit, source = key
-        past = "evicted" if verb == "evicting" else "refused"
         log.warning(
             "%s %s: %s%s; %d %s in the last %d s",
             verb,
             source,
             limit,
-            "" if value is None else f" ({value})",
-            count,
-            past,
-            self.window,
+            "" if entry.value is None else f" ({entry.value})",
+            entry.count,
+            PAST.get(verb, "refused"),
+            max(1, round(now - since)),
         )
+        entry.count = 0
+        entry.said_at = now

@@ -28,6 +28,7 @@ from typing import Any, NamedTuple
 
 from ..config import Config
 from ..errors import CloseReason
+from ..files import b64url_encode
 from ..wire.connection import State
 from .access import AccessControl
 from .actions import PAUSED_BY_MEMORY, Action, Close, Pause, Resume
@@ -55,6 +56,17 @@ CONNECT_LIMITS = {
 REFUSED_REQUESTS = frozenset({CloseReason.LISTEN_DENIED, CloseReason.CONNECT_DENIED})
 # Handshakes that end for these are not the peer's failure (no strike towards a ban).
 NOT_STRIKES = (CloseReason.SHUTDOWN, CloseReason.EVICTED)
+
+
+# How the relay's close detail says that a connection spoke another protocol.
+NOT_OFFSET = "not an Offset client: "
+
+
+def _who(client: Client) -> str:
+    """The client as refusal lines name it: its address, and its key's first characters
+    once its handshake told it."""
+    key = client.wire.peer_public_key
+    return f"{client.ip} key {b64url_encode(key)[:8]}" if key else client.ip
 
 
 class Decision(NamedTuple):
@@ -243,17 +255,23 @@ class Policy:
         """``size`` bytes were read from ``client`` (only called while ``metering``)."""
         self.bandwidth.charge(client, size, now)
 
-    def closing(self, client: Client, reason: CloseReason, handshaking: bool, now: float) -> None:
-        """``client`` is being closed for ``reason``: the refusal lines and strikes it earns."""
+    def closing(
+        self, client: Client, reason: CloseReason, handshaking: bool, now: float, detail: str = ""
+    ) -> None:
+        """``client`` is being closed for ``reason``: the refusal lines and strikes it earns.
+        Lines name the client's key where it is known."""
         if reason in CONNECT_LIMITS:
             limit = CONNECT_LIMITS[reason]
-            self.refusals.refused(limit, getattr(self.limits, limit), client.ip, now)
+            self.refusals.refused(limit, getattr(self.limits, limit), _who(client), now)
         elif reason in REFUSED_REQUESTS:
             self.stats.refused[reason.value] += 1
-            self.refusals.refused(reason.value, None, client.ip, now)
+            self.refusals.refused(reason.value, None, _who(client), now)
             self.bans.strike(client.source, now)
         elif handshaking and reason not in NOT_STRIKES:
             self.bans.strike(client.source, now)
+            _, _, stranger = detail.partition(NOT_OFFSET)
+            what = f"not an Offset client: {stranger}" if stranger else reason.value
+            self.refusals.refused(f"failed handshake ({what})", None, client.ip, now, "dropping")
 
     def closed(self, client: Client, now: float) -> None:
         """It is gone; it no longer counts against any limit."""

@@ -31,7 +31,7 @@ from .listening import Listeners
 from .memory import read_rss
 from .metrics import Stats
 from .output import Output
-from .policy import Policy
+from .policy import NOT_OFFSET, Policy
 from .state import ConnectionState, RelayState, StateError
 from .timers import Timers
 
@@ -255,7 +255,11 @@ class Relay:
             else:
                 messages = wire.receive_data(data, now, FRAME_BUDGET)
         except ProtocolError as exc:
-            self.close(client, exc.reason, str(exc), now=now)
+            detail = str(exc)
+            stranger = _stranger(data) if not was_open else None
+            if stranger:
+                detail = f"{detail}; {NOT_OFFSET}{stranger}"
+            self.close(client, exc.reason, detail, now=now)
             return
         if wire.backlog:
             self.backlog[cid] = client
@@ -408,7 +412,7 @@ class Relay:
                 client.role = "handshake"
             elif reason is CloseReason.TUNNEL_PEER_CLOSED:
                 client.role = "tunnel"  # the core let go of the tunnel with its other end
-        policy.closing(client, reason, handshaking, now)
+        policy.closing(client, reason, handshaking, now, detail)
         if flush and not client.closing and client.out:
             client.closing = True
             client.close_reason = reason
@@ -632,6 +636,25 @@ def socket_address(sock: socket.socket, peer: bool) -> tuple[str, int] | None:
     except OSError:
         return None
     return (address[0], address[1])
+
+
+# What a connection that is not an Offset client sends first: its protocol.
+_STRANGERS = (
+    (
+        (b"GET ", b"POST", b"HEAD", b"PUT ", b"DELE", b"OPTI", b"CONN", b"PATC", b"PRI "),
+        "HTTP request",
+    ),
+    ((b"\x16\x03",), "TLS handshake"),
+    ((b"SSH-",), "SSH"),
+)
+
+
+def _stranger(data: bytes) -> str | None:
+    """The protocol a failed handshake's bytes look like, if it is a known one."""
+    for starts, name in _STRANGERS:
+        if data.startswith(starts):
+            return name
+    return None
 
 
 # Closes the peer began (its FIN or reset is in): nothing of its input is left to discard,

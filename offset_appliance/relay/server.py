@@ -74,6 +74,7 @@ class RelayServer:
         self.reload_error = ""  # why the last reload was refused; "" once one succeeds
         self._next_status = 0.0
         self._next_status_log = 0.0
+        self._refusals = self.relay.policy.refusals
         self.metrics: MetricsEndpoint | None = None
         # Run by systemd: hand connections over on stop instead of closing them.
         self.handover: Handover | None = None
@@ -169,6 +170,7 @@ class RelayServer:
     # ---- every few seconds, and on reload ----------------------------------------------
 
     def _turn_ended(self, now: float) -> None:
+        self._refusals.say_new(now)  # a first refusal line, a second after its spell began
         if now >= self._next_status:
             self.notifier.notify("STATUS=" + self.status_text())
             self._next_status = now + STATUS_INTERVAL

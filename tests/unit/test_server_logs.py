@@ -8,6 +8,7 @@ import logging
 import socket
 
 import pytest
+from nacl.signing import SigningKey
 
 from offset_appliance.files import b64url_encode
 from offset_appliance.relay.events import RefusalLog
@@ -30,7 +31,7 @@ def _lines(caplog, level=logging.WARNING) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.levelno == level]
 
 
-def test_refusals_are_one_line_a_minute_per_limit_and_source(rig, caplog):
+def test_refusals_are_two_lines_a_minute_per_limit_and_source_with_true_counts(rig, caplog):
     caplog.set_level(logging.INFO, logger="strelay")
     rig.listener()
     rig.listener()
@@ -39,13 +40,18 @@ def test_refusals_are_one_line_a_minute_per_limit_and_source(rig, caplog):
         refused.append(socket.create_connection(rig.address))
         rig.settle()
     assert rig.server.stats.refused["max_connections_per_ip"] == 5
+    assert _lines(caplog) == []  # the spell's first line comes a second after it began
+    rig.clock.advance(1.0)
+    rig.settle()
     assert _lines(caplog) == [
-        "refusing 127.0.0.1: max_connections_per_ip (2); 1 refused in the last 60 s"
+        "refusing 127.0.0.1: max_connections_per_ip (2); 5 refused in the last 1 s"
     ]
-    rig.clock.advance(60.0)
+    refused.append(socket.create_connection(rig.address))
+    rig.settle()
+    rig.clock.advance(59.0)
     rig.settle()
     assert _lines(caplog)[1:] == [
-        "refusing 127.0.0.1: max_connections_per_ip (2); 4 refused in the last 60 s"
+        "refusing 127.0.0.1: max_connections_per_ip (2); 1 refused in the last 59 s"
     ]
     # A quiet minute ends the window without a line; the next refusal starts a new one.
     rig.clock.advance(60.0)
@@ -53,8 +59,10 @@ def test_refusals_are_one_line_a_minute_per_limit_and_source(rig, caplog):
     assert len(_lines(caplog)) == 2
     refused.append(socket.create_connection(rig.address))
     rig.settle()
+    rig.clock.advance(1.0)
+    rig.settle()
     assert _lines(caplog)[2:] == [
-        "refusing 127.0.0.1: max_connections_per_ip (2); 1 refused in the last 60 s"
+        "refusing 127.0.0.1: max_connections_per_ip (2); 1 refused in the last 1 s"
     ]
     for sock in refused:
         sock.close()
@@ -65,12 +73,55 @@ def test_a_flood_from_many_sources_keeps_a_bounded_memory(caplog):
     log = RefusalLog(max_sources=3)
     for number in range(100):
         log.refused("max_connections", 20000, f"10.0.0.{number}", 0.0)
+    log.say_new(1.0)
     lines = _lines(caplog)
-    assert len(lines) == 4 and lines[-1].startswith("refusing other sources: max_connections")
+    assert len(lines) == 4 and lines[-1] == (
+        "refusing other sources: max_connections (20000); 97 refused in the last 1 s"
+    )
+    log.refused("max_connections", 20000, "10.0.0.200", 30.0)
     log.flush(60.0)
     assert _lines(caplog)[-1] == (
-        "refusing other sources: max_connections (20000); 96 refused in the last 60 s"
+        "refusing other sources: max_connections (20000); 1 refused in the last 59 s"
     )
+
+
+def test_junk_on_the_relay_port_is_said_at_info_with_what_it_looks_like(rig, caplog):
+    caplog.set_level(logging.INFO, logger="strelay")
+    for _ in range(3):
+        with socket.create_connection(rig.address) as sock:
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: relay\r\n\r\n")
+            rig.settle()
+    rig.clock.advance(1.0)
+    rig.settle()
+    assert _lines(caplog) == [
+        "dropping 127.0.0.1: failed handshake (not an Offset client: HTTP request); "
+        "3 dropped in the last 1 s"
+    ]
+
+
+def test_a_denied_key_is_named_in_its_refusal_line(caplog):
+    from offset_appliance.config import Access, KeyList
+    from offset_appliance.files import b64url_encode
+    from offset_appliance.wire.messages import Listen, encode_init_connection
+
+    from .server_rig import Node
+
+    denied = SigningKey.generate()
+    key = b64url_encode(bytes(denied.verify_key))
+    made = Rig(access=Access(listen_deny=KeyList((key,), frozenset({bytes(denied.verify_key)}))))
+    try:
+        caplog.set_level(logging.INFO, logger="strelay")
+        node = Node(made, denied)
+        made.settle()
+        node.send(encode_init_connection(Listen()))
+        made.settle()
+        made.clock.advance(1.0)
+        made.settle()
+        assert _lines(caplog) == [
+            f"refusing 127.0.0.1 key {key[:8]}: listen_denied; 1 refused in the last 1 s"
+        ]
+    finally:
+        made.close()
 
 
 def test_status_summary_at_info_every_few_minutes(rig, caplog):
