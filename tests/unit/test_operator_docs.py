@@ -50,6 +50,21 @@ def test_making_a_release_names_the_three_places_and_make_release():
     assert "tools/release" in makefile
 
 
+def test_host_commands_install_curl_and_gpg_before_using_them():
+    # A minimal bookworm has neither: a block that runs them installs them first.
+    for block in re.findall(r"```sh\n(.*?)```", README, re.S):
+        lines = [line.split("#")[0].split() for line in block.splitlines()]
+        for tool in ("curl", "gpg"):
+            uses = [i for i, words in enumerate(lines) if words[:1] == [tool]]
+            if uses:
+                installs = [
+                    i
+                    for i, words in enumerate(lines)
+                    if words[:2] == ["apt", "install"] and tool in words
+                ]
+                assert installs and installs[0] < uses[0], block
+
+
 def test_readme_has_an_example_of_each_control():
     section = README.split("## Controlling who uses the relay\n", 1)[1].split("\n## ", 1)[0]
     examples = "\n".join(re.findall(r"```(?:toml|sh|text)\n(.*?)```", section, re.S))
