@@ -112,11 +112,27 @@ PREVIOUS_COMMIT := 59f5264
 
 .PHONY: check-version source deb-chroot previous-deb apt-repo
 
+# The version is in offset_appliance/__init__.py, pyproject.toml and packaging/debian/changelog:
+# `make release` sets all three.
+VERSION_PLACES := the version lives in offset_appliance/__init__.py, pyproject.toml and \
+	packaging/debian/changelog; set all three with make release VERSION=X.Y.Z
 check-version:
 	@test "$$(dpkg-parsechangelog -l packaging/debian/changelog -S Version)" = "$(VERSION)" || \
-		{ echo "packaging/debian/changelog does not match version $(VERSION)" >&2; exit 1; }
+		{ echo "packaging/debian/changelog does not match version $(VERSION) of offset_appliance/__init__.py: $(VERSION_PLACES)" >&2; exit 1; }
 	@test "$$(sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)" = "$(VERSION)" || \
-		{ echo "pyproject.toml does not match version $(VERSION)" >&2; exit 1; }
+		{ echo "pyproject.toml does not match version $(VERSION) of offset_appliance/__init__.py: $(VERSION_PLACES)" >&2; exit 1; }
+
+# A release: `make release VERSION=X.Y.Z [MESSAGE="..."]` sets the version in those three
+# files (and the man pages and README), adds the changelog entry (MESSAGE, or "New upstream
+# release.") and prints the next steps. Refused when the tree is not clean or VERSION is not
+# greater than the current one. See README.md, "Making a release".
+.PHONY: release
+release: export RELEASE_VERSION = $(VERSION)
+release: export RELEASE_MESSAGE = $(MESSAGE)
+release:
+	@test "$(origin VERSION)" = "command line" || \
+		{ echo "release: say which version: make release VERSION=X.Y.Z" >&2; exit 2; }
+	@tools/release "$$RELEASE_VERSION" "$$RELEASE_MESSAGE"
 
 deb: check-version
 	rm -rf build/deb

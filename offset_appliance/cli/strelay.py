@@ -6,6 +6,7 @@ import argparse
 import errno
 import logging
 import os
+import pwd
 import signal
 import sys
 from pathlib import Path
@@ -121,18 +122,37 @@ def _log_sources(args: argparse.Namespace, when: str) -> None:
         )
 
 
+# The package's service user and state directory (systemd/offset-relay.service, and the
+# instances of offset-relay@.service below it).
+SERVICE_USER = "offset-relay"
+SERVICE_STATE = Path("/var/lib/offset-relay")
+
+
+def _process_user() -> str | None:
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return None
+
+
+def no_ticket_hint(identity_file: Path, ticket_path: Path, user: str | None) -> str:
+    """The command that makes the missing ticket. Under the package (the relay runs as its
+    service user, or its identity is in the package's state directory, which only that user
+    can enter) the operator's shell must run it as that user: ``runuser -u offset-relay --``."""
+    command = (
+        f"stmgr relay-ticket --address HOST:PORT --idfile {identity_file} --output {ticket_path}"
+    )
+    if user == SERVICE_USER or identity_file.is_relative_to(SERVICE_STATE):
+        command = f"runuser -u {SERVICE_USER} -- {command}"
+    return f"no ticket at {ticket_path} yet; make it: {command}"
+
+
 def _announce_ticket(config: Config, public_key: bytes) -> None:
     """Say where the ticket nodes need is, and whether it matches this relay's key."""
     ticket_path = config.identity_file.with_suffix(".relay")
     key = b64url_encode(public_key)
     if not ticket_path.exists():
-        log.info(
-            "no ticket at %s yet; make it: stmgr relay-ticket --address HOST:PORT "
-            "--idfile %s --output %s",
-            ticket_path,
-            config.identity_file,
-            ticket_path,
-        )
+        log.info("%s", no_ticket_hint(config.identity_file, ticket_path, _process_user()))
         return
     try:
         ticket = load_ticket(ticket_path)

@@ -33,10 +33,36 @@ BASH_COMPLETION = Path("/usr/share/bash-completion/bash_completion")
         "### Sizing",
         "### Installing just `stmgr` on a monitoring host",
         "## Controlling who uses the relay",
+        "## Making a release",
     ],
 )
 def test_readme_has_the_operator_sections(heading):
     assert re.search(rf"^{re.escape(heading)}$", README, re.M)
+
+
+def test_making_a_release_names_the_three_places_and_make_release():
+    section = README.split("## Making a release\n", 1)[1].split("\n## ", 1)[0]
+    for place in ("offset_appliance/__init__.py", "pyproject.toml", "packaging/debian/changelog"):
+        assert f"`{place}`" in section
+    assert "make release VERSION=" in section
+    makefile = (ROOT / "Makefile").read_text()
+    assert re.search(r"^release:$", makefile, re.M)
+    assert "tools/release" in makefile
+
+
+def test_host_commands_install_curl_and_gpg_before_using_them():
+    # A minimal bookworm has neither: a block that runs them installs them first.
+    for block in re.findall(r"```sh\n(.*?)```", README, re.S):
+        lines = [line.split("#")[0].split() for line in block.splitlines()]
+        for tool in ("curl", "gpg"):
+            uses = [i for i, words in enumerate(lines) if words[:1] == [tool]]
+            if uses:
+                installs = [
+                    i
+                    for i, words in enumerate(lines)
+                    if words[:2] == ["apt", "install"] and tool in words
+                ]
+                assert installs and installs[0] < uses[0], block
 
 
 def test_readme_has_an_example_of_each_control():
