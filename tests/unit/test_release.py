@@ -38,9 +38,16 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+# Run as make would be from a shell, also when this suite itself runs under make (whose
+# variables would make the inner make say "make[1]:" and pass its flags on).
+OUTSIDE_MAKE = {
+    k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")
+}
+
+
 def run(cwd: Path, *argv: str, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        argv, cwd=cwd, env={**os.environ, **GIT_ENV, **env}, capture_output=True, text=True
+        argv, cwd=cwd, env={**OUTSIDE_MAKE, **GIT_ENV, **env}, capture_output=True, text=True
     )
 
 
