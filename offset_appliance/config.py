@@ -63,6 +63,9 @@ class KeyList:
 
     entries: tuple[str, ...] = ()
     keys: frozenset[bytes] = frozenset()
+    # The keys each file among the entries gave, (path, keys) in the order of the entries:
+    # what a reload compares to say that a file changed while the entries did not.
+    files: tuple[tuple[str, frozenset[bytes]], ...] = ()
 
     def __str__(self) -> str:
         return "[" + ", ".join(self.entries) + "]"
@@ -498,12 +501,14 @@ def _access(table: dict[str, Any], origin: dict[str, Path]) -> Access:
             raise ConfigError(f"{where}: expected a list of strings, got {value!r}")
         if key in KEY_LISTS:
             keys: set[bytes] = set()
+            files: dict[str, frozenset[bytes]] = {}
             for entry in value:
                 if entry.startswith("/"):
-                    keys |= _key_file(where, Path(entry))
+                    files[entry] = _key_file(where, Path(entry))
+                    keys |= files[entry]
                 else:
                     keys.add(_key(where, entry))
-            values[key] = KeyList(tuple(value), frozenset(keys))
+            values[key] = KeyList(tuple(value), frozenset(keys), tuple(files.items()))
         else:
             networks = []
             for entry in value:

@@ -38,6 +38,9 @@ class CloseReason(enum.Enum):
     # The relay's access lists ([access]): the key may not listen (or accept) / connect.
     LISTEN_DENIED = "listen_denied"
     CONNECT_DENIED = "connect_denied"
+    # A reload's access lists refuse what it is doing (its address, or its key for what it
+    # asked): closed at that reload (relay/policy.py).
+    DENIED = "denied"
     # The relay's own limits and life.
     EVICTED = "evicted"
     # Over the memory ceiling, its receiver took no byte of a large queue for a keepalive

@@ -4,8 +4,9 @@ listen (and accept) or connect (``[access]`` in the configuration).
 Deny wins over allow; an empty allow list admits everyone, a non-empty one only what it
 lists. Addresses are checked when a connection is accepted, before any handshake work;
 keys when the client asks to listen, accept or connect (its key is known only once its
-handshake is done). Lists apply to new requests: a listener admitted before a reload keeps
-listening.
+handshake is done). A reload closes the open connections its lists refuse and the old ones
+admitted (relay/policy.py): an address newly denied, a listener's (or accepting side's) key
+newly refused by the listen lists, a connecting side's by the connect lists.
 """
 
 from __future__ import annotations

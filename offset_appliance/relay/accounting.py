@@ -16,6 +16,9 @@ from .metrics import Stats, close_label, handshake_label
 
 log = logging.getLogger("strelay")
 
+# Handshakes ended for these are counted as closes, not as failed handshakes.
+NOT_FAILURES = frozenset({CloseReason.SHUTDOWN, CloseReason.DENIED})
+
 
 class CloseAccounting:
     """Counts closes into ``Stats`` and logs each at debug level."""
@@ -35,8 +38,8 @@ class CloseAccounting:
         """``client`` is gone for ``reason``; ``handshaking`` if its channel never opened."""
         stats = self.stats
         if handshaking:
-            if reason is CloseReason.SHUTDOWN:
-                stats.closed["shutdown"] += 1
+            if reason in NOT_FAILURES:  # the relay's doing, not the handshake's failure
+                stats.closed[reason.value] += 1
             else:
                 stats.handshakes_failed[handshake_label(reason)] += 1
                 stats.closed["handshake_failed"] += 1

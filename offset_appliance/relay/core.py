@@ -64,7 +64,7 @@ class Role(enum.Enum):
 
 
 class _Conn:
-    __slots__ = ("id", "key", "source", "role", "peer", "half")
+    __slots__ = ("id", "key", "source", "role", "peer", "half", "request")
 
     def __init__(self, conn_id: int, key: bytes, source: str) -> None:
         self.id = conn_id
@@ -73,6 +73,9 @@ class _Conn:
         self.role = Role.PENDING
         self.peer: int | None = None  # the other end, for TUNNEL
         self.half: _HalfTunnel | None = None  # for HALF_TUNNEL
+        # What its first message asked: "listen", "connect" or "accept" (None before it, or
+        # a tunnel end restored from a state that did not say).
+        self.request: str | None = None
 
 
 class _HalfTunnel:
@@ -89,6 +92,11 @@ class _HalfTunnel:
         self.size = 0
         self.expires = expires
         self.paused = False
+
+
+# What a connection in each role asked, for a state that does not say (a tunnel end's is
+# not known from its role alone).
+_REQUESTS = {Role.LISTENER: "listen", Role.HALF_TUNNEL: "connect"}
 
 
 def _nobody_refused(kind: str, key: bytes) -> CloseReason | None:
@@ -191,6 +199,15 @@ class RelayCore:
             return conn.peer
         return None
 
+    def request_of(self, conn_id: int) -> tuple[bytes, str] | None:
+        """The key of an open connection and what its first message asked ("listen",
+        "connect" or "accept": the two ends of a tunnel are its connecting and its
+        accepting side), or None while it waits for that message (or is not known)."""
+        conn = self._conns.get(conn_id)
+        if conn is None or conn.request is None:
+            return None
+        return conn.key, conn.request
+
     def listener_of(self, key: bytes) -> int | None:
         """The listen connection of a key, if it is listening."""
         return self._listeners.get(key)
@@ -218,11 +235,17 @@ class RelayCore:
         else:
             self._listener_message(conn, data)
 
-    def closed(self, conn_id: int) -> None:
-        """The IO shell lost or closed a connection."""
+    def closed(self, conn_id: int, reason: CloseReason | None = None) -> None:
+        """The IO shell lost or closed a connection (for ``reason``, if it says). A connect
+        closed because the access lists now refuse it (``DENIED``) takes its half-tunnel
+        with it: no accept gets what it sent."""
         self._congested.discard(conn_id)
         conn = self._conns.pop(conn_id, None)
         if conn is not None:
+            if reason is CloseReason.DENIED and conn.half is not None:
+                self._unlink(conn.half)
+                conn.half.data = []  # the expiry timer may still refer to it
+                conn.half = None
             self._forget(conn)
 
     def next_deadline(self) -> float:
@@ -356,7 +379,9 @@ class RelayCore:
         if refused is not None:
             # The access lists: as early as the protocol allows (the key is known now).
             self._close(conn, refused)
-        elif isinstance(init, Listen):
+            return
+        conn.request = kind
+        if isinstance(init, Listen):
             self._listen(conn)
         elif isinstance(init, Connect):
             self._connect(conn, init.public_key, now)
@@ -470,6 +495,8 @@ class RelayCore:
                 "role": conn.role.name,
                 "source": conn.source,
             }
+            if conn.request is not None:
+                record["request"] = conn.request
             if conn.role is Role.TUNNEL:
                 record["peer"] = conn.peer
             elif conn.role is Role.PENDING and conn.id in first_message_in:
@@ -519,6 +546,10 @@ class RelayCore:
                 raise ValueError("connection source of the wrong type")
             conn = _Conn(cid, key, source)
             conn.role = Role[record["role"]]
+            request = record.get("request", _REQUESTS.get(conn.role))
+            if request not in (None, "listen", "connect", "accept"):
+                raise ValueError("connection request of the wrong type")
+            conn.request = request
             if conn.role is Role.TUNNEL:
                 conn.peer = int(record["peer"])
             elif conn.role is Role.PENDING:

@@ -55,7 +55,15 @@ CONNECT_LIMITS = {
 # a strike towards a ban of the client's source.
 REFUSED_REQUESTS = frozenset({CloseReason.LISTEN_DENIED, CloseReason.CONNECT_DENIED})
 # Handshakes that end for these are not the peer's failure (no strike towards a ban).
-NOT_STRIKES = (CloseReason.SHUTDOWN, CloseReason.EVICTED)
+NOT_STRIKES = (CloseReason.SHUTDOWN, CloseReason.EVICTED, CloseReason.DENIED)
+# What the connections a reload's access lists closed were, in the order its line says them
+# (singular, plural).
+_CLOSED_AS = {
+    "listen": ("listener", "listeners"),
+    "tunnel": ("tunnel end", "tunnel ends"),
+    "connect": ("connector", "connectors"),
+    None: ("handshake or waiting connection", "handshakes or waiting connections"),
+}
 
 
 # How the relay's close detail says that a connection spoke another protocol.
@@ -90,6 +98,7 @@ class Policy:
         *,
         peer_of: Callable[[int], int | None],
         orphans_from: Callable[[str], int],
+        request_of: Callable[[int], tuple[bytes, str] | None],
         now: float,
         rss: Callable[[], int] = read_rss,
         wallclock: Callable[[], float] = time.time,
@@ -100,6 +109,9 @@ class Policy:
         # source left behind (they still count as its connections until they go).
         self._peer_of = peer_of
         self._orphans_from = orphans_from
+        # The core's answer to what an open connection is: its key and what it asked
+        # ("listen", "connect", "accept"), None before its first message.
+        self._request_of = request_of
         self._actions: deque[Action] = deque()
         # Whether a pause or resume waits to be taken (how many).
         self.has_actions: Callable[[], int] = self._actions.__len__
@@ -130,20 +142,72 @@ class Policy:
 
     # ---- settings ----------------------------------------------------------------------
 
-    def apply(self, config: Config, now: float) -> None:
+    def apply(self, config: Config, now: float) -> list[str]:
         """Put the controls of ``config`` in force (at start and on reload): they apply to
-        what happens from now on; open connections count where they counted."""
+        what happens from now on; open connections count where they counted. The open
+        connections the new access lists refuse and the old ones admitted are closed (Close
+        actions). Returns what the reload is to say it did (a line for those closes)."""
+        done = []
         limits = self.limits = config.limits
         self.prefixes = Prefixes(limits.ipv4_prefix, limits.ipv6_prefix)
         self.rate.rate = float(limits.new_connections_per_ip_per_second)
         self.rate.burst = float(limits.new_connections_per_ip_burst)
+        old_access = self.access.access
         self.access.apply_config(config.access)
+        if config.access != old_access:
+            closed = self._close_denied(AccessControl(old_access))
+            if closed:
+                done.append(closed)
         self.bans.apply_config(config.bans)
         self.keepalive = config.timeouts.keepalive
         if self.memory.apply_config(limits):
             log.info("%s", self.memory.describe())
         self.bandwidth.apply_config(config, now)
         self.metering = self.bandwidth.enabled
+        return done
+
+    def _close_denied(self, old: AccessControl) -> str:
+        """Close every open connection that the new access lists refuse and ``old`` admitted:
+        its address (a handshake's too), or its key for what it asked (a tunnel end's for
+        its side: the accepting side's by the listen lists, the connecting side's by the
+        connect lists). A connection waiting for its first message is checked when it comes,
+        as always; a tunnel's other end closes as the protocol says, after its output."""
+        new = self.access
+        closed: dict[int, str | None] = {}  # connection id: what it was
+        for client in self.clients.values():
+            if client.closing:
+                continue
+            request = None if client.id in self.handshaking else self._request_of(client.id)
+            refused = not new.ip_allowed(client.ip) and old.ip_allowed(client.ip)
+            if not refused and request is not None:
+                key, kind = request
+                refused = (
+                    new.refuse_request(kind, key) is not None
+                    and old.refuse_request(kind, key) is None
+                )
+            if refused:
+                what = None if request is None else request[1]
+                if what is not None and what != "listen" and self._peer_of(client.id) is not None:
+                    what = "tunnel"
+                closed[client.id] = what
+        if not closed:
+            return ""
+        counts = dict.fromkeys(_CLOSED_AS, 0)
+        others = 0  # tunnel ends that close with their other end, not refused themselves
+        for cid, what in closed.items():
+            counts[what] += 1
+            self._actions.append(Close(cid, CloseReason.DENIED))
+            if what == "tunnel" and self._peer_of(cid) not in closed:
+                others += 1
+        said = ", ".join(f"{n} {_CLOSED_AS[what][n != 1]}" for what, n in counts.items() if n)
+        if others:
+            said += (
+                "; the other end of 1 tunnel closes after its output"
+                if others == 1
+                else f"; the other ends of {others} tunnels close after their output"
+            )
+        plural = "" if len(closed) == 1 else "s"
+        return f"closed {len(closed)} connection{plural} the new access lists refuse ({said})"
 
     def refuse_request(self, kind: str, key: bytes) -> CloseReason | None:
         """Why ``key`` may not ``kind`` ("listen", "accept", "connect"), or None: the access

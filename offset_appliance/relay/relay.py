@@ -92,6 +92,7 @@ class Relay:
             self.clients,
             peer_of=self.core.peer_of,
             orphans_from=self.core.orphans_from,
+            request_of=self.core.request_of,
             now=now,
             rss=rss if rss is not None else read_rss,
         )
@@ -105,14 +106,16 @@ class Relay:
     def _refuse_request(self, kind: str, key: bytes) -> CloseReason | None:
         return self.policy.refuse_request(kind, key)
 
-    def apply(self, config: Config, now: float) -> None:
+    def apply(self, config: Config, now: float) -> list[str]:
         """A checked configuration in force: limits and timeouts apply to what happens from
-        now on (new connections, new half-tunnels, timers set from now)."""
+        now on (new connections, new half-tunnels, timers set from now); open connections
+        the new access lists refuse are closed. Returns what the reload is to say it did."""
         self.limits = self.output.limits = config.limits
         self.timeouts = config.timeouts
         self.core.limits = core_limits(config)
-        self.policy.apply(config, now)
+        done = self.policy.apply(config, now)
         self._take_policy_actions(now)
+        return done
 
     # ---- for the loop ------------------------------------------------------------------
 
@@ -417,7 +420,7 @@ class Relay:
             client.closing = True
             client.close_reason = reason
             self.output.pause(client, PAUSED_BY_CLOSE)
-            self.core.closed(cid)
+            self.core.closed(cid, reason)
             self.output.want_write(client, True)
             # A peer that never reads must not keep a closing connection forever.
             client.close_by = now + self.timeouts.keepalive
@@ -435,7 +438,7 @@ class Relay:
             client.sock.close()
         else:
             self.linger.close(client.sock, now)
-        self.core.closed(cid)
+        self.core.closed(cid, reason)
 
     def shutdown(self, now: float) -> None:
         """Stop listening and close every connection."""

@@ -7,7 +7,7 @@ import dataclasses
 import logging
 from collections.abc import Callable
 
-from ..config import Config, config_values
+from ..config import KEY_LISTS, Config, config_values
 
 log = logging.getLogger("strelay")
 
@@ -44,14 +44,15 @@ def read_again(running: Config, read: Callable[[], Config]) -> tuple[Config, lis
     return config, changes(running, config)
 
 
-def say_changes(lines: list[str], old_level: int) -> None:
-    """Log what a reload changed, once it is in force: at the more verbose of the old and the
-    new log level (a reload to warning still says what it changed, and so does the reload
+def say_changes(lines: list[str], old_level: int, done: list[str] | None = None) -> None:
+    """Log what a reload changed, once it is in force, and what it did (``done``: the
+    connections the new access lists closed): at the more verbose of the old and the new
+    log level (a reload to warning still says what it changed, and so does the reload
     back)."""
     root = logging.getLogger()
     new_level = root.level
     root.setLevel(min(old_level, new_level))
-    for line in lines:
+    for line in [*lines, *(done or ())]:
         log.info("reload: %s", line)
     log.info(
         "configuration reloaded: %s",
@@ -63,14 +64,31 @@ def say_changes(lines: list[str], old_level: int) -> None:
 
 
 def changes(old: Config, new: Config) -> list[str]:
-    """``"limits.max_connections 20000 -> 100"`` for every setting that differs."""
+    """``"limits.max_connections 20000 -> 100"`` for every setting that differs, and
+    ``"access.listen_allow: /etc/offset-relay/my-nodes.keys: 1 -> 2 keys"`` for every key
+    file named before and after whose keys changed (the setting's text did not)."""
     before, after = config_values(old), config_values(new)
     lines = []
     for key in sorted(before.keys() | after.keys()):
         was, now = before.get(key), after.get(key)
         if was != now:
             lines.append(f"{key} {_shown(was)} -> {_shown(now)}")
+    for name in KEY_LISTS:
+        was_files = dict(getattr(old.access, name).files)
+        for path, keys in getattr(new.access, name).files:
+            had = was_files.get(path)
+            if had is not None and had != keys:
+                lines.append(f"access.{name}: {path}: {_file_change(had, keys)}")
     return lines
+
+
+def _file_change(had: frozenset[bytes], has: frozenset[bytes]) -> str:
+    """``"1 -> 2 keys"``, and which changed when the count alone does not say."""
+    text = f"{len(had)} -> {len(has)} keys"
+    added, removed = len(has - had), len(had - has)
+    if added and removed:
+        text += f" ({added} added, {removed} removed)"
+    return text
 
 
 def _shown(value: object) -> str:

@@ -200,12 +200,12 @@ class RelayServer:
         # Nothing here may fail: ``load_config`` has checked everything. Limits and
         # timeouts apply to what happens from now on, the log level at once.
         self.config = config
-        self.relay.apply(config, self.clock())
+        done = self.relay.apply(config, self.clock())
         logging.getLogger().setLevel(config.log_level.upper())
         self.reload_error = ""
         self.stats.reload_successful = True
         self.stats.reload_success_time = time.time()
-        say_changes(changes, old_level)
+        say_changes(changes, old_level, done)
         self.notifier.notify("STATUS=" + self.status_text())
 
     # ---- status and metrics ------------------------------------------------------------

@@ -23,7 +23,7 @@ from offset_appliance.client import ClientError, ConnectionClosed, RelayClient
 from offset_appliance.files import b64url_encode
 
 from ..integration.conftest import tunnel
-from .relaylib import METRICS, assert_relay_clean, refused, scrape, wait_metrics
+from .relaylib import METRICS, assert_relay_clean, closed, refused, scrape, wait_metrics
 
 BIN = Path(sys.executable).parent
 EX_CONFIG = 78
@@ -280,11 +280,13 @@ def test_past_the_memory_ceiling_new_connections_are_refused_until_usage_falls(r
 
 def test_each_key_changes_by_sighup_with_tunnels_open(relay_factory, tmp_path):
     relay = relay_factory(METRICS + "# --\n")
-    ends = tunnel(relay)
+    # The tunnel's keys are on every allow list below, as the lists it must outlive.
+    ours, theirs = SigningKey.generate(), SigningKey.generate()
+    ends = tunnel(relay, ours, theirs)
     assert carries(ends, b"before")
     member, outsider = SigningKey.generate(), SigningKey.generate()
     key_file = tmp_path / "listeners.keys"
-    key_file.write_text(key_of(member) + "\n")
+    key_file.write_text(key_of(member) + "\n" + key_of(ours) + "\n")
 
     def bans_on() -> bool:
         for _ in range(3):
@@ -317,7 +319,7 @@ def test_each_key_changes_by_sighup_with_tunnels_open(relay_factory, tmp_path):
             lambda: not may_connect(relay, outsider),
         ),
         (
-            f'[access]\nconnect_allow = ["{key_of(member)}"]\n',
+            f'[access]\nconnect_allow = ["{key_of(member)}", "{key_of(theirs)}"]\n',
             lambda: not may_connect(relay, outsider) and may_connect(relay, member),
         ),
         ('[access]\nip_deny = ["127.0.2.0/24"]\n', lambda: closed_at_once(relay, "127.0.2.9")),
@@ -341,10 +343,57 @@ def test_each_key_changes_by_sighup_with_tunnels_open(relay_factory, tmp_path):
     # A key file's content is read again at each reload.
     reload(relay, f'[access]\nlisten_allow = ["{key_file}"]\n')
     assert not may_listen(relay, outsider)
-    key_file.write_text(key_of(member) + "\n" + key_of(outsider) + "\n")
+    key_file.write_text(key_of(member) + "\n" + key_of(ours) + "\n" + key_of(outsider) + "\n")
     reload(relay, f'[access]\nlisten_allow = ["{key_file}"]\n')
     assert may_listen(relay, outsider)
+    # Said per file: the setting's text did not change.
+    assert f"reload: access.listen_allow: {key_file}: 2 -> 3 keys" in relay.log_text()
     assert carries(ends, b"at the end")
+    assert_relay_clean(relay)
+
+
+def test_a_reload_closes_the_tunnels_of_newly_denied_keys_and_addresses(relay_factory):
+    relay = relay_factory(METRICS + "# --\n")
+    # A tunnel whose listener's key will be denied, one whose connector's address will be,
+    # and one neither.
+    denied_key = SigningKey.generate()
+    listener, connector, acceptor = tunnel(relay, denied_key)
+    other = SigningKey.generate()
+    other_listener = relay.client(other)
+    other_listener.listen()
+    from_denied = client_from(relay, "127.0.5.1")
+    from_denied.connect(other_listener.public_key)
+    assert other_listener.next_incoming() == from_denied.public_key
+    other_acceptor = relay.client(other)
+    other_acceptor.accept(from_denied.public_key)
+    assert carries((other_listener, from_denied, other_acceptor), b"from .5.1")
+    kept = tunnel(relay)
+    assert carries(kept, b"before")
+    reload(relay, f'[access]\nlisten_deny = ["{key_of(denied_key)}"]\nip_deny = ["127.0.5.0/24"]\n')
+    # Closed at that reload: both ends of both tunnels (the denied ones, and their other
+    # ends as the protocol closes a tunnel), and the denied key's listener.
+    for end in (listener, acceptor, connector, from_denied, other_acceptor):
+        end.wait_closed(DEADLINE)
+    values = wait_metrics(
+        relay,
+        lambda v: closed(v, "denied") == 3 and closed(v, "tunnel_peer_closed") == 2,
+        DEADLINE,
+        "3 closes for denied, 2 for the tunnels' other ends",
+    )
+    assert refused(values, "listen_denied") == 0 and refused(values, "ip_denied") == 0
+    assert (
+        "reload: closed 3 connections the new access lists refuse (1 listener, 2 tunnel ends; "
+        "the other ends of 2 tunnels close after their output)"
+    ) in relay.log_text()
+    # Untouched: the third tunnel carries, the other listener still takes connects.
+    assert carries(kept, b"after")
+    newcomer = relay.client()
+    newcomer.connect(other_listener.public_key)
+    assert other_listener.next_incoming() == newcomer.public_key
+    newcomer.close()
+    assert not may_listen(relay, denied_key) and closed_at_once(relay, "127.0.5.2")
+    for end in (*kept, other_listener):
+        end.close()
     assert_relay_clean(relay)
 
 

@@ -63,13 +63,21 @@ def config(limits: dict | None = None, timeouts: dict | None = None, **sections)
 class Node:
     """One client connection to the rig's relay."""
 
-    def __init__(self, rig: Rig, identity: SigningKey | None = None, rcvbuf: int | None = None):
+    def __init__(
+        self,
+        rig: Rig,
+        identity: SigningKey | None = None,
+        rcvbuf: int | None = None,
+        source: str | None = None,
+    ):
         self.rig = rig
         self.identity = identity or SigningKey.generate()
         self.public_key = bytes(self.identity.verify_key)
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         if rcvbuf is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        if source is not None:  # another loopback address (127.0.0.2): another source
+            sock.bind((source, 0))
         sock.connect(rig.address)
         sock.setblocking(False)
         self.sock = sock
@@ -157,28 +165,30 @@ class Rig:
                     return
         raise AssertionError("the rig never settled")
 
-    def node(self, identity=None, rcvbuf=None) -> Node:
-        node = Node(self, identity, rcvbuf)
+    def node(self, identity=None, rcvbuf=None, source=None) -> Node:
+        node = Node(self, identity, rcvbuf, source)
         self.settle()
         assert node.is_open, "handshake did not finish"
         return node
 
     def client_of(self, node: Node) -> Client:
         """The server's side of a node's connection."""
-        label = f"127.0.0.1:{node.sock.getsockname()[1]}"
+        host, port = node.sock.getsockname()
+        label = f"{host}:{port}"
         (client,) = [c for c in self.server.clients.values() if c.label == label]
         return client
 
-    def listener(self, identity=None) -> Node:
-        node = self.node(identity)
+    def listener(self, identity=None, source=None) -> Node:
+        node = self.node(identity, source=source)
         node.send(encode_init_connection(Listen()))
         self.settle()
         return node
 
-    def tunnel(self) -> tuple[Node, Node, Node]:
-        """Listen, connect, accept: (listener, connector, acceptor)."""
+    def tunnel(self, connect_from: str | None = None) -> tuple[Node, Node, Node]:
+        """Listen, connect (from ``connect_from``, if given), accept: (listener, connector,
+        acceptor)."""
         listener = self.listener()
-        connector = self.node()
+        connector = self.node(source=connect_from)
         connector.send(encode_init_connection(Connect(listener.public_key)))
         self.settle()
         assert listener.inbox.pop() == IncomingConnection(connector.public_key).encode()

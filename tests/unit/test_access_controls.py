@@ -3,6 +3,7 @@ ceiling, each under the injected clock (and the loop's rig where the loop takes 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
@@ -285,28 +286,140 @@ def test_a_denied_key_cannot_connect(rigs):
     assert rig.server.stats.closed["connect_denied"] == 1
 
 
-def test_reloaded_lists_apply_to_new_requests_and_keep_what_is_open(rigs):
-    new_config: list[Config] = []
-    rig = rigs(reload_config=lambda: new_config[0])
+def reloading(rigs, **sections):
+    """A rig whose reload reads ``configs[0]`` (the running config with other sections)."""
+    configs: list[Config] = []
+    rig = rigs(reload_config=lambda: configs[0], **sections)
+
+    def reload(**changed) -> None:
+        configs[:] = [dataclasses.replace(rig.server.config, **changed)]
+        rig.server.request_reload()
+        rig.settle()
+
+    return rig, reload
+
+
+def carries(rig, sender: Node, receiver: Node, data: bytes) -> bool:
+    sender.send(data)
+    rig.settle()
+    return receiver.inbox[-1:] == [data]
+
+
+def test_a_reload_closes_the_connections_its_lists_newly_refuse_and_keeps_the_rest(rigs, caplog):
+    rig, reload = reloading(rigs)
+    stats = rig.server.stats
+    # A tunnel whose listener's key is denied, one whose connector's address is, one
+    # neither; and a handshake in progress from the denied address.
     listener, connector, acceptor = rig.tunnel()
-    running = rig.server.config
-    new_config.append(
-        Config(
-            identity_file=running.identity_file,
-            listen=running.listen,
-            access=Access(listen_deny=keys(listener.identity), ip_deny=("10.0.0.0/8",)),
-        )
-    )
-    rig.server.request_reload()
+    other_listener, from_denied, other_acceptor = rig.tunnel(connect_from="127.0.0.2")
+    kept_listener, kept_connector, kept_acceptor = rig.tunnel()
+    handshake = socket.create_connection(rig.address, source_address=("127.0.0.2", 0))
     rig.settle()
-    assert rig.server.policy.access.access.ip_deny == ("10.0.0.0/8",)
-    connector.send(b"still")
-    rig.settle()
-    assert acceptor.inbox == [b"still"] and listener.is_open  # admitted before: kept
+    assert len(rig.server.policy.handshaking) == 1
+    with caplog.at_level(logging.INFO, logger="strelay"):
+        reload(access=Access(listen_deny=keys(listener.identity), ip_deny=("127.0.0.2/32",)))
+    # Closed: the denied key's listener and its accepting side (the tunnel's connecting
+    # side with them, as the protocol closes a tunnel), the denied address's connector
+    # (its accepting side with it) and its handshake.
+    assert listener.eof and acceptor.eof and connector.eof
+    assert from_denied.eof and other_acceptor.eof
+    handshake.settimeout(5)
+    while handshake.recv(4096):  # the relay's hello, then its close
+        pass
+    handshake.close()
+    assert stats.closed["denied"] == 4 and stats.closed["tunnel_peer_closed"] == 2
+    assert stats.handshakes_failed_total == 0
+    assert sum(stats.refused.values()) == 0  # not refusals, and not strikes towards a ban
+    assert not rig.server.policy.bans.active(rig.clock())
+    assert (
+        "reload: closed 4 connections the new access lists refuse (1 listener, 2 tunnel ends, "
+        "1 handshake or waiting connection; the other ends of 2 tunnels close after their "
+        "output)"
+    ) in caplog.messages
+    # Untouched, and still carrying: the other listener and the third tunnel.
+    assert other_listener.is_open and kept_listener.is_open
+    assert carries(rig, kept_connector, kept_acceptor, b"still")
+    assert carries(rig, kept_acceptor, kept_connector, b"both ways")
+    assert rig.server.core.listener_count == 2 and rig.server.core.tunnels == 1
+    # The denied key cannot listen again; a reload that does not change the lists closes
+    # nothing more.
     again = rig.node(listener.identity)
     again.send(encode_init_connection(Listen()))
     rig.settle()
-    assert again.eof and rig.server.stats.refused["listen_denied"] == 1
+    assert again.eof and stats.refused["listen_denied"] == 1
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="strelay"):
+        reload(limits=Limits(max_connections=1000))
+    assert stats.closed["denied"] == 4
+    assert not [m for m in caplog.messages if "access lists refuse" in m]
+    assert carries(rig, kept_connector, kept_acceptor, b"after")
+
+
+def test_a_reload_closes_newly_refused_connectors_and_their_tunnels(rigs, caplog):
+    rig, reload = reloading(rigs)
+    stats = rig.server.stats
+    listener, connector, acceptor = rig.tunnel()
+    waiting = rig.node()  # a connect not yet accepted
+    waiting.send(encode_init_connection(Connect(listener.public_key)))
+    rig.settle()
+    kept_listener, kept_connector, kept_acceptor = rig.tunnel()
+    with caplog.at_level(logging.INFO, logger="strelay"):
+        reload(
+            access=Access(
+                connect_allow=keys(kept_connector.identity),
+                listen_allow=keys(listener.identity, kept_listener.identity),
+            )
+        )
+    assert connector.eof and acceptor.eof and waiting.eof
+    assert listener.is_open and kept_listener.is_open  # the listen lists admit them
+    assert stats.closed["denied"] == 2 and stats.closed["tunnel_peer_closed"] == 1
+    assert rig.server.core.half_tunnel_count == 0 and rig.server.core.tunnels == 1
+    # The denied connect's half-tunnel went with it: a late accept gets nothing.
+    late = rig.node(listener.identity)
+    late.send(encode_init_connection(Accept(waiting.public_key)))
+    rig.settle()
+    assert late.eof and not late.inbox and stats.closed["relay_refused"] == 1
+    assert (
+        "reload: closed 2 connections the new access lists refuse (1 tunnel end, 1 connector; "
+        "the other end of 1 tunnel closes after its output)"
+    ) in caplog.messages
+    assert carries(rig, kept_connector, kept_acceptor, b"still")
+
+
+def test_a_changed_key_file_is_said_per_file_and_applies_to_open_connections(
+    rigs, tmp_path, caplog
+):
+    a, b = SigningKey.generate(), SigningKey.generate()
+    keyfile = write(tmp_path / "my-nodes.keys", key_text(a) + "\n")
+    text = BASE + f'[access]\nlisten_allow = ["{keyfile}"]\n'
+    path = write(tmp_path / "relay.toml", text)
+    rig, reload = reloading(rigs, access=load_config(path).access)
+    first = rig.listener(a)
+    assert first.is_open
+    # The file now names b instead of a: the entries did not change, the keys did.
+    keyfile.write_text(f"# mine\n{key_text(b)}\n")
+    with caplog.at_level(logging.INFO, logger="strelay"):
+        reload(access=load_config(path).access)
+    assert (
+        f"reload: access.listen_allow: {keyfile}: 1 -> 1 keys (1 added, 1 removed)"
+        in caplog.messages
+    )
+    assert "configuration reloaded: 1 setting changed" in caplog.messages
+    assert first.eof and rig.server.stats.closed["denied"] == 1
+    second = rig.listener(b)
+    assert second.is_open
+    keyfile.write_text(f"{key_text(b)}\n{key_text(a)}\n")
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="strelay"):
+        reload(access=load_config(path).access)
+    assert f"reload: access.listen_allow: {keyfile}: 1 -> 2 keys" in caplog.messages
+    assert "configuration reloaded: 1 setting changed" in caplog.messages
+    assert not [m for m in caplog.messages if "access lists refuse" in m]
+    assert second.is_open and rig.listener(a).is_open
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="strelay"):
+        reload(access=load_config(path).access)  # read again, the same keys
+    assert caplog.messages[-1] == "configuration reloaded: nothing changed"
 
 
 # ---- per-prefix counts ---------------------------------------------------------------------

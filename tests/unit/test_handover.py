@@ -223,6 +223,10 @@ def test_core_round_trip_keeps_listeners_half_tunnels_and_pairings():
     assert not new.has_actions()
     assert new.listener_of(bytes([1]) * 32) == 1 and new.tunnels == 1
     assert new.role(2) is Role.HALF_TUNNEL and new.role(5) is Role.PENDING
+    # What each asked, which a reload's access lists judge it by (a tunnel's two sides).
+    assert new.request_of(3) == (bytes([3]) * 32, "connect")
+    assert new.request_of(4) == (bytes([1]) * 32, "accept")
+    assert new.request_of(1) == (bytes([1]) * 32, "listen") and new.request_of(5) is None
     new.message(3, b"through", 1000.0)
     assert new.next_action() == Send(4, b"through")
     # The half-tunnel's early data is delivered on accept, and its reading resumed.
