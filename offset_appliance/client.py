@@ -9,8 +9,10 @@ Used by ``stmgr probe``, the tests and the benchmarks::
 
 from __future__ import annotations
 
+import select
 import socket
 import time
+from collections.abc import Sequence
 from typing import TypedDict, Unpack
 
 from nacl.signing import SigningKey
@@ -167,6 +169,17 @@ class RelayClient:
             self._flush()
             return
 
+    def _run_due_timers(self) -> None:
+        now = time.monotonic()
+        if now < self.wire.next_deadline():
+            return
+        try:
+            self.wire.handle_timer(now)
+        except ProtocolError as exc:
+            self.closed = True
+            raise ClientError(str(exc)) from exc
+        self._flush()
+
     def _handshake(self, deadline: float) -> None:
         while self.wire.state is not State.OPEN:
             self._pump(deadline)
@@ -191,6 +204,32 @@ class RelayClient:
         while not self._inbox:
             self._pump(deadline)
         return self._inbox.pop(0)
+
+    @staticmethod
+    def wait_any(clients: Sequence[RelayClient], timeout: float | None = None) -> RelayClient:
+        """Read from all of ``clients`` (timers running) until one has a message waiting;
+        returns that one. A client the relay closes raises its ``ConnectionClosed`` (and is
+        marked ``closed``); they are read in the order given, so of two that were closed by
+        the time of a read, the first given raises."""
+        deadline = time.monotonic() + (clients[0].timeout if timeout is None else timeout)
+        for client in clients:
+            client._flush()
+        while True:
+            for client in clients:
+                if client._inbox:
+                    return client
+            now = time.monotonic()
+            if now >= deadline:
+                raise ClientError("timed out waiting for the relay")
+            wake = min(deadline, *(client.wire.next_deadline() for client in clients))
+            ready, _, _ = select.select(
+                [client.sock for client in clients], [], [], max(0.0, wake - now)
+            )
+            for client in clients:
+                if client.sock in ready:
+                    client._pump(deadline)  # one read, of what is there already
+                else:
+                    client._run_due_timers()
 
     def listen(self) -> None:
         """Become the listener for our key."""

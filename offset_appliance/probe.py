@@ -14,8 +14,8 @@ from pathlib import Path
 
 from nacl.signing import SigningKey
 
-from .client import ClientError, RelayClient, Unreachable
-from .files import load_ticket, split_host_port
+from .client import ClientError, ConnectionClosed, RelayClient, Unreachable
+from .files import b64url_encode, load_ticket, split_host_port
 
 HEALTHY = 0
 MISBEHAVED = 1
@@ -33,8 +33,40 @@ class ProbeResult:
     round_trip_seconds: float | None = None
 
 
-def probe(address: str, public_key: bytes, timeout: float) -> ProbeResult:
-    """Listen, connect, accept and echo a message both ways through the relay at ``address``."""
+# The [access] lists that refuse each request, and the probe's option for an identity they
+# admit (relay/access.py: a refused listen or connect is closed right after the request).
+_ACCESS_LISTS = {
+    "listen": ("listen_allow", "listen_deny", "--listener-idfile"),
+    "connect": ("connect_allow", "connect_deny", "--connector-idfile"),
+}
+
+
+def refused_message(kind: str, identity: SigningKey | None) -> str:
+    """Why a ``kind`` ("listen" or "connect") the relay closed right after the request most
+    likely failed, and what to do about it."""
+    allow, deny, option = _ACCESS_LISTS[kind]
+    closed = "(it closed the connection right after the request)"
+    cause = f"[access] {allow} or {deny} is the likely cause"
+    if identity is None:
+        return (
+            f"the relay refused the {kind} {closed}; {cause}: "
+            f"probe with {option} IDENTITY, one the list admits"
+        )
+    key = b64url_encode(bytes(identity.verify_key))
+    also = ", or another client listening with this key" if kind == "listen" else ""
+    return f"the relay refused the {kind} of the {option} key {key} {closed}; {cause}{also}"
+
+
+def probe(
+    address: str,
+    public_key: bytes,
+    timeout: float,
+    *,
+    listener_id: SigningKey | None = None,
+    connector_id: SigningKey | None = None,
+) -> ProbeResult:
+    """Listen, connect, accept and echo a message both ways through the relay at ``address``:
+    as ``listener_id`` (listen and accept) and ``connector_id``, or throwaway identities."""
     host, port = split_host_port(address)
     deadline = time.monotonic() + timeout
 
@@ -44,7 +76,9 @@ def probe(address: str, public_key: bytes, timeout: float) -> ProbeResult:
             raise ClientError("probe timed out")
         return left
 
-    listener_id, connector_id = SigningKey.generate(), SigningKey.generate()
+    given_listener, given_connector = listener_id, connector_id
+    listener_id = listener_id or SigningKey.generate()
+    connector_id = connector_id or SigningKey.generate()
     clients: list[RelayClient] = []
     try:
         listener = RelayClient.open(
@@ -58,6 +92,16 @@ def probe(address: str, public_key: bytes, timeout: float) -> ProbeResult:
         )
         clients.append(connector)
         connector.connect(listener.public_key)
+        try:
+            # The listen has no answer: a refused one shows as its connection closed, which
+            # comes before the connect's (then refused for want of a listener).
+            first = RelayClient.wait_any([listener, connector], remaining())
+        except ConnectionClosed:
+            if listener.closed:
+                return ProbeResult(MISBEHAVED, address, refused_message("listen", given_listener))
+            return ProbeResult(MISBEHAVED, address, refused_message("connect", given_connector))
+        if first is not listener:
+            return ProbeResult(MISBEHAVED, address, "relay sent tunnel data before the accept")
         incoming = listener.next_incoming(remaining())
         if incoming != connector.public_key:
             return ProbeResult(MISBEHAVED, address, "relay announced the wrong connecting key")
@@ -127,15 +171,18 @@ def run_probe(
     *,
     address: str | None = None,
     public_key: bytes | None = None,
+    listener_id: SigningKey | None = None,
+    connector_id: SigningKey | None = None,
 ) -> int:
     """Probe the relay a ticket names (or ``address`` and ``public_key``, which override
-    the ticket's); prints the result; returns the exit code."""
+    the ticket's), as ``listener_id`` and ``connector_id`` if given; prints the result;
+    returns the exit code."""
     if ticket_path is not None:
         ticket = load_ticket(ticket_path)
         address = address or ticket.address
         public_key = public_key or ticket.public_key
     assert address is not None and public_key is not None
-    result = probe(address, public_key, timeout)
+    result = probe(address, public_key, timeout, listener_id=listener_id, connector_id=connector_id)
     if fmt == "prometheus":
         print(format_prometheus(result))
     else:

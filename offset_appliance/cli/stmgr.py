@@ -7,6 +7,8 @@ import os
 import sys
 from pathlib import Path
 
+from nacl.signing import SigningKey
+
 from ..errors import DataError, NoInputError, UsageError
 from ..files import (
     Ticket,
@@ -30,7 +32,8 @@ _PROBE_EXAMPLE = """examples:
   stmgr probe relay/relay.relay
   stmgr probe relay/relay.relay --address 203.0.113.7:4567   # before DNS points at it
   stmgr probe --address 203.0.113.7:4567 --idfile /var/lib/offset-relay/relay.ident
-  stmgr probe relay/relay.relay --format prometheus > relay_probe.prom"""
+  stmgr probe relay/relay.relay --format prometheus > relay_probe.prom
+  stmgr probe relay/relay.relay --listener-idfile probe.ident   # [access] listen_allow set"""
 _USAGE_EXAMPLE = """examples:
   stmgr usage                                  # top 10 keys this month
   stmgr usage --by prefix --period day --top 20
@@ -98,6 +101,18 @@ def build_parser() -> argparse.ArgumentParser:
     key = probe.add_mutually_exclusive_group()
     key.add_argument("-i", "--idfile", type=Path, help="take the relay's key from its identity")
     key.add_argument("--public-key", help="the relay's public key (base64url, as in tickets)")
+    probe.add_argument(
+        "--listener-idfile",
+        type=Path,
+        metavar="IDENTITY",
+        help="listen and accept as this identity (one [access] listen_allow admits)",
+    )
+    probe.add_argument(
+        "--connector-idfile",
+        type=Path,
+        metavar="IDENTITY",
+        help="connect as this identity (one [access] connect_allow admits)",
+    )
     probe.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
     probe.add_argument("--format", choices=("text", "prometheus"), default="text")
 
@@ -168,7 +183,27 @@ def _probe(args: argparse.Namespace) -> int:
         if len(public_key) != KEY_LEN:
             raise UsageError(f"--public-key must be {KEY_LEN} bytes, not {len(public_key)}")
     address = validate_address(args.address) if args.address else None
-    return run_probe(args.ticket, args.timeout, args.format, address=address, public_key=public_key)
+    listener_id = _probe_identity(args.listener_idfile, "--listener-idfile")
+    connector_id = _probe_identity(args.connector_idfile, "--connector-idfile")
+    return run_probe(
+        args.ticket,
+        args.timeout,
+        args.format,
+        address=address,
+        public_key=public_key,
+        listener_id=listener_id,
+        connector_id=connector_id,
+    )
+
+
+def _probe_identity(path: Path | None, option: str) -> SigningKey | None:
+    """The probe's own identity from ``option``'s file (a private key: kept private)."""
+    if path is None:
+        return None
+    try:
+        return load_identity(path)
+    except (DataError, NoInputError) as exc:
+        raise type(exc)(f"{option}: {exc}") from None
 
 
 def _usage(args: argparse.Namespace) -> int:

@@ -34,6 +34,7 @@ BASH_COMPLETION = Path("/usr/share/bash-completion/bash_completion")
         "### Installing just `stmgr` on a monitoring host",
         "## Controlling who uses the relay",
         "## Making a release",
+        "### Monitoring a private relay",
     ],
 )
 def test_readme_has_the_operator_sections(heading):
@@ -80,6 +81,18 @@ def test_readme_has_an_example_of_each_control():
         "reload failed, keeping the running configuration: ",
     ):
         assert needle in examples, needle
+
+
+def test_readme_says_how_a_private_relay_is_probed():
+    section = README.split("### Monitoring a private relay\n", 1)[1].split("\n## ", 1)[0]
+    examples = "\n".join(re.findall(r"```sh\n(.*?)```", section, re.S))
+    for needle in (
+        "stmgr gen-ident --output probe.ident",
+        '["publicKey"]',
+        "stmgr probe relay.relay --listener-idfile probe.ident",
+    ):
+        assert needle in examples, needle
+    assert "--connector-idfile" in section and "connect_allow" in section
 
 
 def test_readme_says_exactly_where_drop_ins_are():
@@ -154,6 +167,7 @@ def test_package_installs_bash_completion():
         ("stmgr usage --by ", {"key", "prefix"}),
         ("stmgr relay-ticket --a", {"--address", "--allow-private"}),
         ("stmgr probe --format ", {"text", "prometheus"}),
+        ("stmgr probe --l", {"--listener-idfile"}),
         ("strelay --log-level ", {"debug", "info", "warning", "error"}),
         ("strelay -", {"--config", "--idfile", "--laddr", "--log-level", "--help", "--version"}),
     ],
