@@ -491,7 +491,11 @@ def _key_file(where: str, path: Path) -> frozenset[bytes]:
     return frozenset(keys)
 
 
-def _access(table: dict[str, Any], origin: dict[str, Path]) -> Access:
+def _access(
+    table: dict[str, Any],
+    origin: dict[str, Path],
+    key_files: dict[str, frozenset[bytes]] | None = None,
+) -> Access:
     values: dict[str, Any] = {}
     for key, value in table.items():
         where = f"{origin[f'access.{key}']}: access.{key}"
@@ -503,7 +507,12 @@ def _access(table: dict[str, Any], origin: dict[str, Path]) -> Access:
             keys: set[bytes] = set()
             files: dict[str, frozenset[bytes]] = {}
             for entry in value:
-                if entry.startswith("/"):
+                if entry.startswith("/") and key_files is not None:
+                    if entry not in key_files:
+                        raise ConfigError(f"{where}: the keys of {entry} are not carried")
+                    files[entry] = key_files[entry]
+                    keys |= files[entry]
+                elif entry.startswith("/"):
                     files[entry] = _key_file(where, Path(entry))
                     keys |= files[entry]
                 else:
@@ -634,7 +643,19 @@ def load_config(
     if path is not None:
         path = Path(path)
         merged, origin = _merge([path, *drop_in_files(path, replace_drop_ins)])
+    return _build(merged, origin, identity_file, listen, log_level)
 
+
+def _build(
+    merged: dict[str, Any],
+    origin: dict[str, Path],
+    identity_file: Path | None = None,
+    listen: list[str] | None = None,
+    log_level: str | None = None,
+    key_files: dict[str, frozenset[bytes]] | None = None,
+) -> Config:
+    """The configuration of the merged settings, checked; ``key_files`` gives the keys of
+    key files instead of reading them."""
     if identity_file is not None:
         ident = Path(identity_file)
     elif "identity_file" in merged:
@@ -685,7 +706,7 @@ def load_config(
         limits=_limits(merged.get("limits", {}), origin),
         timeouts=_timeouts(merged.get("timeouts", {}), origin),
         metrics=_metrics(merged.get("metrics", {}), origin),
-        access=_access(merged.get("access", {}), origin),
+        access=_access(merged.get("access", {}), origin, key_files),
         bans=_bans(merged.get("bans", {}), origin),
         bandwidth=_bandwidth(merged.get("bandwidth", {}), origin),
         budgets=_budgets(merged.get("budgets", {}), origin),
@@ -713,6 +734,51 @@ def dump_config(config: Config) -> str:
         "budgets": dataclasses.asdict(config.budgets),
     }
     return tomli_w.dumps(doc)
+
+
+# Where the settings of a configuration carried by the hand-over come from, as error
+# messages name a file.
+CARRIED = Path("(the hand-over's configuration)")
+
+
+def carried_config(config: Config) -> dict[str, object]:
+    """``config`` as a hand-over carries it to the next process: its TOML (``dump_config``)
+    and the keys each key file gave, so that it is the same configuration without reading
+    any file again."""
+    key_files: dict[str, object] = {}
+    for name in KEY_LISTS:
+        for path, keys in getattr(config.access, name).files:
+            key_files[path] = sorted(keys)
+    return {"toml": dump_config(config), "key_files": key_files}
+
+
+def config_from_carried(document: object) -> Config:
+    """The configuration ``carried_config`` made; ``ConfigError`` if it is not one."""
+    if not isinstance(document, dict):
+        raise ConfigError(f"{CARRIED}: not a record")
+    text, files = document.get("toml"), document.get("key_files")
+    if not isinstance(text, str) or not isinstance(files, dict):
+        raise ConfigError(f"{CARRIED}: incomplete")
+    key_files: dict[str, frozenset[bytes]] = {}
+    for path, keys in files.items():
+        if not isinstance(keys, list) or not all(isinstance(k, bytes) for k in keys):
+            raise ConfigError(f"{CARRIED}: the keys of {path} are not keys")
+        key_files[path] = frozenset(keys)
+    try:
+        merged = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{CARRIED}: not valid TOML: {exc}") from None
+    origin: dict[str, Path] = {}
+    for key, value in merged.items():
+        if key not in _TOP_KEYS:
+            raise ConfigError(f"{CARRIED}: unknown key {key!r}")
+        if key in _TABLES:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{CARRIED}: {key}: expected a table")
+            origin.update({f"{key}.{sub}": CARRIED for sub in value})
+        else:
+            origin[key] = CARRIED
+    return _build(merged, origin, key_files=key_files)
 
 
 def config_values(config: Config) -> dict[str, Any]:

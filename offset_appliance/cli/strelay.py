@@ -277,11 +277,16 @@ def _serve(args: argparse.Namespace) -> int:
     if args.print_config:
         sys.stdout.write(dump_config(_load(args)))
         return 0
-    config = _load(args)
+    from ..relay.handover import Inherited
+    from ..relay.server import BindError, run, start_config
+
+    # What a restart handed over: if the files do not load, the configuration it carries
+    # (the previous process's) keeps the relay and its connections up.
+    inherited = Inherited.from_environment()
+    config, config_error = start_config(lambda: _load(args), inherited)
     setup_logging(config.log_level)
     identity = _identity(config)
     from ..allocator import tune
-    from ..relay.server import BindError, run
 
     tune()
 
@@ -292,7 +297,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     def announce() -> None:
         # Once the sockets are open: a relay that cannot start says one line only.
-        _log_sources(args, "start")
+        if not config_error:  # files that do not load have been named already
+            _log_sources(args, "start")
         log.debug("identity loaded from %s", config.identity_file)
         _announce_ticket(config, bytes(identity.verify_key))
 
@@ -302,6 +308,8 @@ def _serve(args: argparse.Namespace) -> int:
             identity,
             reload_config=reload_config if args.config else None,
             announce=announce,
+            inherited=inherited,
+            config_error=config_error,
         )
     except BindError as exc:
         raise _bind_error(exc, args) from None

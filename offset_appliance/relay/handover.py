@@ -17,6 +17,7 @@ upgrades".
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import json
 import logging
@@ -25,6 +26,8 @@ import select
 import socket
 from collections.abc import Sequence
 
+from ..config import Config, carried_config, config_from_carried
+from ..errors import ConfigError
 from .relay import Relay, close_quietly, socket_address
 from .state import READABLE, VERSION, RelayState, StateError
 
@@ -260,6 +263,19 @@ class Inherited:
         os.close(fd)
         self.unknown += 1
 
+    def carried_config(self) -> Config | None:
+        """The configuration the previous process ran with, if the state handed over
+        carries one that holds together (the state itself is read again by ``restore``)."""
+        if len(self.state_fds) != 1:
+            return None
+        try:
+            version, document = unpack_versioned(read_sealed(self.state_fds[0]))
+            state, _failed = RelayState.from_document(document, version)
+            return None if state.config is None else config_from_carried(state.config)
+        except (StateError, ConfigError) as exc:
+            log.debug("the hand-over carries no usable configuration: %s", exc)
+            return None
+
     def take_listen(self, host: str, port: int) -> socket.socket | None:
         """The inherited listening socket bound to ``host``:``port``, if there is one."""
         if port == 0:
@@ -362,12 +378,15 @@ class Handover:
 
     # ---- stop --------------------------------------------------------------------------
 
-    def hand_over(self, relay: Relay, now: float) -> bool:
-        """Give the store every connection and their state, then let go of them without
+    def hand_over(self, relay: Relay, now: float, config: Config | None = None) -> bool:
+        """Give the store every connection and their state (and ``config``, the running
+        configuration, for a start whose files do not load), then let go of them without
         closing them. False (nothing given) if the service manager refused."""
         clients = relay.handed_over()
         try:
             state = relay.export_state(now)
+            if config is not None:
+                state = dataclasses.replace(state, config=carried_config(config))
             state_fd = sealed_memfd(pack_state(state.to_document()))
         except (OSError, ValueError) as exc:
             log.error("cannot hand over (%s): closing every connection", exc)

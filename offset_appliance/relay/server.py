@@ -19,6 +19,7 @@ from collections.abc import Callable
 from nacl.signing import SigningKey
 
 from ..config import Config, format_address
+from ..errors import ConfigError
 from ..files import b64url_encode
 from .clients import Client
 from .core import RelayCore
@@ -32,7 +33,7 @@ from .policy import Policy
 from .relay import Relay
 from .reload import ReloadFailed, read_again, say_changes
 
-__all__ = ["BindError", "RelayServer", "run"]
+__all__ = ["BindError", "RelayServer", "run", "start_config"]
 
 log = logging.getLogger("strelay")
 
@@ -72,6 +73,9 @@ class RelayServer:
             notify=self.notifier.notify,
         )
         self.reload_error = ""  # why the last reload was refused; "" once one succeeds
+        # Serving with the hand-over's configuration, the files not loading at the start:
+        # until a reload succeeds.
+        self.config_from_handover = False
         self._next_status = 0.0
         self._next_status_log = 0.0
         self._refusals = self.relay.policy.refusals
@@ -148,7 +152,7 @@ class RelayServer:
         self.relay.policy.stop(now)
         if self.handover is not None:
             self.notifier.notify("STOPPING=1")
-            if self.handover.hand_over(self.relay, now):
+            if self.handover.hand_over(self.relay, now, self.config):
                 self._close_metrics()
                 loop.close()
                 return
@@ -203,9 +207,25 @@ class RelayServer:
         done = self.relay.apply(config, self.clock())
         logging.getLogger().setLevel(config.log_level.upper())
         self.reload_error = ""
+        self.config_from_handover = False
         self.stats.reload_successful = True
         self.stats.reload_success_time = time.time()
         say_changes(changes, old_level, done)
+        self.notifier.notify("STATUS=" + self.status_text())
+
+    def kept_handover_config(self, reason: str) -> None:
+        """Started with the configuration the hand-over carried, the files not loading for
+        ``reason``: one error line, and the verdict in STATUS= and the reload metric (0)
+        until a reload reads good files."""
+        reason = " ".join(reason.split())
+        log.error(
+            "configuration not loaded: %s; serving with the configuration of the previous "
+            "process (the hand-over's) until a reload or restart reads good files",
+            reason,
+        )
+        self.reload_error = reason
+        self.config_from_handover = True
+        self.stats.reload_successful = False
         self.notifier.notify("STATUS=" + self.status_text())
 
     # ---- status and metrics ------------------------------------------------------------
@@ -213,7 +233,11 @@ class RelayServer:
     def status_text(self) -> str:
         """systemd's STATUS=: after a refused reload, first the reason (until a reload
         succeeds), then the headline counts."""
-        failed = f"reload failed: {self.reload_error}; " if self.reload_error else ""
+        failed = ""
+        if self.config_from_handover:
+            failed = f"configuration not loaded, serving the hand-over's: {self.reload_error}; "
+        elif self.reload_error:
+            failed = f"reload failed: {self.reload_error}; "
         return failed + self.status_line()
 
     def status_line(self) -> str:
@@ -248,17 +272,38 @@ class RelayServer:
         return render(self.stats, self.snapshot())
 
 
+def start_config(load: Callable[[], Config], inherited: Inherited) -> tuple[Config, str]:
+    """The configuration to start with, and why the files were not used ("" if they were).
+
+    ``load`` reads the files; if they do not load (``ConfigError``) and the hand-over
+    carries the configuration the previous process ran with, that one, with the reason.
+    Without one, the ``ConfigError`` is raised: the start fails."""
+    try:
+        return load(), ""
+    except ConfigError as exc:
+        carried = inherited.carried_config()
+        if carried is None:
+            raise
+        return carried, str(exc) or type(exc).__name__
+
+
 def run(
     config: Config,
     identity: SigningKey,
     *,
     reload_config: Callable[[], Config] | None = None,
     announce: Callable[[], None] | None = None,
+    inherited: Inherited | None = None,
+    config_error: str = "",
 ) -> int:
-    """Serve with ``config`` until SIGTERM or SIGINT; returns the process exit code."""
+    """Serve with ``config`` until SIGTERM or SIGINT; returns the process exit code.
+
+    ``inherited``: what the service manager handed over (by default, taken from the
+    environment). ``config_error``: why ``config`` is the hand-over's, not the files'."""
     server = RelayServer(config, identity, reload_config=reload_config)
     manager = ServiceManager.from_environment()
-    inherited = Inherited.from_environment()
+    if inherited is None:
+        inherited = Inherited.from_environment()
     try:
         bound = server.bind(inherited)
     except BindError:
@@ -269,6 +314,8 @@ def run(
         server.handover.started(server.relay, inherited, server.clock())
     else:
         inherited.close_rest()  # nothing to hand back to without a service manager
+    if config_error:
+        server.kept_handover_config(config_error)
     if announce is not None:
         announce()  # more start-up lines, once the sockets are open
     for host, port in bound:
@@ -277,6 +324,6 @@ def run(
         log.info("metrics on http://%s/metrics", format_address(*server.metrics.address))
     log.info("relay public key %s", b64url_encode(server.public_key))
     log.info("%s", server.policy.memory.describe())
-    server.notifier.notify("READY=1\nSTATUS=" + server.status_line())
+    server.notifier.notify("READY=1\nSTATUS=" + server.status_text())
     server.serve_forever()
     return 0

@@ -4,6 +4,10 @@
 container (relay/handover.py) carries it as a document of JSON types and bytes. Version 2 is
 written; version 1 (relays before the Loop / Relay / Policy split) is still read: it lacks
 each connection's source prefix, which is then worked out again from its address.
+
+A version 2 state may also carry the configuration the relay ran with (``config``, made by
+``config.carried_config``): a relay before it ignores the field, and a start whose files do
+not load serves with it (README.md, "Restarts and upgrades").
 """
 
 from __future__ import annotations
@@ -49,10 +53,12 @@ class RelayState:
     core: dict[str, Any]  # ``RelayCore.export_state``
     connections: tuple[ConnectionState, ...]
     usage: dict[str, Any] | None  # transfer counts (budgets), newer than the state file
+    # The running configuration (``config.carried_config``); None from a relay before it.
+    config: dict[str, Any] | None = None
 
     def to_document(self) -> dict[str, object]:
         """As the container carries it (version ``VERSION``)."""
-        return {
+        document: dict[str, object] = {
             "relay": self.relay,
             "boot_id": self.boot_id,
             "monotonic": self.monotonic,
@@ -74,6 +80,9 @@ class RelayState:
             ],
             "usage": self.usage,
         }
+        if self.config is not None:
+            document["config"] = self.config
+        return document
 
     @classmethod
     def from_document(cls, document: object, version: int) -> tuple[RelayState, list[str]]:
@@ -103,7 +112,11 @@ class RelayState:
                 connections.append(_connection(record, version))
             except (KeyError, TypeError, ValueError, IndexError) as exc:
                 failed.append(str(exc) or type(exc).__name__)
-        state = cls(relay, boot_id, monotonic, core, tuple(connections), usage)
+        # A configuration that is not a record is left out: the connections still come back.
+        config = document.get("config") if version >= 2 else None
+        if not isinstance(config, dict):
+            config = None
+        state = cls(relay, boot_id, monotonic, core, tuple(connections), usage, config)
         return state, failed
 
 

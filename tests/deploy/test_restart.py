@@ -328,6 +328,68 @@ def test_damaged_state_closes_connections_cleanly_and_the_relay_runs(host: Host)
         fresh.close()
 
 
+def scrape(host: Host, metric: str) -> float:
+    """One sample of the relay's /metrics, read on the host."""
+    fetch = "import urllib.request as u; print(u.urlopen('http://127.0.0.1:9477/metrics').read().decode())"
+    out = host.ssh(f'python3 -c "{fetch}"').stdout
+    values = [line.split()[-1] for line in out.splitlines() if line.startswith(metric + " ")]
+    assert len(values) == 1, out
+    return float(values[0])
+
+
+def test_a_bad_drop_in_then_restart_serves_on_with_the_handed_over_config(
+    rig: Rig, host: Host, deb_package: Path
+) -> None:
+    if installed_version(host) != __version__:  # run alone: the host has the previous release
+        rig.publish([deb_package])
+        host.ssh(f"{APT} update >/dev/null && {APT} install offset-relay >/dev/null", timeout=600)
+    metrics = f"{DROP_INS}/60-test-metrics.toml"
+    typo = f"{DROP_INS}/60-test-typo.toml"
+    host.write(metrics, '[metrics]\nenabled = true\nlisten = "127.0.0.1:9477"\n')
+    host.ssh("systemctl restart offset-relay")
+    wait_active(host)
+    load = Load((host.address, PORT), relay_key(host))
+    try:
+        load.set_up(3, 1)
+        load.start()
+        before = unit(host, "MainPID")["MainPID"]
+        host.write(typo, '[limits]\nmax_connections = "many"\n')
+        cursor = journal_cursor(host)
+        host.ssh("systemctl restart offset-relay")  # returns once the new process is ready
+        state = unit(host, "ActiveState", "MainPID", "StatusText")
+        assert state["ActiveState"] == "active" and state["MainPID"] != before
+        lines = journal_since(host, cursor, state["MainPID"])
+        errors = [line for line in lines if "configuration not loaded" in line]
+        assert errors == [
+            f"ERROR configuration not loaded: {typo}: limits.max_connections: expected a number, "
+            "got 'many'; serving with the configuration of the previous process (the "
+            "hand-over's) until a reload or restart reads good files"
+        ], lines
+        assert f"INFO hand-over: {len(load.peers)} connections restored" in lines
+        assert state["StatusText"].startswith(
+            f"configuration not loaded, serving the hand-over's: {typo}: "
+        ), state
+        assert scrape(host, "offset_relay_config_last_reload_successful") == 0
+        # The drop-in fixed: a reload applies the files.
+        host.write(typo, "[limits]\nmax_connections = 30000\n")
+        host.ssh("systemctl reload offset-relay")
+        wait_for(
+            "the reload to succeed",
+            lambda: scrape(host, "offset_relay_config_last_reload_successful") == 1,
+        )
+        lines = journal_since(host, cursor, state["MainPID"])
+        assert any(re.search(r"limits.max_connections \S+ -> 30000", line) for line in lines), lines
+        assert not unit(host, "StatusText")["StatusText"].startswith("configuration not loaded")
+        load.finish()
+    finally:
+        load.close()
+        host.ssh(f"rm -f {typo} {metrics} && systemctl restart offset-relay")
+    closed = [(p.name, p.closed) for p in load.peers if p.closed]
+    assert not closed, f"{len(closed)} connections closed, first {closed[:3]}"
+    for a, b in load.ends:
+        assert a.sent == b.expected > 0 and b.sent == a.expected > 0, f"tunnel {a.tunnel} short"
+
+
 def test_crash_keeps_the_listening_sockets_and_closes_live_connections(host: Host) -> None:
     key = relay_key(host)
     load = Load((host.address, PORT), key)

@@ -4,6 +4,7 @@ speaking sd_notify (as systemd's), and the same SIGTERM without a service manage
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from offset_appliance.client import ConnectionClosed
 
 from ..unit.test_handover import FakeStore
 from .conftest import BIN, RelayProcess, tunnel
+from .test_metrics import METRICS, parse, scrape_text
 
 # Starts strelay as systemd would with a store: the stored descriptors from 3 on, named.
 EXEC_WITH_FDS = """
@@ -126,3 +128,90 @@ def test_without_a_service_manager_sigterm_closes_every_connection(relay):
             client.receive(5)
     assert not any("handed over" in line for line in relay.lines)
     assert any("stopped" in line for line in relay.lines)
+
+
+def _inheriting(store: FakeStore, config: Path, env: dict[str, str]) -> Strelay:
+    """strelay started as systemd starts it with what the store holds."""
+    names = [name for name, _ in store.fds]
+    fds = [fd for _, fd in store.fds]
+    return Strelay(
+        [
+            sys.executable,
+            "-c",
+            EXEC_WITH_FDS,
+            ",".join(map(str, fds)),
+            ":".join(names),
+            str(BIN / "strelay"),
+            "--config",
+            str(config),
+        ],
+        env,
+        pass_fds=fds,
+    )
+
+
+def _reload_verdict(relay: Strelay) -> float:
+    match = re.search(r"metrics on http://127\.0\.0\.1:(\d+)/metrics", "\n".join(relay.lines))
+    assert match, relay.lines
+    values = parse(scrape_text(("127.0.0.1", int(match.group(1)))))
+    return values["offset_relay_config_last_reload_successful"]
+
+
+def test_a_restart_with_a_bad_drop_in_serves_on_with_the_handed_over_config(tmp_path, store):
+    first = RelayProcess(tmp_path)
+    config = _config(tmp_path, first)
+    config.write_text(config.read_text() + METRICS)
+    first.stop()
+    env = dict(os.environ, NOTIFY_SOCKET=store.path)
+    old = Strelay([str(BIN / "strelay"), "--config", str(config)], env)
+    old.wait_for("relay public key")
+    listener, connector, acceptor = tunnel(first)
+    assert old.stop() == 0
+    # A typo in a drop-in, then the restart.
+    drop_in = tmp_path / "fixed.d" / "50-typo.toml"
+    drop_in.parent.mkdir()
+    drop_in.write_text('[limits]\nmax_connections = "many"\n')
+    new = _inheriting(store, config, env)
+    try:
+        new.wait_for("metrics on http://")
+        errors = [line for line in new.lines if "configuration not loaded" in line]
+        assert len(errors) == 1 and errors[0].endswith(
+            f"configuration not loaded: {drop_in}: limits.max_connections: "
+            "expected a number, got 'many'; serving with the configuration of the previous "
+            "process (the hand-over's) until a reload or restart reads good files"
+        ), new.lines
+        assert any("hand-over: 3 connections restored" in line for line in new.lines)
+        connector.send(b"after the restart")
+        assert acceptor.receive(10) == b"after the restart"
+        statuses = [m for m in store.messages if "STATUS=" in m and "READY=1" in m]
+        assert (
+            statuses
+            and "STATUS=configuration not loaded, serving the hand-over's: " in (statuses[-1])
+        )
+        assert _reload_verdict(new) == 0
+        # The drop-in fixed, a reload applies the files.
+        drop_in.write_text("[limits]\nmax_connections = 77\n")
+        new.proc.send_signal(signal.SIGHUP)
+        new.wait_for("configuration reloaded")
+        assert any("limits.max_connections 20000 -> 77" in line for line in new.lines)
+        assert _reload_verdict(new) == 1
+        acceptor.send(b"and back")
+        assert connector.receive(10) == b"and back"
+    finally:
+        assert new.stop() == 0
+    for client in (listener, connector, acceptor):
+        client.close()
+    assert not any("Traceback" in line for line in old.lines + new.lines)
+
+
+def test_a_start_with_a_bad_file_and_no_hand_over_fails_as_before(tmp_path, store):
+    first = RelayProcess(tmp_path)
+    config = _config(tmp_path, first)
+    first.stop()
+    config.write_text(config.read_text() + '[limits]\nmax_connections = "many"\n')
+    env = dict(os.environ, NOTIFY_SOCKET=store.path)
+    result = subprocess.run(
+        [BIN / "strelay", "--config", config], env=env, capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 78
+    assert result.stderr.count("\n") == 1 and "limits.max_connections" in result.stderr

@@ -15,11 +15,14 @@ from pathlib import Path
 import pytest
 from nacl.signing import SigningKey
 
-from offset_appliance.errors import CloseReason
+from offset_appliance.config import carried_config, config_from_carried, load_config
+from offset_appliance.errors import CloseReason, ConfigError
+from offset_appliance.files import b64url_encode
 from offset_appliance.relay import handover
 from offset_appliance.relay.clients import PAUSED_BY_MEMORY, PAUSED_BY_PEER
 from offset_appliance.relay.core import CoreLimits, RelayCore, Role, Send
-from offset_appliance.relay.server import RelayServer
+from offset_appliance.relay.server import RelayServer, start_config
+from offset_appliance.relay.state import RelayState
 from offset_appliance.wire.connection import Connection, State
 from offset_appliance.wire.messages import (
     Accept,
@@ -566,5 +569,141 @@ def test_a_feeder_paused_for_memory_reads_again_after_the_hand_over(store):
         rig.settle()
         assert not rig.client_of(connector).paused
         assert acceptor.inbox == [MESSAGE(n) for n in range(40)]
+    finally:
+        rig.close()
+
+
+# ---- a restart whose configuration files do not load -----------------------------------
+
+
+def _relay_toml(path: Path, deny_file: Path, max_connections: object) -> None:
+    """A configuration file of the rig's relay; ``max_connections`` as TOML text."""
+    path.write_text(
+        f'identity_file = "/nonexistent"\nlisten = ["127.0.0.1:1"]\n'
+        f"[limits]\nmax_connections = {max_connections}\n"
+        f'[access]\nlisten_deny = ["{deny_file}"]\n'
+    )
+
+
+def _stop_handing_over(rig: Rig, store: FakeStore) -> None:
+    """Stop ``rig``'s relay as systemd would with a hand-over (its running config too)."""
+    old = rig.server
+    old.handover = handover.Handover(handover.ServiceManager(store.path))
+    assert old.handover.hand_over(old.relay, old.clock(), old.config)
+    old.selector.close()
+
+
+def test_a_restart_whose_files_do_not_load_serves_on_with_the_handed_over_config(
+    store, tmp_path, caplog
+):
+    caplog.set_level(logging.INFO, logger="strelay")
+    config_file, deny_file = tmp_path / "relay.toml", tmp_path / "deny.keys"
+    denied = SigningKey.generate().verify_key
+    deny_file.write_text(b64url_encode(bytes(denied)) + "\n")
+    _relay_toml(config_file, deny_file, 300)
+    rig = Rig()
+    try:
+        # The running relay: the file's settings, on the port it was given.
+        running = dataclasses.replace(load_config(config_file), listen=(rig.address,))
+        rig.server.relay.apply(running, rig.clock())
+        rig.server.config = running
+        listener, connector, acceptor = rig.tunnel()
+        # A typo in the file, the key file gone, and a restart.
+        _relay_toml(config_file, deny_file, '"many"')
+        deny_file.unlink()
+        _stop_handing_over(rig, store)
+        inherited = store.inherit()
+        config, error = start_config(lambda: load_config(config_file), inherited)
+        assert error == (f"{config_file}: limits.max_connections: expected a number, got 'many'")
+        assert config == running  # every setting, and the key file's keys as they were
+        assert config.access.listen_deny.keys == {bytes(denied)}
+        rig.clock = FakeClock(50_000.0)
+        new = RelayServer(
+            config,
+            rig.server.identity,
+            clock=rig.clock,
+            reload_config=lambda: load_config(config_file),
+        )
+        sent: list[str] = []
+        new.notifier.notify = sent.append
+        assert new.bind(inherited) == [rig.address]
+        new.handover = handover.Handover(handover.ServiceManager(store.path))
+        new.handover.started(new.relay, inherited, new.clock())
+        caplog.clear()
+        new.kept_handover_config(error)  # as ``run`` does
+        rig.server = new
+        # Every connection carries on.
+        assert len(new.clients) == 3 and new.core.tunnels == 1
+        connector.send(b"after the restart")
+        rig.settle()
+        assert acceptor.inbox[-1] == b"after the restart"
+        assert all(node.is_open for node in (listener, connector, acceptor))
+        # Said loudly: one error line naming the file and the key, STATUS=, the metric.
+        errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        assert errors == [
+            f"configuration not loaded: {config_file}: limits.max_connections: expected a "
+            "number, got 'many'; serving with the configuration of the previous process "
+            "(the hand-over's) until a reload or restart reads good files"
+        ]
+        assert sent[-1].startswith(
+            "STATUS=configuration not loaded, serving the hand-over's: "
+            f"{config_file}: limits.max_connections: expected a number, got 'many'; "
+        )
+        assert "offset_relay_config_last_reload_successful 0" in new.metrics_text()
+        # A good file, and a reload: applied, and the verdict back at 1.
+        deny_file.write_text("")
+        _relay_toml(config_file, deny_file, 77)
+        new.request_reload()
+        rig.settle()
+        assert new.config.limits.max_connections == 77
+        assert new.config.access.listen_deny.keys == frozenset()
+        assert new.config.listen == (rig.address,)  # listen takes a restart
+        assert new.reload_error == "" and not new.config_from_handover
+        assert "offset_relay_config_last_reload_successful 1" in new.metrics_text()
+        assert sent[-1].startswith("STATUS=") and "not loaded" not in sent[-1]
+        assert all(node.is_open for node in (listener, connector, acceptor))
+    finally:
+        rig.close()
+
+
+def test_a_start_whose_files_do_not_load_fails_without_a_handed_over_config(store, tmp_path):
+    config_file = tmp_path / "relay.toml"
+    config_file.write_text('identity_file = "/nonexistent"\nlisten = "nowhere"\n')
+    # No hand-over at all.
+    with pytest.raises(ConfigError, match="relay.toml: listen"):
+        start_config(lambda: load_config(config_file), store.inherit())
+    # A hand-over from a relay that carried no configuration (as before this release).
+    rig = Rig()
+    try:
+        rig.tunnel()
+        old = rig.server
+        old.handover = handover.Handover(handover.ServiceManager(store.path))
+        assert old.handover.hand_over(old.relay, old.clock())
+        old.selector.close()
+        inherited = store.inherit()
+        assert len(inherited.state_fds) == 1 and inherited.carried_config() is None
+        with pytest.raises(ConfigError, match="relay.toml: listen"):
+            start_config(lambda: load_config(config_file), inherited)
+        inherited.close_rest()
+    finally:
+        rig.close()
+
+
+def test_the_carried_config_travels_in_a_state_a_relay_before_it_still_reads(store):
+    """The configuration is one more field of the version 2 document: a relay of this
+    version without it (and one of version 1) reads the rest as before."""
+    rig = Rig()
+    try:
+        rig.tunnel()
+        state = rig.server.relay.export_state(rig.clock())
+        carried = dataclasses.replace(state, config=carried_config(rig.server.config))
+        document = handover.unpack_state(handover.pack_state(carried.to_document()))
+        assert isinstance(document, dict)
+        back, failed = RelayState.from_document(document, 2)
+        assert not failed and back == carried
+        assert config_from_carried(back.config) == rig.server.config
+        del document["config"]
+        assert RelayState.from_document(document, 2)[0] == state
+        assert "config" not in state.to_document()
     finally:
         rig.close()
