@@ -370,6 +370,8 @@ def test_probe_timer_writes_metrics_where_debians_node_exporter_reads(host: Host
     try:
         host.ssh("systemctl enable --now offset-relay-probe.timer")
         assert unit_state(host, "offset-relay-probe.timer")["ActiveState"] == "active"
+        triggers = host.ssh("systemctl show -p Triggers offset-relay-probe.timer").stdout
+        assert triggers.strip() == "Triggers=offset-relay-probe.service"
         # A oneshot: start returns once the probe has run and its result is in place.
         host.ssh("systemctl start offset-relay-probe.service")
         samples = metric_samples(host.read(TEXTFILE))
@@ -714,8 +716,11 @@ def test_open_file_limit_is_raised(host: Host) -> None:
 
 def test_remove_keeps_the_identity_and_purge_removes_it(host: Host, ticket: Path) -> None:
     before = identity_digest(host)
+    # The probe's timer, once the operator has started it, goes with the package.
+    host.ssh("systemctl enable --now offset-relay-probe.timer")
     host.ssh(f"{APT} remove offset-relay", timeout=600)
     assert host.ssh("systemctl is-active offset-relay", check=False).stdout.strip() != "active"
+    assert unit_state(host, "offset-relay-probe.timer")["ActiveState"] == "inactive"
     assert identity_digest(host) == before
     assert host.ssh("getent passwd offset-relay", check=False).returncode == 0
 
@@ -732,6 +737,8 @@ def test_remove_keeps_the_identity_and_purge_removes_it(host: Host, ticket: Path
     assert left == ""
     assert host.ssh("dpkg -s offset-relay", check=False).returncode != 0
     assert probe(ticket, timeout=3).returncode == 2
+    wants = host.ssh("ls /etc/systemd/system/timers.target.wants/ 2>/dev/null; true").stdout
+    assert "offset-relay-probe" not in wants
 
 
 def test_install_from_the_deb_file_makes_a_new_identity_after_purge(
