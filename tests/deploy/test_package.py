@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -302,6 +303,110 @@ def test_probe_passes_through_a_real_tunnel(host: Host, ticket: Path, tmp_path: 
     wrong = tmp_path / "wrong.relay"
     wrong.write_text(json.dumps(other))
     assert probe(wrong).returncode == 1
+
+
+# --- what the package ships for monitoring and reference ---------------------------------
+
+DOC = "/usr/share/doc/offset-relay"
+TEXTFILE = "/var/lib/prometheus/node-exporter/offset_relay_probe.prom"
+HOST_TICKET = "/var/lib/offset-relay/relay.relay"
+
+
+def unit_state(host: Host, name: str) -> dict[str, str]:
+    """LoadState, UnitFileState, ActiveState and Result of the unit ``name``."""
+    out = host.ssh(
+        f"systemctl show {name} -p LoadState -p UnitFileState -p ActiveState -p Result"
+    ).stdout
+    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+
+def test_readme_and_examples_are_installed(host: Host) -> None:
+    listed = set(host.ssh("dpkg -L offset-relay").stdout.split())
+    assert {
+        f"{DOC}/README.md.gz",
+        f"{DOC}/examples/relay.toml",
+        f"{DOC}/examples/offset-relay.rules.yml",
+        f"{DOC}/examples/offset-relay.json",
+        "/lib/systemd/system/offset-relay-probe.service",
+        "/lib/systemd/system/offset-relay-probe.timer",
+    } <= listed
+    # The examples are the project's files, uncompressed, as they are used.
+    for local, installed in (
+        ("examples/relay.toml", "relay.toml"),
+        ("packaging/prometheus/offset-relay.rules.yml", "offset-relay.rules.yml"),
+        ("packaging/grafana/offset-relay.json", "offset-relay.json"),
+    ):
+        assert host.read(f"{DOC}/examples/{installed}") == (ROOT / local).read_text()
+    assert "## Monitoring" in host.ssh(f"zcat {DOC}/README.md.gz").stdout
+
+
+def test_installed_rules_pass_promtool(host: Host, tmp_path: Path) -> None:
+    if shutil.which("promtool") is None:
+        pytest.skip("promtool (Debian package prometheus) is not installed here")
+    rules = tmp_path / "offset-relay.rules.yml"
+    rules.write_text(host.read(f"{DOC}/examples/offset-relay.rules.yml"))
+    result = subprocess.run(["promtool", "check", "rules", rules], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_probe_timer_is_installed_but_not_enabled(host: Host) -> None:
+    for name in ("offset-relay-probe.timer", "offset-relay-probe.service"):
+        state = unit_state(host, name)
+        assert state["LoadState"] == "loaded", (name, state)
+        assert state["ActiveState"] == "inactive", (name, state)
+    assert unit_state(host, "offset-relay-probe.timer")["UnitFileState"] == "disabled"
+    verify = host.ssh(
+        "systemd-analyze verify --man=no offset-relay-probe.service offset-relay-probe.timer 2>&1",
+        check=False,
+    )
+    assert verify.returncode == 0 and "offset-relay" not in verify.stdout, verify.stdout
+
+
+def test_probe_timer_writes_metrics_where_debians_node_exporter_reads(host: Host) -> None:
+    host.ssh(
+        f"runuser -u offset-relay -- stmgr relay-ticket --address {host.address}:{PORT} "
+        f"--idfile {IDENTITY} --output {HOST_TICKET}"
+    )
+    try:
+        host.ssh("systemctl enable --now offset-relay-probe.timer")
+        assert unit_state(host, "offset-relay-probe.timer")["ActiveState"] == "active"
+        triggers = host.ssh("systemctl show -p Triggers offset-relay-probe.timer").stdout
+        assert triggers.strip() == "Triggers=offset-relay-probe.service"
+        # A oneshot: start returns once the probe has run and its result is in place.
+        host.ssh("systemctl start offset-relay-probe.service")
+        samples = metric_samples(host.read(TEXTFILE))
+        label = f'{{address="{host.address}:{PORT}"}}'
+        assert samples[f"offset_relay_probe_success{label}"] == 1, samples
+        assert samples[f"offset_relay_probe_exit_code{label}"] == 0, samples
+        assert host.ssh(f"stat -c '%a %U' {TEXTFILE}").stdout.strip() == "644 root"
+        assert host.ssh("ls -A /var/lib/prometheus/node-exporter").stdout.split() == [
+            "offset_relay_probe.prom"
+        ]
+
+        # An unreachable relay is a result too: success 0, and the unit did its job.
+        host.ssh("systemctl stop offset-relay")
+        try:
+            host.ssh("systemctl start offset-relay-probe.service")
+            samples = metric_samples(host.read(TEXTFILE))
+            assert samples[f"offset_relay_probe_success{label}"] == 0, samples
+            assert samples[f"offset_relay_probe_exit_code{label}"] == 2, samples
+        finally:
+            host.ssh("systemctl start offset-relay")
+            wait_active(host)
+
+        # A probe that cannot run (no ticket) fails the unit and leaves no stale result,
+        # so that the alert on absent(offset_relay_probe_success) fires.
+        host.ssh(f"rm {HOST_TICKET}")
+        assert host.ssh("systemctl start offset-relay-probe.service", check=False).returncode != 0
+        assert unit_state(host, "offset-relay-probe.service")["Result"] == "exit-code"
+        assert host.ssh(f"test -e {TEXTFILE}", check=False).returncode != 0
+    finally:
+        host.ssh(
+            "systemctl disable --now offset-relay-probe.timer; "
+            "systemctl reset-failed offset-relay-probe.service; "
+            f"rm -f {HOST_TICKET} {TEXTFILE}"
+        )
+    assert unit_state(host, "offset-relay-probe.timer")["UnitFileState"] == "disabled"
 
 
 def test_restart_keeps_the_identity(host: Host, ticket: Path) -> None:
@@ -611,8 +716,11 @@ def test_open_file_limit_is_raised(host: Host) -> None:
 
 def test_remove_keeps_the_identity_and_purge_removes_it(host: Host, ticket: Path) -> None:
     before = identity_digest(host)
+    # The probe's timer, once the operator has started it, goes with the package.
+    host.ssh("systemctl enable --now offset-relay-probe.timer")
     host.ssh(f"{APT} remove offset-relay", timeout=600)
     assert host.ssh("systemctl is-active offset-relay", check=False).stdout.strip() != "active"
+    assert unit_state(host, "offset-relay-probe.timer")["ActiveState"] == "inactive"
     assert identity_digest(host) == before
     assert host.ssh("getent passwd offset-relay", check=False).returncode == 0
 
@@ -629,6 +737,8 @@ def test_remove_keeps_the_identity_and_purge_removes_it(host: Host, ticket: Path
     assert left == ""
     assert host.ssh("dpkg -s offset-relay", check=False).returncode != 0
     assert probe(ticket, timeout=3).returncode == 2
+    wants = host.ssh("ls /etc/systemd/system/timers.target.wants/ 2>/dev/null; true").stdout
+    assert "offset-relay-probe" not in wants
 
 
 def test_install_from_the_deb_file_makes_a_new_identity_after_purge(

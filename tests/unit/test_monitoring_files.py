@@ -118,3 +118,45 @@ def test_reload_and_shedding_alerts_fire_as_written(tmp_path):
     tests.write_text(RULE_TESTS.replace("RULES", str(RULES)))
     result = subprocess.run(["promtool", "test", "rules", tests], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# No probe results at all (the timer not enabled, no ticket): the absence alert fires after
+# its 5 minutes, and not while a probe reports, even a failing one.
+ABSENT_TESTS = """
+rule_files: [RULES]
+evaluation_interval: 1m
+tests:
+  - interval: 1m
+    input_series: []
+    alert_rule_test:
+      - eval_time: 4m
+        alertname: OffsetRelayProbeAbsent
+        exp_alerts: []
+      - eval_time: 6m
+        alertname: OffsetRelayProbeAbsent
+        exp_alerts:
+          - exp_labels: {severity: warning}
+            exp_annotations:
+              summary: "No Offset relay probe results"
+              description: >-
+                Prometheus has had no offset_relay_probe_success for 5 minutes: the probe
+                does not run, or cannot (no ticket), or node_exporter is not scraped. On the
+                relay's host: `systemctl enable --now offset-relay-probe.timer`, then
+                `systemctl status offset-relay-probe.service` says why it fails.
+  - interval: 1m
+    input_series:
+      - series: 'offset_relay_probe_success{address="relay.example.org:4567"}'
+        values: '0x10'
+    alert_rule_test:
+      - eval_time: 8m
+        alertname: OffsetRelayProbeAbsent
+        exp_alerts: []
+"""
+
+
+def test_probe_absent_alert_fires_without_probe_results(tmp_path):
+    assert shutil.which("promtool"), "promtool (Debian package prometheus) is needed"
+    tests = tmp_path / "tests.yml"
+    tests.write_text(ABSENT_TESTS.replace("RULES", str(RULES)))
+    result = subprocess.run(["promtool", "test", "rules", tests], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr

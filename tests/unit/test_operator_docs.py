@@ -280,3 +280,35 @@ def test_restart_decision_of_the_role(tmp_path):
     for number, (settings, restart) in enumerate(RESTART_CASES):
         outcome = re.search(rf"TASK \[case {number}\] \**\n(\w+):", result.stdout).group(1)
         assert outcome == ("changed" if restart else "skipping"), (settings, result.stdout)
+
+
+def test_package_ships_the_probe_timer_off_and_the_monitoring_examples():
+    debian = ROOT / "packaging" / "debian"
+    install = (debian / "offset-relay.install").read_text().splitlines()
+    for unit in ("offset-relay-probe.service", "offset-relay-probe.timer"):
+        assert f"systemd/{unit} lib/systemd/system/" in install
+    # Installed, never enabled or started by the package (tests/deploy/test_package.py).
+    rules = (debian / "rules").read_text()
+    assert re.search(
+        r"^\tdh_installsystemd --no-enable --no-start offset-relay-probe\.service "
+        r"offset-relay-probe\.timer$",
+        rules,
+        re.M,
+    )
+    assert (debian / "offset-relay.docs").read_text().split() == ["README.md"]
+    examples = (debian / "offset-relay.examples").read_text().split()
+    assert examples == [
+        "examples/relay.toml",
+        "packaging/prometheus/offset-relay.rules.yml",
+        "packaging/grafana/offset-relay.json",
+    ]
+    unit = (ROOT / "systemd" / "offset-relay-probe.service").read_text()
+    assert "TEXTFILE_DIR=/var/lib/prometheus/node-exporter" in unit
+    # README: Debian's exporter directory, the one command, and promtool's package.
+    assert "/var/lib/node_exporter" not in README
+    assert "/var/lib/prometheus/node-exporter/offset_relay_probe.prom" in README
+    assert "systemctl enable --now offset-relay-probe.timer" in README
+    assert "promtool check rules /usr/share/doc/offset-relay/examples/offset-relay.rules.yml" in (
+        README
+    )
+    assert "Debian's `prometheus` package" in README
