@@ -174,11 +174,13 @@ def test_downgrade_from_the_published_repository_keeps_the_identity(
     previous: Release, signed_url: str, rig: Rig, previous_deb: Path
 ) -> None:
     """README.md's downgrade command, with the previous release from the signed repository
-    only: the rig's local repository, which installed it first, no longer has it."""
+    only: the rig's local repository, which installed it first, no longer has it, and
+    apt's cache is emptied."""
     host = previous.host
     (rig.repo_dir / previous_deb.name).unlink()
     rig.publish()
-    host.ssh(f"{APT} update")
+    # Nor apt's cache: the package is fetched from the signed repository.
+    host.ssh(f"{APT} clean && {APT} update")
     madison = host.ssh("apt-cache madison offset-relay").stdout
     binaries = [
         [field.strip() for field in line.split("|")]
