@@ -29,7 +29,7 @@ pytestmark = pytest.mark.deploy
 DIST = ROOT / "dist"
 CHROOT_DEB = DIST / "chroot" / f"offset-relay_{__version__}_all.deb"
 DSC = DIST / f"offset-relay_{__version__}.dsc"
-TOOLS = ("mmdebstrap", "systemd-nspawn", "reprepro", "gpg", "gpgv", "lintian", "piuparts")
+TOOLS = ("mmdebstrap", "systemd-nspawn", "apt-ftparchive", "gpg", "gpgv", "lintian", "piuparts")
 
 
 def missing_tools() -> str | None:
@@ -65,6 +65,8 @@ def apt_repo(key_dir: Path) -> Path:
     lock.parent.mkdir(exist_ok=True)
     with open(lock, "a") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
+        # A repository of this build only: dist/apt keeps what earlier runs published.
+        shutil.rmtree(DIST / "apt", ignore_errors=True)
         run_make("apt-repo", timeout=1800, APT_KEY_DIR=str(key_dir))
     return DIST / "apt"
 

@@ -56,10 +56,16 @@ def rig(make_rig: Callable[..., Rig], previous_deb: Path) -> Rig:
 
 @pytest.fixture(scope="module")
 def signed_url(
-    rig: Rig, deb_package: Path, source_package: Path, tmp_path_factory: pytest.TempPathFactory
+    rig: Rig,
+    previous_deb: Path,
+    deb_package: Path,
+    source_package: Path,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> str:
-    """The signed repository of this release (source and binary), served to the host."""
+    """The signed repository as publishing release after release makes it: the previous
+    release published first, then this one (source and binary) added; served to the host."""
     work = tmp_path_factory.mktemp("signed")
+    make_signed_repo(work / "repo", work / "gnupg", previous_deb)
     repo = make_signed_repo(work / "repo", work / "gnupg", source_package, deb_package)
     return rig.serve_tree(repo, "offset-relay")
 
@@ -164,8 +170,27 @@ def test_upgrade_keeps_identity_and_configuration_and_restarts_once(
     assert_probe_ok(previous.ticket)  # the ticket handed out before still names the relay
 
 
-def test_downgrade_works_and_keeps_the_identity(previous: Release) -> None:
+def test_downgrade_from_the_published_repository_keeps_the_identity(
+    previous: Release, signed_url: str, rig: Rig, previous_deb: Path
+) -> None:
+    """README.md's downgrade command, with the previous release from the signed repository
+    only: the rig's local repository, which installed it first, no longer has it, and
+    apt's cache is emptied."""
     host = previous.host
+    (rig.repo_dir / previous_deb.name).unlink()
+    rig.publish()
+    # Nor apt's cache: the package is fetched from the signed repository.
+    host.ssh(f"{APT} clean && {APT} update")
+    madison = host.ssh("apt-cache madison offset-relay").stdout
+    binaries = [
+        [field.strip() for field in line.split("|")]
+        for line in madison.splitlines()
+        if line.rstrip().endswith(" Packages")
+    ]
+    assert sorted(version for _, version, _ in binaries) == sorted(
+        [previous.version, __version__]
+    ), madison
+    assert all(where.startswith(signed_url.rstrip("/")) for _, _, where in binaries), madison
     cursor = journal_cursor(host)
 
     result = host.ssh(
@@ -176,6 +201,12 @@ def test_downgrade_works_and_keeps_the_identity(previous: Release) -> None:
 
     assert result.returncode == 0, result.stdout[-4000:]
     assert f"Unpacking offset-relay ({previous.version}) over ({__version__})" in result.stdout
+    assert re.search(
+        rf"^Get:\d+ {re.escape(signed_url.rstrip('/'))} bookworm/main amd64 offset-relay all "
+        rf"{re.escape(previous.version)} ",
+        result.stdout,
+        re.MULTILINE,
+    ), result.stdout[-4000:]
     assert installed_version(host) == previous.version
     wait_active(host)
     assert identity_digest(host) == previous.identity
