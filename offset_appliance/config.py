@@ -739,13 +739,23 @@ def config_sources(path: Path) -> tuple[list[Path], dict[str, Path]]:
 
 
 def listen_set_by(path: Path) -> list[Path]:
-    """Every file, in order, that gives ``listen``: more than one means a drop-in replaced
-    the address list of a file read before it."""
-    found = []
+    """Every file, in order, that gives ``listen`` a new value: more than one means a
+    drop-in replaced the address list of a file read before it. A file that repeats the
+    list already in force (say, the role's drop-in with the package's addresses) changes
+    nothing and is left out."""
+    found: list[Path] = []
+    current: object = None
     for file in [Path(path), *drop_in_files(Path(path))]:
         try:
-            if "listen" in _read_toml(file):
-                found.append(file)
+            table = _read_toml(file)
         except ConfigError:
             continue
+        if "listen" not in table:
+            continue
+        value = table["listen"]
+        value = [value] if isinstance(value, str) else value
+        if found and value == current:
+            continue
+        found.append(file)
+        current = value
     return found

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
+import logging
 import os
 import tomllib
 from pathlib import Path
 
 import pytest
 
+from offset_appliance.cli.strelay import _log_sources
 from offset_appliance.config import (
     LIMIT_MAXIMUM,
     Bandwidth,
@@ -191,3 +194,28 @@ def test_a_config_that_is_a_fifo_is_refused_without_blocking(tmp_path):
     os.mkfifo(main, 0o644)
     with pytest.raises(ConfigError, match="not a regular file"):
         load_config(main)
+
+
+@pytest.mark.parametrize(
+    ("drop_in_listen", "warned"),
+    [
+        ('["0.0.0.0:4567", "[::]:4567"]', False),
+        ('["0.0.0.0:4568"]', True),
+    ],
+)
+def test_a_drop_in_listen_is_warned_about_only_when_it_differs(
+    tmp_path, caplog, drop_in_listen, warned
+):
+    main = write(
+        tmp_path / "relay.toml", 'identity_file = "id"\nlisten = ["0.0.0.0:4567", "[::]:4567"]\n'
+    )
+    drop_in = write(tmp_path / "relay.d" / "50-ansible.toml", f"listen = {drop_in_listen}\n")
+    args = argparse.Namespace(config=main, laddr=None)
+    with caplog.at_level(logging.INFO, logger="strelay"):
+        _log_sources(args, "start")
+    replaced = [m for m in caplog.messages if "replaces the listen" in m]
+    expected = [
+        f"listen of {drop_in} replaces the listen of {main} (a list is replaced, not extended)"
+    ]
+    assert replaced == (expected if warned else [])
+    assert load_config(main).listen[0][1] == (4568 if warned else 4567)
