@@ -42,6 +42,8 @@ PORT = 4567
 TICKET_ON_HOST = "/var/lib/offset-relay/relay.relay"
 IDENTITY_ON_HOST = "/var/lib/offset-relay/relay.ident"
 APT_KEYRING = "/etc/apt/keyrings/offset-relay.asc"
+APT_SOURCES = "/etc/apt/sources.list.d/offset-relay.sources"
+OLD_APT_SOURCES = "/etc/apt/sources.list.d/offset-relay.list"
 
 _TASK = re.compile(r"^(?:TASK|RUNNING HANDLER) \[(?:[^]:]+ : )?(.+?)\] \**$")
 _RESULT = re.compile(r"^(changed|ok|skipping|fatal|failed): \[([^]\s]+)")
@@ -765,6 +767,11 @@ def test_install_from_an_added_signed_apt_repository(
         "mv /etc/apt/sources.list /etc/apt/sources.list.orig && apt-get -q update"
     )
     repo = signed_repository
+    # The one-line file earlier versions of the role wrote, left on the host.
+    host.ssh(
+        f"echo {shlex.quote(f'deb [signed-by={APT_KEYRING}] {repo.url} bookworm main')} "
+        f"> {OLD_APT_SOURCES}"
+    )
     extra = json.dumps(
         {
             "offset_relay_apt_repository": repo.line,
@@ -783,9 +790,21 @@ def test_install_from_an_added_signed_apt_repository(
     ):
         assert (host.name, task) in run_.changed, run_.tail()
     assert host.read(APT_KEYRING) == repo.key
-    assert host.read("/etc/apt/sources.list.d/offset-relay.list") == (
-        f"deb [signed-by={APT_KEYRING}] {repo.url} bookworm main\n"
+    # The README's deb822 file (without deb-src), and no .list beside it.
+    sources = host.read(APT_SOURCES)
+    assert sources.splitlines()[1:] == [
+        "Types: deb",
+        f"URIs: {repo.url}",
+        "Suites: bookworm",
+        "Components: main",
+        f"Signed-By: {APT_KEYRING}",
+    ], sources
+    assert host.ssh(f"test -e {OLD_APT_SOURCES}", check=False).returncode == 1
+    assert (host.name, "Remove the one-line sources file of earlier versions of the role") in (
+        run_.changed
     )
+    update = host.ssh("apt-get update 2>&1").stdout
+    assert "configured multiple times" not in update, update
     # Nothing on the host trusts the repository otherwise.
     assert "trusted=yes" not in host.ssh("cat /etc/apt/sources.list.d/*").stdout
     policy = host.ssh("apt-cache policy offset-relay").stdout
