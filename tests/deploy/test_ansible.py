@@ -557,6 +557,11 @@ def test_bad_settings_never_reach_the_relay(deployment: Deployment) -> None:
     assert run_.returncode != 0
     assert run_.recap[host.name]["failed"] == 1, run_.tail()
     assert "lower max_handshakes too" in run_.output, run_.tail()
+    # Named by the drop-in the value was meant for, not by Ansible's temporary file.
+    assert "/etc/offset-relay/relay.d/50-ansible.toml: limits.max_handshakes" in run_.output, (
+        run_.tail()
+    )
+    assert ".source.toml" not in run_.output, run_.tail()
     assert host.read("/etc/offset-relay/relay.d/50-ansible.toml") == drop_in
     assert unit_state(host) == unit
     controller.host_vars[host.name] = settings
