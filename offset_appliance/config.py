@@ -14,6 +14,7 @@ import math
 import os
 import stat
 import tomllib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -276,22 +277,36 @@ def drop_in_files(path: Path, replace: dict[str, Path] | None = None) -> list[Pa
     ``replace`` maps drop-in names to files read in their place (or added, if there is no
     such drop-in yet): a candidate is checked where it will go before it is installed.
     """
+    return [read for read, _shown in _drop_ins_named(path, replace)]
+
+
+def _drop_ins_named(path: Path, replace: dict[str, Path] | None = None) -> list[tuple[Path, Path]]:
+    """Each drop-in as (the file read, the path its errors name): a candidate read in place
+    of a drop-in is named by the drop-in it will become, not by its temporary file."""
     directory = path.parent / (path.stem + ".d")
     found = {}
     if directory.is_dir():
-        found = {p.name: p for p in directory.glob("*.toml") if p.is_file()}
-    found.update(replace or {})
+        found = {p.name: (p, p) for p in directory.glob("*.toml") if p.is_file()}
+    found.update({name: (Path(file), directory / name) for name, file in (replace or {}).items()})
     return [found[name] for name in sorted(found)]
 
 
-def _read_toml(path: Path) -> dict[str, Any]:
+def _read_toml(path: Path, shown: Path | None = None) -> dict[str, Any]:
     """Read one configuration file, refusing one that someone else could have written.
 
     Like sshd's StrictModes: the file must be owned by root or by the user running the
     relay, and not writable by group or others (a setting such as ``identity_file`` or
     ``listen`` is as powerful as the identity it names). Checked on the opened file; opened
-    without blocking, so a FIFO is refused rather than waited on.
+    without blocking, so a FIFO is refused rather than waited on. Its errors name ``shown``
+    when given (the drop-in a candidate file is checked as).
     """
+    if shown is not None and shown != path:
+        try:
+            return _read_toml(path)
+        except ConfigError as exc:
+            raise ConfigError(
+                str(exc).replace(str(path), str(shown)) + f" (checked as {path})"
+            ) from None
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except FileNotFoundError:
@@ -320,12 +335,14 @@ def _read_toml(path: Path) -> dict[str, Any]:
             raise ConfigError(f"{path}: not valid TOML: {exc}") from None
 
 
-def _merge(files: list[Path]) -> tuple[dict[str, Any], dict[str, Path]]:
-    """Merge files in order; remember which file set each key, for error messages."""
+def _merge(files: Sequence[Path | tuple[Path, Path]]) -> tuple[dict[str, Any], dict[str, Path]]:
+    """Merge files in order; remember which file set each key, for error messages (a file
+    given as (read, shown) is named as ``shown``)."""
     merged: dict[str, Any] = {}
     origin: dict[str, Path] = {}
-    for path in files:
-        doc = _read_toml(path)
+    for file in files:
+        read, path = file if isinstance(file, tuple) else (file, file)
+        doc = _read_toml(read, path)
         for key, value in doc.items():
             if key not in _TOP_KEYS:
                 raise ConfigError(f"{path}: unknown key {key!r}")
@@ -642,7 +659,7 @@ def load_config(
     origin: dict[str, Path] = {}
     if path is not None:
         path = Path(path)
-        merged, origin = _merge([path, *drop_in_files(path, replace_drop_ins)])
+        merged, origin = _merge([path, *_drop_ins_named(path, replace_drop_ins)])
     return _build(merged, origin, identity_file, listen, log_level)
 
 
@@ -805,13 +822,23 @@ def config_sources(path: Path) -> tuple[list[Path], dict[str, Path]]:
 
 
 def listen_set_by(path: Path) -> list[Path]:
-    """Every file, in order, that gives ``listen``: more than one means a drop-in replaced
-    the address list of a file read before it."""
-    found = []
+    """Every file, in order, that gives ``listen`` a new value: more than one means a
+    drop-in replaced the address list of a file read before it. A file that repeats the
+    list already in force (say, the role's drop-in with the package's addresses) changes
+    nothing and is left out."""
+    found: list[Path] = []
+    current: object = None
     for file in [Path(path), *drop_in_files(Path(path))]:
         try:
-            if "listen" in _read_toml(file):
-                found.append(file)
+            table = _read_toml(file)
         except ConfigError:
             continue
+        if "listen" not in table:
+            continue
+        value = table["listen"]
+        value = [value] if isinstance(value, str) else value
+        if found and value == current:
+            continue
+        found.append(file)
+        current = value
     return found

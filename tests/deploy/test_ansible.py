@@ -42,6 +42,10 @@ PORT = 4567
 TICKET_ON_HOST = "/var/lib/offset-relay/relay.relay"
 IDENTITY_ON_HOST = "/var/lib/offset-relay/relay.ident"
 APT_KEYRING = "/etc/apt/keyrings/offset-relay.asc"
+# Debian's own ansible-core package (bookworm: 2.14), which tools/install-deps installs.
+DEBIAN_ANSIBLE_PLAYBOOK = Path("/usr/bin/ansible-playbook")
+APT_SOURCES = "/etc/apt/sources.list.d/offset-relay.sources"
+OLD_APT_SOURCES = "/etc/apt/sources.list.d/offset-relay.list"
 
 _TASK = re.compile(r"^(?:TASK|RUNNING HANDLER) \[(?:[^]:]+ : )?(.+?)\] \**$")
 _RESULT = re.compile(r"^(changed|ok|skipping|fatal|failed): \[([^]\s]+)")
@@ -120,8 +124,11 @@ class Controller:
         }
         (self.directory / "inventory" / "relays.yml").write_text(json.dumps(inventory, indent=2))
 
-    def playbook(self, *args: str) -> PlaybookRun:
-        """``ansible-playbook deploy-relay.yml ARGS`` in the copy, as the README says."""
+    def playbook(
+        self, *args: str, ansible_playbook: Path = BIN / "ansible-playbook"
+    ) -> PlaybookRun:
+        """``ansible-playbook deploy-relay.yml ARGS`` in the copy, as the README says (by
+        default the ansible-core of the test dependencies)."""
         self.write_inventory()
         env = {
             **os.environ,
@@ -131,7 +138,7 @@ class Controller:
             "ANSIBLE_STDOUT_CALLBACK": "ansible.builtin.default",
         }
         result = subprocess.run(
-            [BIN / "ansible-playbook", "deploy-relay.yml", *args],
+            [ansible_playbook, "deploy-relay.yml", *args],
             cwd=self.directory,
             env=env,
             capture_output=True,
@@ -555,6 +562,11 @@ def test_bad_settings_never_reach_the_relay(deployment: Deployment) -> None:
     assert run_.returncode != 0
     assert run_.recap[host.name]["failed"] == 1, run_.tail()
     assert "lower max_handshakes too" in run_.output, run_.tail()
+    # Named by the drop-in the value was meant for, not by Ansible's temporary file.
+    assert "/etc/offset-relay/relay.d/50-ansible.toml: limits.max_handshakes" in run_.output, (
+        run_.tail()
+    )
+    assert ".source.toml" not in run_.output, run_.tail()
     assert host.read("/etc/offset-relay/relay.d/50-ansible.toml") == drop_in
     assert unit_state(host) == unit
     controller.host_vars[host.name] = settings
@@ -765,6 +777,11 @@ def test_install_from_an_added_signed_apt_repository(
         "mv /etc/apt/sources.list /etc/apt/sources.list.orig && apt-get -q update"
     )
     repo = signed_repository
+    # The one-line file earlier versions of the role wrote, left on the host.
+    host.ssh(
+        f"echo {shlex.quote(f'deb [signed-by={APT_KEYRING}] {repo.url} bookworm main')} "
+        f"> {OLD_APT_SOURCES}"
+    )
     extra = json.dumps(
         {
             "offset_relay_apt_repository": repo.line,
@@ -783,9 +800,21 @@ def test_install_from_an_added_signed_apt_repository(
     ):
         assert (host.name, task) in run_.changed, run_.tail()
     assert host.read(APT_KEYRING) == repo.key
-    assert host.read("/etc/apt/sources.list.d/offset-relay.list") == (
-        f"deb [signed-by={APT_KEYRING}] {repo.url} bookworm main\n"
+    # The README's deb822 file (without deb-src), and no .list beside it.
+    sources = host.read(APT_SOURCES)
+    assert sources.splitlines()[1:] == [
+        "Types: deb",
+        f"URIs: {repo.url}",
+        "Suites: bookworm",
+        "Components: main",
+        f"Signed-By: {APT_KEYRING}",
+    ], sources
+    assert host.ssh(f"test -e {OLD_APT_SOURCES}", check=False).returncode == 1
+    assert (host.name, "Remove the one-line sources file of earlier versions of the role") in (
+        run_.changed
     )
+    update = host.ssh("apt-get update 2>&1").stdout
+    assert "configured multiple times" not in update, update
     # Nothing on the host trusts the repository otherwise.
     assert "trusted=yes" not in host.ssh("cat /etc/apt/sources.list.d/*").stdout
     policy = host.ssh("apt-cache policy offset-relay").stdout
@@ -862,3 +891,40 @@ def test_play_fails_for_a_relay_that_does_not_answer(deployment: Deployment) -> 
     assert run_.recap[deployment.hosts[0].name]["failed"] == 0, run_.tail()
     assert f"the relay at {nowhere} did not pass stmgr probe" in run_.output, run_.tail()
     assert "could not be reached" in run_.output, run_.tail()
+
+
+def test_debians_ansible_core_deploys_a_bare_host_and_reruns_clean(deployment: Deployment) -> None:
+    """The play from Debian bookworm's own ansible-core package (2.14, the role's minimum):
+    a host without the relay gets it, a second run changes nothing, and so does a run of the
+    newer ansible-core after it (both write the same files)."""
+    if not DEBIAN_ANSIBLE_PLAYBOOK.exists():
+        pytest.skip("no Debian ansible-core package (tools/install-deps installs it)")
+    version = subprocess.run(
+        [DEBIAN_ANSIBLE_PLAYBOOK, "--version"], capture_output=True, text=True, check=True
+    ).stdout.splitlines()[0]
+    assert "[core 2.14." in version, version
+    controller = deployment.controller
+    host = deployment.hosts[0]
+    controller.host_vars[host.name] = {}
+    host.ssh(
+        "DEBIAN_FRONTEND=noninteractive apt-get -q -y purge offset-relay && "
+        "rm -rf /etc/offset-relay /var/lib/offset-relay"
+    )
+    controller.ticket(host).unlink(missing_ok=True)
+
+    run_ = controller.playbook("--limit", host.name, ansible_playbook=DEBIAN_ANSIBLE_PLAYBOOK)
+
+    assert run_.returncode == 0, run_.tail() + relay_journals([host])
+    assert run_.recap[host.name]["failed"] == 0, run_.tail()
+    for task in (
+        "Install offset-relay from the apt sources",
+        "Write the relay's settings drop-in",
+        "Write the ticket on the controller",
+    ):
+        assert (host.name, task) in run_.changed, run_.tail()
+    # The ticket as stmgr wrote it on the host, byte for byte.
+    assert controller.ticket(host).read_text() == host.read(TICKET_ON_HOST)
+    assert_probe_passes(controller.ticket(host))
+    again = controller.playbook("--limit", host.name, ansible_playbook=DEBIAN_ANSIBLE_PLAYBOOK)
+    again.assert_clean([host.name])
+    controller.playbook("--limit", host.name).assert_clean([host.name])

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
+import logging
 import os
 import tomllib
 from pathlib import Path
 
 import pytest
 
+from offset_appliance.cli.strelay import _log_sources
 from offset_appliance.config import (
     LIMIT_MAXIMUM,
     Bandwidth,
@@ -191,3 +194,56 @@ def test_a_config_that_is_a_fifo_is_refused_without_blocking(tmp_path):
     os.mkfifo(main, 0o644)
     with pytest.raises(ConfigError, match="not a regular file"):
         load_config(main)
+
+
+@pytest.mark.parametrize(
+    ("drop_in_listen", "warned"),
+    [
+        ('["0.0.0.0:4567", "[::]:4567"]', False),
+        ('["0.0.0.0:4568"]', True),
+    ],
+)
+def test_a_drop_in_listen_is_warned_about_only_when_it_differs(
+    tmp_path, caplog, drop_in_listen, warned
+):
+    main = write(
+        tmp_path / "relay.toml", 'identity_file = "id"\nlisten = ["0.0.0.0:4567", "[::]:4567"]\n'
+    )
+    drop_in = write(tmp_path / "relay.d" / "50-ansible.toml", f"listen = {drop_in_listen}\n")
+    args = argparse.Namespace(config=main, laddr=None)
+    with caplog.at_level(logging.INFO, logger="strelay"):
+        _log_sources(args, "start")
+    replaced = [m for m in caplog.messages if "replaces the listen" in m]
+    expected = [
+        f"listen of {drop_in} replaces the listen of {main} (a list is replaced, not extended)"
+    ]
+    assert replaced == (expected if warned else [])
+    assert load_config(main).listen[0][1] == (4568 if warned else 4567)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[limits]\nmax_connections = 100\nmax_handshakes = 512\n", "limits.max_handshakes"),
+        ("[limits\n", "not valid TOML"),
+        ("bogus = 1\n", "unknown key 'bogus'"),
+    ],
+)
+def test_a_candidate_drop_in_is_named_by_the_drop_in_it_will_become(tmp_path, text, message):
+    main = write(tmp_path / "relay.toml", 'identity_file = "id"\nlisten = ["0.0.0.0:4567"]\n')
+    candidate = write(tmp_path / "tmp" / ".source.toml", text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(main, replace_drop_ins={"50-ansible.toml": candidate})
+    error = str(caught.value)
+    assert error.startswith(f"{tmp_path / 'relay.d' / '50-ansible.toml'}: "), error
+    assert message in error
+    # Only as the file checked, after the error itself.
+    assert error.count(str(candidate)) <= 1
+    assert str(candidate) not in error.split(" (checked as ")[0], error
+
+
+def test_a_candidate_names_an_identity_relative_to_the_drop_in_directory(tmp_path):
+    main = write(tmp_path / "relay.toml", 'listen = ["0.0.0.0:4567"]\n')
+    candidate = write(tmp_path / "tmp" / ".source.toml", 'identity_file = "relay.ident"\n')
+    config = load_config(main, replace_drop_ins={"50-ansible.toml": candidate})
+    assert config.identity_file == tmp_path / "relay.d" / "relay.ident"
