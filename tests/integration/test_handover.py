@@ -183,11 +183,13 @@ def test_a_restart_with_a_bad_drop_in_serves_on_with_the_handed_over_config(tmp_
         assert any("hand-over: 3 connections restored" in line for line in new.lines)
         connector.send(b"after the restart")
         assert acceptor.receive(10) == b"after the restart"
+        # READY=1 follows the start lines: wait for the new process's.
+        deadline = time.monotonic() + 10
+        while not [m for m in store.messages if "READY=1" in m and "configuration not" in m]:
+            assert time.monotonic() < deadline, store.messages
+            time.sleep(0.05)
         statuses = [m for m in store.messages if "STATUS=" in m and "READY=1" in m]
-        assert (
-            statuses
-            and "STATUS=configuration not loaded, serving the hand-over's: " in (statuses[-1])
-        )
+        assert "STATUS=configuration not loaded, serving the hand-over's: " in statuses[-1]
         assert _reload_verdict(new) == 0
         # The drop-in fixed, a reload applies the files.
         drop_in.write_text("[limits]\nmax_connections = 77\n")
