@@ -54,4 +54,7 @@ def test_a_paused_tunnel_end_is_closed_with_a_fin_after_what_was_relayed_to_it(r
     except ConnectionResetError:
         ended = "reset"
     assert got[:5] == relayed and ended == "fin", (len(got), ended)
-    assert any("tunnel_peer_closed" in line for line in relay.lines)
+    deadline = time.monotonic() + 10  # the relay's log is read by a thread: a moment
+    while not any("tunnel_peer_closed" in line for line in relay.lines):
+        assert time.monotonic() < deadline, relay.log_text()[-2000:]
+        time.sleep(0.05)
