@@ -3,6 +3,7 @@ numbers."""
 
 from __future__ import annotations
 
+import subprocess
 import urllib.request
 
 from nacl.signing import SigningKey
@@ -46,3 +47,16 @@ def scrape_url(url: str, timeout: float = 10.0) -> dict[str, float]:
     """The samples of the /metrics page at ``url``."""
     with urllib.request.urlopen(url, timeout=timeout) as response:
         return metric_samples(response.read().decode())
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 10.0) -> int:
+    """Stop ``proc`` as a service manager would (SIGTERM, then SIGKILL after ``timeout``
+    seconds); its exit status."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode

@@ -14,6 +14,7 @@ import pytest
 
 from offset_appliance.client import RelayClient
 from offset_appliance.files import load_identity
+from tests.helpers import stop_process
 
 BIN = Path(sys.executable).parent
 
@@ -85,13 +86,7 @@ class RelayProcess:
         return "\n".join(self.lines)
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         self._reader.join(5)
         return self.proc.returncode
 

@@ -19,6 +19,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.helpers import stop_process
+
 CURRENCY = "FST"
 FRIENDS_ONLINE = 180.0  # s: a liveness deadline for friends to come online
 ROUTE = 120.0  # s: for the index servers to know a route for a payment
@@ -67,13 +69,7 @@ class Daemon:
             )
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
 
     def tail(self, chars: int = 3000) -> str:
         return self.log.read_text(errors="replace")[-chars:]

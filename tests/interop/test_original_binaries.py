@@ -29,7 +29,7 @@ from bench.links import Loop
 from bench.workers import open_tunnels, payload_bytes
 from offset_appliance.client import ClientError, RelayClient
 from offset_appliance.files import load_identity, load_ticket
-from tests.helpers import scrape_url
+from tests.helpers import scrape_url, stop_process
 
 from .conftest import RelayProcess
 
@@ -91,13 +91,7 @@ class Daemon:
         wait_port(port, self.proc)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
 
 
 @pytest.fixture
