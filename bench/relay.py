@@ -54,11 +54,15 @@ class Usage:
     system: float
     rss_kib: int
     at: float  # time.monotonic() of the reading
+    # The kernel's nanosecond count of the process's time on a CPU (/proc/<pid>/schedstat),
+    # or None where the kernel does not keep it. user and system come in clock ticks (10 ms):
+    # a short window of little work can read 0 in ticks though the process ran.
+    exact: float | None = None
 
     @property
     def cpu(self) -> float:
-        """User plus system CPU seconds."""
-        return self.user + self.system
+        """CPU seconds: the exact count where there is one, else user plus system."""
+        return self.exact if self.exact is not None else self.user + self.system
 
 
 def cpu_times(pid: int) -> tuple[float, float]:
@@ -68,6 +72,14 @@ def cpu_times(pid: int) -> tuple[float, float]:
     # start with field 3 (state), so utime (field 14) and stime (field 15) are at 11 and 12.
     fields = text[text.rindex(")") + 2 :].split()
     return int(fields[11]) / CLOCK_TICKS, int(fields[12]) / CLOCK_TICKS
+
+
+def exact_cpu(pid: int) -> float | None:
+    """Seconds the process has run on a CPU, to the nanosecond, from /proc/<pid>/schedstat."""
+    try:
+        return int(Path(f"/proc/{pid}/schedstat").read_text().split()[0]) / 1e9
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def rss_kib(pid: int) -> int:
@@ -104,7 +116,7 @@ def steal_share(before: tuple[int, int], after: tuple[int, int]) -> float:
 def usage(pid: int) -> Usage:
     """CPU time and RSS of a process now."""
     user, system = cpu_times(pid)
-    return Usage(user, system, rss_kib(pid), time.monotonic())
+    return Usage(user, system, rss_kib(pid), time.monotonic(), exact_cpu(pid))
 
 
 def _die_with_parent() -> None:

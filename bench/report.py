@@ -150,8 +150,8 @@ def _size(count: int) -> str:
     return f"{count} B"
 
 
-def _n(value: float, digits: int = 0) -> str:
-    return f"{value:,.{digits}f}"
+def _n(value: float | None, digits: int = 0) -> str:
+    return "n/a" if value is None else f"{value:,.{digits}f}"
 
 
 def _ms(us: float) -> str:

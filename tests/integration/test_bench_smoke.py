@@ -77,8 +77,10 @@ def test_bulk_moved_every_byte_and_costs_add_up(smoke):
     assert bulk["ratio"] == pytest.approx(
         bulk["relay_cpu_per_gib"] / bulk["floor_cpu_per_gib"], rel=0.02
     )
+    # The CPU seconds are the kernel's nanosecond count; user and system are in 10 ms ticks,
+    # truncated at both ends of the window, so they add up to it within two ticks.
     assert bulk["relay_cpu_seconds"] == pytest.approx(
-        bulk["relay_user_seconds"] + bulk["relay_system_seconds"], abs=0.002
+        bulk["relay_user_seconds"] + bulk["relay_system_seconds"], abs=0.021
     )
 
 
