@@ -12,7 +12,9 @@ from offset_appliance.wire.connection import Connection
 
 
 def pair(now: float = 0.0, **kwargs) -> tuple[Connection, Connection]:
-    """Two connections (a, b) with fresh identities, handshaken through memory."""
+    """Two connections (a, b) with fresh identities, handshaken through memory; their timers
+    are the original's exact ones unless ``timer_spread`` is given."""
+    kwargs.setdefault("timer_spread", 0.0)
     a = Connection(SigningKey.generate(), now, **kwargs)
     b = Connection(SigningKey.generate(), now, **kwargs)
     for _ in range(4):

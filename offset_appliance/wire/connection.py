@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 import os
 from collections.abc import Callable, Mapping
+from random import random as _uniform
 from typing import Any, TypedDict
 
 from nacl.signing import SigningKey
@@ -40,6 +41,11 @@ _INF = float("inf")
 CONN_TIMEOUT = 8.0  # the whole set-up (version and handshake) must finish within it
 KEEPALIVE_INTERVAL = 32.0  # silence after which the peer is dropped (we send at half of it)
 REKEY_INTERVAL = 3600.0
+# Connections opened together (a relay's whole population reconnecting after a restart) must
+# not keep falling due together: each rekey comes up to this share of the interval early,
+# and a connection's first keepalive up to this share of its half interval early. Both are
+# earlier than the original's timers, never later, so every peer's deadline still holds.
+TIMER_SPREAD = 0.25
 
 
 # The layout of ``Connection.export_state``; a restore refuses any other.
@@ -98,6 +104,7 @@ class Connection:
         "_keepalive_interval",
         "_rekey_interval",
         "_next_rekey",
+        "_spread",
         "forwarded_bytes",
     )
 
@@ -112,6 +119,7 @@ class Connection:
         rekey_interval: float = REKEY_INTERVAL,
         max_frame_length: int = MAX_FRAME_LENGTH,
         random: Callable[[int], bytes] = os.urandom,
+        timer_spread: float = TIMER_SPREAD,
     ) -> None:
         self.state = State.VERSION
         self.peer_public_key: bytes | None = None
@@ -124,6 +132,7 @@ class Connection:
         self._keepalive_interval = keepalive
         self._rekey_interval = rekey_interval
         self._next_rekey = _INF
+        self._spread = timer_spread  # 0: the original's exact timers
         # Payload bytes of the messages the last ``receive_forward`` returned.
         self.forwarded_bytes = 0
         self._deadline = now + conn_timeout  # the whole set-up must finish by then
@@ -202,7 +211,7 @@ class Connection:
             for frame in frames:
                 opened = open_forward(frame)
                 if opened is None:
-                    self._next_rekey = now + self._rekey_interval
+                    self._next_rekey = self._rekey_after(now)
                     if channel.outbox:
                         self._flush_outbox(channel)
                     continue
@@ -248,8 +257,11 @@ class Connection:
         self.peer_public_key = handshake.peer_public_key
         self._handshake = None
         self.state = State.OPEN
-        self._keepalive = Keepalive(now, self._keepalive_interval)
-        self._next_rekey = now + self._rekey_interval
+        keepalive = self._keepalive = Keepalive(now, self._keepalive_interval)
+        # The first keepalive comes a random part of TIMER_SPREAD early; the ones after keep
+        # that phase (they follow the last send).
+        keepalive.last_send = now - keepalive.half * self._spread * _uniform()
+        self._next_rekey = self._rekey_after(now)
         self._deadline = _INF
 
     def _receive_open(self, frames: list[bytes], now: float) -> list[bytes]:
@@ -266,7 +278,7 @@ class Connection:
                 # A Rekey frame: it completed a key switch (the peer's or an answer to ours).
                 # As the original, that restarts our rekey countdown, and, since the keepalive
                 # layer never sees Rekey frames, it does not count as hearing from the peer.
-                self._next_rekey = now + self._rekey_interval
+                self._next_rekey = self._rekey_after(now)
                 if channel.outbox:
                     self._flush_outbox(channel)
                 continue
@@ -334,13 +346,17 @@ class Connection:
         self._out_size += size
         self._keepalive.last_send = now  # type: ignore[union-attr]
 
+    def _rekey_after(self, now: float) -> float:
+        """When the next rekey is due: an interval from ``now``, up to TIMER_SPREAD early."""
+        return now + self._rekey_interval * (1.0 - self._spread * _uniform())
+
     def start_rekey(self, now: float) -> bool:
         """Start a rekey now (one is started by ``handle_timer`` every rekey interval)."""
         channel = self._channel
         if channel is None or self.state is not State.OPEN:
             raise LocalProtocolError("cannot rekey before the secure channel is open")
         frame = channel.start_rekey()
-        self._next_rekey = now + self._rekey_interval
+        self._next_rekey = self._rekey_after(now)
         if frame is None:
             return False
         # Not a KaMessage: the keepalive send timer runs on (docs/protocol.md, keepalive).
@@ -496,6 +512,7 @@ class Connection:
         self._channel = None
         self._keepalive = None
         self._next_rekey = _INF
+        self._spread = TIMER_SPREAD
         self._deadline = _INF
         self.forwarded_bytes = 0
         if phase is State.OPEN:

@@ -338,3 +338,22 @@ def test_held_frames_and_set_up_limits_survive_a_hand_over():
     restored = Connection.restore_state(fresh.export_state(0.0), identity, 0.0)
     with pytest.raises(ProtocolError, match="exceeds the maximum of 1024"):
         restored.receive_data(frame_header(1 << 20), 0.0)
+
+
+def test_timers_of_connections_opened_together_are_spread_never_late():
+    # A whole population reconnecting at once must not keep falling due at once: each
+    # connection's first keepalive and each rekey come a random part of TIMER_SPREAD early.
+    from offset_appliance.wire.connection import TIMER_SPREAD
+
+    keepalives, rekeys = set(), set()
+    for _ in range(20):
+        a, _b = pair(keepalive=32.0, rekey_interval=1000.0, timer_spread=TIMER_SPREAD)
+        due = a._keepalive.send_deadline()
+        assert 16.0 * (1 - TIMER_SPREAD) <= due <= 16.0
+        assert 1000.0 * (1 - TIMER_SPREAD) <= a._next_rekey <= 1000.0
+        keepalives.add(due)
+        rekeys.add(a._next_rekey)
+        # After a rekey the next one is spread again, from the time it was started.
+        a.start_rekey(500.0)
+        assert 500.0 + 1000.0 * (1 - TIMER_SPREAD) <= a._next_rekey <= 1500.0
+    assert len(keepalives) == 20 and len(rekeys) == 20

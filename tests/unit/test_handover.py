@@ -57,8 +57,8 @@ NODE = SigningKey.generate()
 
 
 def _pair(now: float = 0.0) -> tuple[Connection, Connection]:
-    relay = Connection(RELAY, now)
-    node = Connection(NODE, now, expected_peer=bytes(RELAY.verify_key))
+    relay = Connection(RELAY, now, timer_spread=0.0)
+    node = Connection(NODE, now, expected_peer=bytes(RELAY.verify_key), timer_spread=0.0)
     return relay, node
 
 
