@@ -23,6 +23,9 @@ from .relay import BenchError
 RECV_SIZE = 256 * 1024
 IOV_MAX = 1024
 SWEEP_INTERVAL = 0.5  # how often connection timers (keepalives) are checked
+# Linux: bind a source address without taking a port until connect (which then picks one per
+# destination), so one source address is not limited to one ephemeral range in all.
+IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 
 
 class Handler(Protocol):
@@ -72,9 +75,15 @@ class Link:
 class Loop:
     """A selectors loop over links to one relay (expected to prove ``relay_key``)."""
 
-    def __init__(self, address: tuple[str, int], relay_key: bytes) -> None:
+    def __init__(
+        self, address: tuple[str, int], relay_key: bytes, sources: tuple[str, ...] = ()
+    ) -> None:
         self.address = address
         self.relay_key = relay_key
+        # Loopback source addresses to connect from, in turn (one address has about 28,000
+        # ephemeral ports towards one relay port); none: the kernel's choice.
+        self.sources = sources
+        self._opened = 0
         self.selector = selectors.DefaultSelector()
         self.links: set[Link] = set()
         self._dirty: list[Link] = []
@@ -94,6 +103,10 @@ class Loop:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.sources:
+            sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+            sock.bind((self.sources[self._opened % len(self.sources)], 0))
+        self._opened += 1
         code = sock.connect_ex(self.address)
         if code not in (0, errno.EINPROGRESS):
             sock.close()

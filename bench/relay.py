@@ -128,11 +128,19 @@ def _die_with_parent() -> None:
         pass  # not Linux: the relay is stopped by ``stop`` as usual
 
 
-def raise_fd_limit() -> int:
-    """Raise RLIMIT_NOFILE to the hard limit (inherited by the relay and the clients)."""
+def raise_fd_limit(needed: int = 0) -> int:
+    """Raise RLIMIT_NOFILE to the hard limit (inherited by the relay and the clients), and
+    the hard limit to ``needed`` where that is higher and allowed (root may, up to
+    fs.nr_open)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY:
         hard = 1 << 20
+    if hard < needed:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (needed, needed))
+            return needed
+        except (ValueError, OSError):
+            pass  # not privileged: the caller says what is missing
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     return hard

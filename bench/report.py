@@ -22,8 +22,10 @@ class Target:
     @property
     def gap(self) -> float:
         """How far off, as a factor >= 1 (1.0 when met exactly)."""
+        if self.limit <= 0 and self.at_most:  # a count that must be 0 (connections lost)
+            return 1.0 if self.met else float(self.value + 1)
         if self.value <= 0:
-            return float("inf")
+            return 1.0 if self.met else float("inf")
         return self.value / self.limit if self.at_most else self.limit / self.value
 
     def shown(self) -> str:
@@ -129,6 +131,29 @@ def targets(results: dict) -> list[Target]:
                 True,
             )
         )
+    scale = results.get("scale")
+    if scale:
+        count = f"{scale['connections']:,}"
+        found += [
+            Target(f"connections lost, {count} idle", scale["lost"], 0, "", True),
+            Target(
+                f"relay CPU share of a core, {count} idle", scale["relay_cpu_share"], 0.25, "", True
+            ),
+            Target(
+                f"relay RSS per connection, {count} idle",
+                scale["rss_kib_per_connection"],
+                4,
+                "KiB",
+                True,
+            ),
+            Target(
+                f"stmgr probe p99 round trip, {count} idle",
+                scale["probe_round_trip"]["p99_us"] / 1000,
+                20,
+                "ms",
+                True,
+            ),
+        ]
     return found
 
 
@@ -359,6 +384,58 @@ def table_rows(results: dict) -> list[tuple[str, ...]]:
                 f"{c['rounds']} run(s) each)",
             )
         )
+    if "scale" in results:
+        sc = results["scale"]
+        count = f"{sc['connections']:,}"
+        rows += [
+            (
+                f"10 scale: {count} listen connections from {sc['source_addresses']} loopback"
+                f" addresses, held {sc['hold_seconds']:.0f} s, rekey every"
+                f" {sc['rekey_interval']:g} s",
+                "connections lost; rekeyed",
+                f"{sc['lost']}; {_n(sc['rekeyed_connections'])} of {count}",
+                "",
+                "",
+                f"0 lost: {verdict[f'connections lost, {count} idle']}",
+            ),
+            (
+                "",
+                f"relay CPU, share of a core (hold; busiest, quietest {sc['bucket_seconds']:g} s)",
+                f"{sc['relay_cpu_share']:.3f} ({sc['relay_cpu_share_max_bucket']:.3f},"
+                f" {sc['relay_cpu_share_min_bucket']:.3f})",
+                "",
+                "",
+                f"<= 0.25: {verdict[f'relay CPU share of a core, {count} idle']}",
+            ),
+            (
+                "",
+                "relay RSS per connection",
+                f"{sc['rss_kib_per_connection']:.2f} KiB",
+                "",
+                "",
+                f"<= 4 KiB: {verdict[f'relay RSS per connection, {count} idle']}"
+                f" ({sc['rss_kib'] / 1024:,.0f} MiB in all)",
+            ),
+            (
+                "",
+                "stmgr probe round trip p50 / p99",
+                _pair(sc["probe_round_trip"]),
+                "",
+                "",
+                f"p99 <= 20 ms: {verdict[f'stmgr probe p99 round trip, {count} idle']}"
+                f" ({sc['probe_failures']} of"
+                f" {sc['probe_round_trip']['samples'] + sc['probe_failures']} probes failed)",
+            ),
+            (
+                "",
+                "set up; tear down (relay CPU)",
+                f"{sc['setup_seconds']:.0f} s ({sc['setup_relay_cpu_seconds']:.0f} s);"
+                f" {sc['teardown_seconds']:.1f} s ({sc['teardown_relay_cpu_seconds']:.1f} s)",
+                "",
+                "",
+                "",
+            ),
+        ]
     rows.extend(_original_rows(results))
     return rows
 
@@ -474,8 +551,8 @@ def markdown(results: dict) -> str:
         "The relay is one single-threaded process. Load comes from separate client processes on"
         " the same machine, so clients and relay share its cores: wall-clock rates (in"
         ' parentheses) are what this machine reached with both running, and the "per relay'
-        " core\" figures divide the work done by the relay's own CPU time (user + system, from"
-        " `/proc/<pid>/stat`), which is what the targets mean."
+        " core\" figures divide the work done by the relay's own CPU time (the kernel's count,"
+        " from `/proc/<pid>/schedstat`), which is what the targets mean."
         + client_share
         + " Each floor is measured in one process at the start and at the end of the same run"
         " (the lower reading counts), and the ratio is relay cost / floor cost, so a slower"

@@ -21,7 +21,9 @@ from .relay import BenchError, raise_fd_limit
 HERE = Path(__file__).resolve().parent
 # A one-minute load average from this up, before the run, means the machine is not idle.
 BUSY_LOAD = 0.7
-TESTS = ("wire", "latency", "bulk", "handshakes", "small", "idle", "instances", "controls")
+TESTS = (
+    "wire", "latency", "bulk", "handshakes", "small", "idle", "instances", "controls", "scale"
+)  # fmt: skip
 
 
 def _relay_python_version() -> str:
@@ -76,10 +78,15 @@ def run(
 ) -> dict:
     """Run the chosen benchmarks in order; returns the results document."""
     started = time.monotonic()
-    fd_limit = raise_fd_limit()
     needed = max(sizes.idle_connections, max(sizes.small_connections)) + 1000
+    # Test 10 asks for one relay's worth; under a lower limit it spreads over instances.
+    scale_needed = sizes.scale_connections + scenarios.SCALE_SPARE_DESCRIPTORS
+    fd_limit = raise_fd_limit(max(needed, scale_needed) if "scale" in only else needed)
     if fd_limit < needed and any(name in only for name in ("idle", "small", "controls")):
-        raise BenchError(f"RLIMIT_NOFILE hard limit {fd_limit} is below the {needed} needed")
+        raise BenchError(
+            f"RLIMIT_NOFILE hard limit {fd_limit} is below the {needed} needed (as root the"
+            " bench raises it; otherwise raise it with ulimit -Hn)"
+        )
     results: dict = {
         "date": datetime.date.today().isoformat(),
         "machine": machine(),
@@ -140,6 +147,17 @@ def run(
         _say(f"9 controls: test 2's headline load with every control off and on, "
              f"{sizes.controls_rounds} round(s)")  # fmt: skip
         results["controls"] = scenarios.controls(workdir, sizes)
+    if "scale" in only:
+        _say(
+            f"10 scale: {sizes.scale_connections:,} listen connections held"
+            f" {sizes.scale_seconds:g} s, rekey every {sizes.scale_rekey_interval:g} s"
+        )
+        instances, _ = scenarios.scale_plan(sizes.scale_connections, fd_limit)
+        if instances > 1:
+            _say(f"warning: a process may hold {fd_limit:,} descriptors here (RLIMIT_NOFILE,"
+                 f" not raisable without CAP_SYS_RESOURCE): test 10 spreads over {instances}"
+                 " relay instances")  # fmt: skip
+        results["scale"] = scenarios.scale(workdir, sizes, fd_limit)
     if original is not None:
         results["original"] = _original(sizes, only, workdir, original)
     if needs_floors:

@@ -9,8 +9,12 @@ both edges, so a figure is always "work done in the window / cost in the window"
 from __future__ import annotations
 
 import math
+import os
+import re
+import socket
 import sys
 import time
+import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -67,6 +71,14 @@ class Sizes:
     floor_handshakes: int = 2000
     floor_small: int = 20_000
     controls_rounds: int = 2  # test 9: each configuration runs this many times, alternating
+    # Test 10: listen connections from many loopback addresses, held with the original's
+    # keepalives at a shortened rekey interval (every connection rekeys in the hold).
+    scale_connections: int = 100_000
+    scale_seconds: float = 300.0
+    scale_rekey_interval: float = 150.0
+    scale_workers: int = 4
+    scale_sources: int = 16  # 127.0.1.1 on: a few thousand connections per address
+    scale_probe_interval: float = 0.5
 
 
 FULL = Sizes()
@@ -86,6 +98,12 @@ SMOKE = Sizes(
     floor_handshakes=50,
     floor_small=500,
     controls_rounds=1,
+    scale_connections=200,
+    scale_seconds=4.0,
+    scale_rekey_interval=1.5,
+    scale_workers=2,
+    scale_sources=4,
+    scale_probe_interval=0.2,
 )
 
 
@@ -600,6 +618,227 @@ def idle(workdir: Path, sizes: Sizes) -> dict:
     }
     summary.update(window.as_dict())
     return summary
+
+
+# ---- 10. scale: many idle nodes -------------------------------------------------------------
+
+
+def scale_sources(count: int) -> tuple[str, ...]:
+    """``count`` loopback source addresses: 127.0.1.1, 127.0.1.2, ... (all of 127/8 is local)."""
+    return tuple(f"127.0.{1 + index // 254}.{1 + index % 254}" for index in range(count))
+
+
+def _open_descriptors(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+# A client process holds at most this many connections (each is one of its descriptors).
+SCALE_PER_WORKER = 15_000
+# Descriptors a relay needs besides its connections (listening and metrics sockets, logs,
+# lingering closes, the probe's connections).
+SCALE_SPARE_DESCRIPTORS = 1_500
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _closed_by_reason(relay: BenchRelay) -> dict[str, int]:
+    """``connections_closed_total`` of a relay's /metrics, by reason."""
+    settings = (relay.workdir / "relay.toml").read_text()
+    port = re.search(r'listen = "127\.0\.0\.1:(\d+)"', settings.split("[metrics]")[1])
+    assert port is not None
+    with urllib.request.urlopen(f"http://127.0.0.1:{port.group(1)}/metrics", timeout=30) as page:
+        text = page.read().decode()
+    found = {}
+    for line in text.splitlines():
+        match = re.match(r'\w+_connections_closed_total\{.*reason="([^"]+)".*\} (\S+)', line)
+        if match and float(match.group(2)):
+            found[match.group(1)] = int(float(match.group(2)))
+    return found
+
+
+def scale_plan(connections: int, fd_limit: int) -> tuple[int, list[int]]:
+    """(instances, connections per instance) for ``connections`` under a per-process
+    descriptor limit: one instance when it fits, else the fewest that do."""
+    per_instance = max(1, fd_limit - SCALE_SPARE_DESCRIPTORS)
+    count = max(1, -(-connections // per_instance))
+    return count, _split(connections, count)
+
+
+def scale(workdir: Path, sizes: Sizes, fd_limit: int) -> dict:
+    """Hold ``scale_connections`` listen connections (the original's keepalive rule, a
+    shortened rekey interval), probing throughout: RSS and CPU per idle node, probe round
+    trips, losses, and the time to set up and to tear down.
+
+    One relay holds them all when the descriptor limit allows; under a lower limit (a
+    process here may not raise it) they are spread over the fewest instances that fit, and
+    the results say so (``instances``, ``limited_by``).
+    """
+    count = sizes.scale_connections
+    instances, shares = scale_plan(count, fd_limit)
+    sources = scale_sources(sizes.scale_sources)
+    relays: list[BenchRelay] = []
+    groups: list[list[Worker]] = []
+    try:
+        for index, share in enumerate(shares):
+            settings = {
+                "limits": {"max_connections": share + 1000},
+                "timeouts": {"rekey_interval": sizes.scale_rekey_interval},
+                # Its close reasons are read from /metrics at the end of the hold.
+                "metrics": {"enabled": True, "listen": f"127.0.0.1:{_free_port()}"},
+            }
+            relays.append(BenchRelay(workdir / f"scale-{index}", settings=settings))
+        bases = [_baseline(relay) for relay in relays]
+        base_descriptors = [_open_descriptors(relay.pid) for relay in relays]
+        started = time.monotonic()
+        processes = max(sizes.scale_workers, -(-count // SCALE_PER_WORKER))
+        per_relay = _split(max(processes, instances), instances)
+        serial = 0
+        for relay, share, parts in zip(relays, shares, per_relay, strict=True):
+            group = []
+            for part in _split(share, parts):
+                # Each client process its own share of the source addresses.
+                mine = sources[serial % len(sources) :: processes] or sources
+                group.append(
+                    Worker(f"scale client {serial}", idle_worker, _target(relay), part, mine)
+                )
+                serial += 1
+            groups.append(group)
+        everyone = [worker for group in groups for worker in group]
+        for worker in everyone:
+            worker.expect("ready", max(600, count / 50))
+        setup_seconds = time.monotonic() - started
+        setup_usage = [relay.usage() for relay in relays]
+        meters = [Meter(relay, group) for relay, group in zip(relays, groups, strict=True)]
+        for meter in meters:
+            meter.start()
+        until = time.monotonic() + sizes.scale_seconds
+        round_trips: list[float] = []
+        probe_failures: list[str] = []
+        # All relays' CPU in buckets of a thirtieth of the hold: the rekeys come in a burst.
+        bucket = max(1.0, sizes.scale_seconds / 30)
+        samples = [(time.monotonic(), sum(relay.usage().cpu for relay in relays))]
+        turn = 0
+        while True:
+            relay = relays[turn % instances]
+            turn += 1
+            result = probe(relay.ticket_address, relay.public_key, 10.0)
+            if result.code == HEALTHY:
+                round_trips.append(result.round_trip_seconds)  # type: ignore[arg-type]
+            else:
+                probe_failures.append(result.message)
+            now = time.monotonic()
+            if now - samples[-1][0] >= bucket:
+                samples.append((now, sum(relay.usage().cpu for relay in relays)))
+            if now >= until:
+                break
+            time.sleep(min(sizes.scale_probe_interval, max(0.0, until - now)))
+        windows = [meter.stop() for meter in meters]
+        samples.append((time.monotonic(), sum(relay.usage().cpu for relay in relays)))
+        listening = [
+            relay.wait_status("listening", share, 5)
+            for relay, share in zip(relays, shares, strict=True)
+        ]
+        closed: dict[str, int] = {}
+        for relay in relays:
+            for reason, value in _closed_by_reason(relay).items():
+                closed[reason] = closed.get(reason, 0) + value
+        # Tear down: every client closes its connections; the relays are done when their
+        # descriptors are back to what they had before the load.
+        stopped = time.monotonic()
+        for worker in everyone:
+            worker.tell("stop")
+        reports = [worker.expect("stopped", 600) for worker in everyone]
+        deadline = time.monotonic() + 600
+        for relay, before in zip(relays, base_descriptors, strict=True):
+            while _open_descriptors(relay.pid) > before:
+                if time.monotonic() > deadline:
+                    raise BenchError("a relay still held connections 600 s after the clients left")
+                time.sleep(0.05)
+        teardown_seconds = time.monotonic() - stopped
+        ends = [relay.usage() for relay in relays]
+    except BaseException:
+        for index, relay in enumerate(relays):
+            _abandon(relay, groups[index] if index < len(groups) else [], [])
+        raise
+    for worker in everyone:
+        worker.kill()
+    for relay in relays:
+        relay.stop()
+        problems = relay.problems()
+        if problems:
+            raise BenchError(f"the relay logged errors: {problems[0]}")
+    shares_of_core = [
+        (later - earlier) / (t1 - t0)
+        for (t0, earlier), (t1, later) in zip(samples, samples[1:], strict=False)
+        if t1 > t0
+    ]
+    hold = max(window.seconds for window in windows)
+    relay_cpu = sum(window.relay_cpu for window in windows)
+    rss_kib = sum(window.rss_kib for window in windows)
+    rss_base = sum(base.rss_kib for base in bases)
+    rekeyed = sum(report["rekeyed_connections"] for report in reports)
+    per_instance = [
+        {
+            "connections": share,
+            "relay_listening": listening[index],
+            "rss_kib": windows[index].rss_kib,
+            "rss_kib_per_connection": round(
+                (windows[index].rss_kib - bases[index].rss_kib) / share, 2
+            ),
+            "relay_cpu_share": round(windows[index].relay_cpu / windows[index].seconds, 3),
+        }
+        for index, share in enumerate(shares)
+    ]
+    return {
+        "connections": count,
+        "instances": instances,
+        # Why more than one instance: the descriptor limit a process here may not raise.
+        "limited_by": "" if instances == 1 else f"RLIMIT_NOFILE hard limit {fd_limit}",
+        "per_instance": per_instance,
+        "source_addresses": len(sources),
+        "client_processes": len(everyone),
+        "rekey_interval": sizes.scale_rekey_interval,
+        "setup_seconds": round(setup_seconds, 1),
+        "setup_relay_cpu_seconds": round(
+            sum(used.cpu - base.cpu for used, base in zip(setup_usage, bases, strict=True)), 1
+        ),
+        "hold_seconds": round(hold, 1),
+        "teardown_seconds": round(teardown_seconds, 1),
+        "teardown_relay_cpu_seconds": round(sum(end.cpu for end in ends) - samples[-1][1], 1),
+        "relay_listening": sum(value or 0 for value in listening),
+        "open_at_end": sum(report["open"] for report in reports),
+        # Connections that ended during the hold (each client counts the ones it saw end).
+        "lost": sum(report["lost"] for report in reports),
+        "last_failure": next((r["last_failure"] for r in reports if r["last_failure"]), ""),
+        # Set-ups that failed and were tried again (a handshake timed out on a busy machine).
+        "setup_failures": sum(report["setup_failures"] for report in reports),
+        # What the relays closed, by reason, set-up to the end of the hold (the probes'
+        # own connections among them).
+        "closed_by_relay": closed,
+        "rekeys": sum(report["rekeys"] for report in reports),
+        "rekeyed_connections": rekeyed,
+        "every_connection_rekeyed": rekeyed == count,
+        "received_keepalives": sum(report["received_keepalives"] for report in reports),
+        "sent_keepalives": sum(report["keepalives_sent"] for report in reports),
+        "rss_kib_base": rss_base,
+        "rss_kib": rss_kib,
+        "rss_kib_per_connection": round((rss_kib - rss_base) / count, 2),
+        # All instances together: the share of one core the relays used over the hold.
+        "relay_cpu_seconds": round(relay_cpu, 3),
+        "relay_cpu_share": round(relay_cpu / hold, 3),
+        "relay_cpu_share_max_bucket": round(max(shares_of_core), 3) if shares_of_core else None,
+        "relay_cpu_share_min_bucket": round(min(shares_of_core), 3) if shares_of_core else None,
+        "bucket_seconds": round(bucket, 1),
+        "client_cpu_seconds": round(sum(window.client_cpu for window in windows), 3),
+        "steal_share": round(max(window.steal_share for window in windows), 3),
+        "probe_round_trip": percentiles(round_trips),
+        "probe_failures": len(probe_failures),
+        "probe_last_failure": probe_failures[-1] if probe_failures else "",
+    }
 
 
 # ---- 5. latency (idle) ---------------------------------------------------------------------

@@ -142,8 +142,9 @@ def test_wire_overhead_orders_the_padding_rules(smoke):
 def test_targets_and_table_are_written(smoke):
     results, markdown, stdout = smoke
     names = {target["name"] for target in results["targets"]}
-    # Five of the issue "Performance", 2 instances against 1, all controls on against off.
-    assert len(names) == 7
+    # Five of the issue "Performance", 2 instances against 1, all controls on against off,
+    # and test 10's four (lost, CPU share, RSS per connection, probe p99).
+    assert len(names) == 11
     for target in results["targets"]:
         assert target["met"] == (
             target["value"] <= target["target"]
@@ -179,3 +180,21 @@ def test_controls_compare_every_control_on_against_off(smoke):
     )
     assert len(controls["runs"]["off"]) == len(controls["runs"]["on"]) == controls["rounds"]
     assert "9 controls: test 2's load" in markdown
+
+
+def test_scale_held_every_connection_through_a_rekey(smoke):
+    scale = smoke[0]["scale"]
+    assert scale["connections"] == 200 and scale["instances"] == 1 and not scale["limited_by"]
+    assert scale["lost"] == 0 and scale["open_at_end"] == 200
+    assert scale["relay_listening"] == 200  # the relay's own STATUS= count
+    # The shortened rekey interval made the relay rekey every connection in the hold.
+    assert scale["every_connection_rekeyed"] and scale["rekeys"] >= 200
+    # The clients connected from the loopback addresses they were given.
+    assert scale["source_addresses"] == 4
+    assert scale["probe_failures"] == 0
+    _percentiles_sane(scale["probe_round_trip"])
+    assert scale["rss_kib"] >= scale["rss_kib_base"] > 0
+    assert scale["setup_seconds"] > 0 and scale["teardown_seconds"] >= 0
+    names = [target["name"] for target in smoke[0]["targets"]]
+    assert "connections lost, 200 idle" in names
+    assert "10 scale: 200 listen connections" in smoke[1]
