@@ -289,10 +289,16 @@ def _serve(args: argparse.Namespace) -> int:
     from ..allocator import tune
 
     tune()
+    from ..relay import descriptors
+
+    short = descriptors.fit(config.limits.max_connections)
 
     def reload_config() -> Config:
         config = _load(args)
         _log_sources(args, "reload")
+        problem = descriptors.fit(config.limits.max_connections)
+        if problem:
+            log.warning("%s", problem)
         return config
 
     def announce() -> None:
@@ -300,6 +306,8 @@ def _serve(args: argparse.Namespace) -> int:
         if not config_error:  # files that do not load have been named already
             _log_sources(args, "start")
         log.debug("identity loaded from %s", config.identity_file)
+        if short:
+            log.warning("%s", short)
         _announce_ticket(config, bytes(identity.verify_key))
 
     try:
