@@ -829,6 +829,9 @@ def scale(workdir: Path, sizes: Sizes, fd_limit: int) -> dict:
         "rss_kib_per_connection": round((rss_kib - rss_base) / count, 2),
         # All instances together: the share of one core the relays used over the hold.
         "relay_cpu_seconds": round(relay_cpu, 3),
+        # In 10 ms ticks (the total above is exact): how much of it the kernel's.
+        "relay_user_seconds": round(sum(window.relay_user for window in windows), 2),
+        "relay_system_seconds": round(sum(window.relay_system for window in windows), 2),
         "relay_cpu_share": round(relay_cpu / hold, 3),
         "relay_cpu_share_max_bucket": round(max(shares_of_core), 3) if shares_of_core else None,
         "relay_cpu_share_min_bucket": round(min(shares_of_core), 3) if shares_of_core else None,
