@@ -18,6 +18,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -543,6 +544,76 @@ def test_the_controls_are_set_by_their_variables_and_reloaded(deployment: Deploy
     assert "action" in refused.output and "throttle, refuse" in refused.output, refused.tail()
     assert changed.read("/etc/offset-relay/relay.d/50-ansible.toml") == drop_in
     controller.host_vars[changed.name] = {**settings, **CONTROLS}
+
+
+def identity_key(identity: Path) -> str:
+    """The public key of an identity on the controller, as the README shows it."""
+    shown = subprocess.run(
+        [BIN / "stmgr", "relay-ticket", "--address", "relay.example.org:4567",
+         "--idfile", identity, "--output", "-"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return json.loads(shown.stdout)["publicKey"]
+
+
+@pytest.mark.skipif(
+    not CONTROLS_IN_CONFIG,
+    reason="the relay's configuration has no [access] yet",
+)
+def test_a_private_relay_is_verified_with_the_probe_identity(deployment: Deployment) -> None:
+    """With listen_allow set, the play's probe is refused and the play fails naming the list
+    and offset_relay_probe_identity; with that variable, the role makes the identity on the
+    controller (0600), admits its key in the list it writes and the play passes, from the
+    controller and from the host (whose temporary copy of the identity is gone after)."""
+    controller = deployment.controller
+    host = deployment.hosts[0]
+    settings = controller.host_vars.get(host.name, {})
+    nodes_key = "9s1Yw3Y3nBL0hHN3lTxsVr2O8TmTjmBkS5oDq8yRcnA"
+    private = {**settings, "offset_relay_access": {"listen_allow": [nodes_key]}}
+    controller.host_vars[host.name] = private
+    try:
+        refused = controller.playbook("--limit", host.name, "-e", "offset_relay_verify_timeout=3")
+
+        assert refused.returncode != 0
+        assert failed_tasks(refused, host.name) == [
+            "Fail for a relay that does not pass the probe"
+        ], refused.tail()
+        assert "refused the probe's listen" in refused.output, refused.tail()
+        assert "offset_relay_access.listen_allow" in refused.output, refused.tail()
+        assert "Set offset_relay_probe_identity" in refused.output, refused.tail()
+        assert "misbehaved or proved another public key" not in refused.output, refused.tail()
+
+        identity = controller.directory / "probe.ident"
+        assert not identity.exists()
+        controller.host_vars[host.name] = {**private, "offset_relay_probe_identity": "probe.ident"}
+        run_ = controller.playbook("--limit", host.name)
+
+        assert run_.returncode == 0, run_.tail() + relay_journals([host])
+        assert identity.stat().st_mode & 0o777 == 0o600
+        key = identity_key(identity)
+        drop_in = tomllib.loads(host.read("/etc/offset-relay/relay.d/50-ansible.toml"))
+        assert drop_in["access"]["listen_allow"] == [nodes_key, key]
+        ticket = controller.ticket(host)
+        assert probe(ticket).returncode == 1  # throwaway identities: still private
+        admitted = subprocess.run(
+            [BIN / "stmgr", "probe", ticket, "--listener-idfile", identity],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert admitted.returncode == 0, admitted.stderr
+        controller.playbook("--limit", host.name).assert_clean([host.name])
+
+        from_host = controller.playbook(
+            "--limit", host.name, "-e", "offset_relay_verify_from_controller=false"
+        )
+        from_host.assert_clean([host.name])
+        assert "Copy the probe's identity to the host for the probe" in from_host.output
+        left = host.ssh("find /tmp /root -name '*.ident'", check=False).stdout.strip()
+        assert left == "", left
+        assert identity_key(identity) == key  # the same identity, not made again
+    finally:
+        controller.host_vars[host.name] = settings
+        controller.playbook("--limit", host.name)
+    assert_probe_passes(controller.ticket(host))
 
 
 def test_bad_settings_never_reach_the_relay(deployment: Deployment) -> None:

@@ -5,13 +5,22 @@ and ticket, and goes back to the single offset-relay.service at 1."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import tomllib
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from .rig import Host, Rig
-from .test_ansible import Controller, assert_probe_passes, copy_ansible_dir
+from .test_ansible import (
+    Controller,
+    assert_probe_passes,
+    copy_ansible_dir,
+    identity_key,
+    probe,
+)
 
 pytestmark = pytest.mark.deploy
 
@@ -91,6 +100,56 @@ def test_a_lost_instance_identity_is_made_again_by_the_relays_user(controller: C
     ticket = controller.directory / "tickets" / f"{host.name}-2.relay"
     assert_probe_passes(ticket)
     controller.playbook().assert_clean(controller.names)
+
+
+def test_private_instances_are_verified_with_the_probe_identity(controller: Controller) -> None:
+    """With listen_allow and connect_allow set, each instance's probe is refused and the play
+    fails naming the list and offset_relay_probe_identity; with that variable, each
+    instance's lists admit its key and the probe listens and connects as it, from the
+    controller and from the host."""
+    host = controller.rig.hosts[0]
+    settings = controller.host_vars[host.name]
+    nodes_key = "9s1Yw3Y3nBL0hHN3lTxsVr2O8TmTjmBkS5oDq8yRcnA"
+    access = {"listen_allow": [nodes_key], "connect_allow": [nodes_key]}
+    controller.host_vars[host.name] = {**settings, "offset_relay_access": access}
+    try:
+        refused = controller.playbook("-e", "offset_relay_verify_timeout=3")
+        assert refused.returncode != 0
+        # A loop's failure is "failed: [host] (item=N)", reported by the fail task only.
+        assert refused.recap[host.name]["failed"] == 1, refused.tail()
+        assert f"failed: [{host.name}] (item=1)" in refused.output, refused.tail()
+        assert "Fail for an instance that does not pass the probe" in refused.output
+        assert "offset_relay_access.listen_allow" in refused.output, refused.tail()
+        assert "Set offset_relay_probe_identity" in refused.output, refused.tail()
+
+        controller.host_vars[host.name] = {
+            **settings,
+            "offset_relay_access": access,
+            "offset_relay_probe_identity": "probe.ident",
+        }
+        run_ = controller.playbook()
+        assert run_.returncode == 0, run_.tail()
+        identity = controller.directory / "probe.ident"
+        key = identity_key(identity)
+        for index in (1, 2):
+            written = tomllib.loads(host.read(f"/etc/offset-relay/{index}.toml"))["access"]
+            assert written == {"listen_allow": [nodes_key, key], "connect_allow": [nodes_key, key]}
+            ticket = controller.directory / "tickets" / f"{host.name}-{index}.relay"
+            assert probe(ticket).returncode == 1
+            admitted = subprocess.run(
+                [Path(sys.executable).parent / "stmgr", "probe", ticket,
+                 "--listener-idfile", identity, "--connector-idfile", identity],
+                capture_output=True, text=True, timeout=60,
+            )  # fmt: skip
+            assert admitted.returncode == 0, admitted.stderr
+        controller.playbook().assert_clean(controller.names)
+        from_host = controller.playbook("-e", "offset_relay_verify_from_controller=false")
+        from_host.assert_clean(controller.names)
+        left = host.ssh("find /tmp /root -name '*.ident'", check=False).stdout.strip()
+        assert left == "", left
+    finally:
+        controller.host_vars[host.name] = settings
+        controller.playbook()
 
 
 def test_back_to_one_relay_stops_the_instances(controller: Controller) -> None:

@@ -139,9 +139,11 @@ def test_the_controls_variables_are_the_relays_keys():
         ), section
 
 
-def _render(tmp_path: Path) -> dict[str, str]:
-    """The role's two settings templates, rendered by ansible-playbook with every control set."""
-    playbook_bin = BIN / "ansible-playbook"
+def _render(
+    tmp_path: Path, *extra: str, playbook_bin: Path = BIN / "ansible-playbook"
+) -> dict[str, str]:
+    """The role's two settings templates, rendered by ansible-playbook with every control set
+    (and ``extra`` arguments)."""
     if not playbook_bin.exists():
         pytest.skip("ansible-core is not installed")
     out = {name: tmp_path / f"{name}.toml" for name in ("50-ansible", "instance")}
@@ -182,6 +184,7 @@ def _render(tmp_path: Path) -> dict[str, str]:
             f"ansible_python_interpreter={sys.executable}",
             "-e",
             "@controls.json",
+            *extra,
             "play.yml",
         ],
         cwd=tmp_path,
@@ -209,6 +212,47 @@ def test_the_templates_write_each_control_as_the_type_the_relay_reads(tmp_path):
         for key in ("window", "ban_time", "multiplier", "max_ban_time", "forget_after"):
             assert type(bans[key]) is float, key
         assert doc["limits"] == CONTROLS["offset_relay_limits"]
+
+
+PROBE_KEY = "pRoBeKeyAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"
+DEBIAN_ANSIBLE_PLAYBOOK = Path("/usr/bin/ansible-playbook")
+
+
+@pytest.mark.parametrize(
+    "playbook_bin",
+    [BIN / "ansible-playbook", DEBIAN_ANSIBLE_PLAYBOOK],
+    ids=["ansible-core", "debian-ansible-core"],
+)
+def test_the_probe_identitys_key_is_added_to_the_allow_lists_that_are_set(tmp_path, playbook_bin):
+    """With offset_relay_probe_identity, its key (read by the role into
+    __offset_relay_probe_key) joins listen_allow and connect_allow when they are set, once;
+    an unset or empty allow list, which admits everyone, is left as it is."""
+    if not playbook_bin.exists():
+        pytest.skip(f"no {playbook_bin}")
+    access = CONTROLS["offset_relay_access"]
+    key = f"__offset_relay_probe_key={PROBE_KEY}"
+    for name, text in _render(tmp_path, "-e", key, playbook_bin=playbook_bin).items():
+        written = tomllib.loads(text)["access"]
+        assert written["listen_allow"] == [*access["listen_allow"], PROBE_KEY], name
+        assert written["connect_allow"] == [], name
+        assert {k: v for k, v in written.items() if k != "listen_allow"} == {
+            k: v for k, v in access.items() if k != "listen_allow"
+        }, name
+    both = {**access, "connect_allow": ["/etc/offset-relay/peers.keys"]}
+    (tmp_path / "both.json").write_text(json.dumps({"offset_relay_access": both}))
+    for name, text in _render(
+        tmp_path, "-e", key, "-e", "@both.json", playbook_bin=playbook_bin
+    ).items():
+        written = tomllib.loads(text)["access"]
+        assert written["listen_allow"] == [*access["listen_allow"], PROBE_KEY], name
+        assert written["connect_allow"] == ["/etc/offset-relay/peers.keys", PROBE_KEY], name
+    # Already listed: not twice.
+    listed = {"listen_allow": [PROBE_KEY]}
+    (tmp_path / "listed.json").write_text(json.dumps({"offset_relay_access": listed}))
+    for name, text in _render(
+        tmp_path, "-e", key, "-e", "@listed.json", playbook_bin=playbook_bin
+    ).items():
+        assert tomllib.loads(text)["access"] == listed, name
 
 
 def test_unset_controls_write_nothing(tmp_path):
