@@ -19,7 +19,9 @@ pytestmark = pytest.mark.skipif(shutil.which("prlimit") is None, reason="needs p
 
 def _soft_limit(pid: int) -> int:
     text = Path(f"/proc/{pid}/limits").read_text()
-    return int(re.search(r"Max open files\s+(\d+)", text).group(1))
+    match = re.search(r"Max open files\s+(\d+)", text)
+    assert match is not None
+    return int(match.group(1))
 
 
 def test_a_relay_started_at_a_shells_soft_limit_raises_it(relay_factory):
