@@ -28,6 +28,7 @@ from .fastpath import (
     forward_ka_message,
 )
 from .messages import (
+    KEEPALIVE,
     RAND_NONCE_LEN,
     SALT_LEN,
     ExchangeDh,
@@ -220,6 +221,8 @@ class PaddingSource:
 # One pool serves every channel in the process: a pool per channel cost each connection
 # 64 KiB of memory (and of CSPRNG output) from its first message on.
 _SHARED_PADDING = PaddingSource()
+# The packed ChannelMessage carrying a keepAlive, per padding length (made when first used).
+_KEEPALIVE_PLAINTEXTS: list[bytes | None] = [None] * 256
 
 
 class _Direction:
@@ -274,6 +277,20 @@ class SecureChannel:
             # message is then made once per pair of lengths.
             return self._seal(encode_channel_user_padded(padding.length(), user))
         return self._seal(encode_channel_user(padding(), user))
+
+    def seal_keepalive(self) -> bytes:
+        """``seal(KEEPALIVE)``: an idle connection's one message, its plaintext for each
+        padding length made once per process."""
+        padding = self._padding
+        if padding is _SHARED_PADDING:
+            length = padding.length()
+            plaintext = _KEEPALIVE_PLAINTEXTS[length]
+            if plaintext is None:
+                plaintext = _KEEPALIVE_PLAINTEXTS[length] = encode_channel_user_padded(
+                    length, KEEPALIVE
+                )
+            return self._seal(plaintext)
+        return self._seal(encode_channel_user(padding(), KEEPALIVE))
 
     def seal_carried(self, length: int, words: bytes | memoryview) -> bytes:
         """``seal`` of user data of ``length`` bytes given as its packed words (from

@@ -30,7 +30,6 @@ from .frames import (
     frame_header,
 )
 from .keepalive import Keepalive, KeepaliveExport
-from .messages import KEEPALIVE as KEEPALIVE_MESSAGE
 
 PROTOCOL_VERSION = 0
 VERSION_FRAME = frame_header(4) + PROTOCOL_VERSION.to_bytes(4, "big")
@@ -426,7 +425,7 @@ class Connection:
         if now >= self._next_rekey:
             self.start_rekey(now)
         if keepalive.keepalive_due(now):
-            self._queue(self._channel.seal(KEEPALIVE_MESSAGE))  # type: ignore[union-attr]
+            self._queue(self._channel.seal_keepalive())  # type: ignore[union-attr]
             keepalive.last_send = now
 
     # ---- hand-over (relay/handover.py) -------------------------------------------------

@@ -38,6 +38,7 @@ from .messages import (
     HEADER_6,
     KA_MESSAGE,
     KA_ROOT,
+    KEEPALIVE,
     PUBLIC_KEY_LEN,
     RAND_NONCE_LEN,
     SALT_LEN,
@@ -316,6 +317,8 @@ _LOW35 = (1 << 35) - 1
 
 def decode_ka_message(data: bytes) -> bytes | None:
     """The payload of a packed KaMessage, or None for ``keepAlive``."""
+    if data == KEEPALIVE:  # an idle connection's one message, as the encoders pack it
+        return None
     words = unpacked_words(data)
     if len(words) >= 32:
         segments, size, root, tag, pointer = _KA_FIXED.unpack_from(words)

@@ -357,3 +357,24 @@ def test_timers_of_connections_opened_together_are_spread_never_late():
         a.start_rekey(500.0)
         assert 500.0 + 1000.0 * (1 - TIMER_SPREAD) <= a._next_rekey <= 1500.0
     assert len(keepalives) == 20 and len(rekeys) == 20
+
+
+@pytest.mark.parametrize("own_random", [False, True])
+def test_keepalives_from_the_cached_plaintexts_open_as_keepalives(own_random):
+    # The process's padding (cached keepAlive plaintexts, one per length) and a connection's
+    # own random source (encoded each time) both give frames the peer takes as keepalives.
+    import os
+
+    kwargs = {"random": lambda n: os.urandom(n)} if own_random else {}
+    a, b = pair(keepalive=32.0, **kwargs)
+    lengths = set()
+    for step in range(1, 200):
+        now = 16.0 * step
+        b._keepalive.last_recv = now
+        a._keepalive.last_recv = now
+        a.handle_timer(now)
+        data = b"".join(a.data_to_send())
+        lengths.add(len(data))
+        assert b.receive_data(data, now) == []
+        assert b._keepalive.last_recv == now
+    assert len(lengths) > 20  # the padding length still varies from one to the next
