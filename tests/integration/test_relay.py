@@ -211,7 +211,9 @@ def test_relay_sends_keepalive_after_16_seconds_of_silence(relay):
     data = sock.recv(4096)  # the first thing the relay sends on a quiet listen connection
     waited = time.monotonic() - started
     assert data and node.wire.receive_data(data, time.monotonic()) == []  # a keepalive
-    assert 15.5 <= waited <= 17.5, waited
+    # Half the 32 s timeout, less a random part of up to a quarter for the first one
+    # (connections opened together do not keep sending together): 12 to 16 s.
+    assert 11.5 <= waited <= 17.5, waited
 
 
 def _raw(relay):

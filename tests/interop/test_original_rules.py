@@ -44,8 +44,14 @@ def _run(relay: Connection, peer: OriginalRulesPeer, tick: float, seconds: float
 
 
 def _pair(tick: float, keepalive: float, rekey_interval: float, **peer_args):
+    # The exact timers (no spread): every relay rekey then falls on a keepalive slot, the
+    # case a relay that let a rekey stand in for a keepalive would get wrong.
     relay = Connection(
-        SigningKey.generate(), 0.0, keepalive=keepalive, rekey_interval=rekey_interval
+        SigningKey.generate(),
+        0.0,
+        keepalive=keepalive,
+        rekey_interval=rekey_interval,
+        timer_spread=0.0,
     )
     peer = OriginalRulesPeer(**peer_args)
     for _ in range(3):
