@@ -349,13 +349,14 @@ class SecureChannel:
         anything else decoded first; whatever ``open`` and ``forward_ka_message`` refuse
         raises the same error."""
         recv = self._recv
+        nonce = recv.counter.to_bytes(NONCE_LEN, "little")
         if (
             self._old_recv is None
             and len(frame) >= NONCE_LEN + TAG_LEN
-            and frame[:NONCE_LEN] == recv.counter.to_bytes(NONCE_LEN, "little")
+            and frame[:NONCE_LEN] == nonce
         ):
             # The usual frame, as decrypt takes it (no rekey settling), in one call.
-            plain = _decrypt(frame, bytes(frame[:NONCE_LEN]), recv.key)
+            plain = _decrypt(frame, nonce, recv.key)
             if plain is not None:
                 recv.counter += 1
             else:

@@ -74,15 +74,12 @@ class FrameDecoder:
 
     def feed(self, data: bytes) -> list[bytes]:
         """Add received bytes; return every frame body now complete, in order."""
-        return cast("list[bytes]", self._feed(data, self.max_length + 1))
+        return cast("list[bytes]", self.feed_views(data, self.max_length + 1))
 
-    def feed_views(self, data: bytes) -> list[Frame]:
-        """``feed``, with frames of ``VIEW_MIN`` bytes or more as memoryviews of the bytes
+    def feed_views(self, data: bytes, view_min: int = VIEW_MIN) -> list[Frame]:
+        """``feed``, with frames of ``view_min`` bytes or more as memoryviews of the bytes
         received (which they keep alive while they are held) instead of copies; a partial
         frame is always kept as a copy of its own."""
-        return self._feed(data, VIEW_MIN)
-
-    def _feed(self, data: bytes, view_min: int) -> list[Frame]:
         if self._setup_left:
             return self._feed_setup(data, view_min)
         if self._chunks:
@@ -164,7 +161,7 @@ class FrameDecoder:
                 self._need = need
             return frames
         if rest:
-            frames.extend(self._feed(rest, view_min))
+            frames.extend(self.feed_views(rest, view_min))
         return frames
 
     # ---- hand-over (relay/handover.py) ------------------------------------------------
