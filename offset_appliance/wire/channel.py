@@ -79,7 +79,28 @@ def _encrypt(nonce: bytes, key: bytes, plaintext: bytes) -> bytes:
     return _buffer(out, NONCE_LEN + size)[:]
 
 
-def _decrypt(frame: bytes, nonce: bytes, key: bytes) -> bytes | None:
+_memmove = _ffi.memmove
+_FRAME_HEADER_LEN = 8  # frames.HEADER_LEN: a frame's big-endian length
+
+
+def _encrypt_frame(nonce: bytes, key: bytes, prefix: bytes, rest: bytes | memoryview) -> memoryview:
+    """The whole frame (its length, then ``nonce || ciphertext || tag``) sealing
+    ``prefix + rest``, in one buffer: the plaintext is copied in once and encrypted in place
+    (libsodium encrypts in place when the output is the input), and the buffer goes out as
+    it is, without the copies of a join and of ``_encrypt``'s result."""
+    plain = len(prefix) + len(rest)
+    payload = NONCE_LEN + plain + _ABYTES
+    out = _alloc("unsigned char[]", _FRAME_HEADER_LEN + payload)
+    out[0:_FRAME_HEADER_LEN] = payload.to_bytes(_FRAME_HEADER_LEN, "big")
+    out[_FRAME_HEADER_LEN : _FRAME_HEADER_LEN + NONCE_LEN] = nonce
+    body = out + (_FRAME_HEADER_LEN + NONCE_LEN)
+    _memmove(body, prefix, len(prefix))
+    _memmove(body + len(prefix), rest, len(rest))
+    _aead_encrypt(body, _NULL, body, plain, _NULL, 0, _NULL, nonce, key)
+    return memoryview(_buffer(out, _FRAME_HEADER_LEN + payload))  # type: ignore[arg-type]
+
+
+def _decrypt(frame: bytes | memoryview, nonce: bytes, key: bytes) -> bytes | None:
     """The plaintext of ``frame`` (nonce, ciphertext, tag), or None if it fails to verify."""
     size = len(frame) - NONCE_LEN - _ABYTES
     out = _alloc("unsigned char[]", max(size, 1))
@@ -302,6 +323,18 @@ class SecureChannel:
             prefix = channel_user_prefix(padding(), length)
         return self._seal(b"".join((prefix, words)))
 
+    def frame_carried(self, length: int, words: bytes | memoryview) -> memoryview:
+        """The whole frame ``seal_carried`` seals (its length prefix too), as one buffer."""
+        padding = self._padding
+        if padding is _SHARED_PADDING:
+            prefix = channel_user_prefix_padded(padding.length(), length)
+        else:
+            prefix = channel_user_prefix(padding(), length)
+        send = self._send
+        nonce = send.counter.to_bytes(NONCE_LEN, "little")
+        send.counter += 1
+        return _encrypt_frame(nonce, send.key, prefix, words)
+
     def start_rekey(self) -> bytes | None:
         """Begin a rekey; returns the frame to send, or None if one is already pending."""
         if self._pending is not None:
@@ -310,7 +343,9 @@ class SecureChannel:
         self._pending = (private, salt)
         return self._seal(encode_channel_rekey(self._padding(), Rekey(public, salt)))
 
-    def _try_open(self, direction: _Direction, nonce: bytes, frame: bytes) -> bytes | None:
+    def _try_open(
+        self, direction: _Direction, nonce: bytes, frame: bytes | memoryview
+    ) -> bytes | None:
         if nonce != direction.counter.to_bytes(NONCE_LEN, "little"):
             return None
         plain = _decrypt(frame, nonce, direction.key)
@@ -319,11 +354,11 @@ class SecureChannel:
         direction.counter += 1
         return plain
 
-    def open(self, frame: bytes) -> bytes | None:
+    def open(self, frame: bytes | memoryview) -> bytes | None:
         """Decrypt one frame: the user payload, or None when it was a rekey (handled here)."""
         return self.content(self.decrypt(frame))
 
-    def open_forward(self, frame: bytes) -> tuple[Forwarded | None, int] | None:
+    def open_forward(self, frame: bytes | memoryview) -> tuple[Forwarded | None, int] | None:
         """``open`` for a frame whose KaMessage the relay forwards: None when it was a
         rekey (handled here), else ``(what Connection.send_packed takes, its payload's
         length)``, with None and 0 for a keepalive. A ChannelMessage and KaMessage in our
@@ -331,13 +366,14 @@ class SecureChannel:
         anything else decoded first; whatever ``open`` and ``forward_ka_message`` refuse
         raises the same error."""
         recv = self._recv
+        nonce = recv.counter.to_bytes(NONCE_LEN, "little")
         if (
             self._old_recv is None
             and len(frame) >= NONCE_LEN + TAG_LEN
-            and frame[:NONCE_LEN] == recv.counter.to_bytes(NONCE_LEN, "little")
+            and frame[:NONCE_LEN] == nonce
         ):
             # The usual frame, as decrypt takes it (no rekey settling), in one call.
-            plain = _decrypt(frame, frame[:NONCE_LEN], recv.key)
+            plain = _decrypt(frame, nonce, recv.key)
             if plain is not None:
                 recv.counter += 1
             else:
@@ -353,12 +389,12 @@ class SecureChannel:
         forwarded = forward_ka_message(user)
         return (None, 0) if forwarded is None else forwarded
 
-    def decrypt(self, frame: bytes) -> bytes:
+    def decrypt(self, frame: bytes | memoryview) -> bytes:
         """The plaintext of one frame (a packed ChannelMessage), under the receiving key or
         the one before it while a rekey settles."""
         if len(frame) < NONCE_LEN + TAG_LEN:
             raise ProtocolError("encrypted frame too short")
-        nonce = frame[:NONCE_LEN]
+        nonce = bytes(frame[:NONCE_LEN])
         plain = None
         if self._old_recv is not None:
             plain = self._try_open(self._old_recv, nonce, frame)

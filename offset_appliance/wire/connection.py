@@ -26,6 +26,7 @@ from .frames import (
     MAX_FRAME_LENGTH,
     SETUP_FRAMES,
     DecoderExport,
+    Frame,
     FrameDecoder,
     frame_header,
 )
@@ -124,7 +125,7 @@ class Connection:
         self.peer_public_key: bytes | None = None
         # The peer's version and handshake frames are held to the small set-up limit.
         self._decoder = FrameDecoder(max_frame_length, setup_frames=SETUP_FRAMES)
-        self._held: list[bytes] = []  # complete frames beyond a frame budget
+        self._held: list[Frame] = []  # complete frames beyond a frame budget
         self._handshake: Handshake | None = Handshake(identity, expected_peer, random)
         self._channel: SecureChannel | None = None
         self._keepalive: Keepalive | None = None
@@ -137,18 +138,18 @@ class Connection:
         self._deadline = now + conn_timeout  # the whole set-up must finish by then
         # Both sides speak first: version, then our handshake nonce, without waiting.
         hello = self._handshake.start()
-        self._out: list[bytes] = [VERSION_FRAME, frame_header(len(hello)), hello]
+        self._out: list[bytes | memoryview] = [VERSION_FRAME, frame_header(len(hello)), hello]
         self._out_size = len(VERSION_FRAME) + HEADER_LEN + len(hello)
 
     # ---- input -------------------------------------------------------------------------
 
-    def _take_frames(self, data: bytes, frame_budget: int | None) -> list[bytes]:
+    def _take_frames(self, data: bytes, frame_budget: int | None) -> list[Frame]:
         # The frames to process now: those held from the last call, then those ``data``
         # completes, at most ``frame_budget`` of them (the rest are held).
         if self.state is State.CLOSED:
             raise LocalProtocolError("connection already closed")
         try:
-            frames = self._decoder.feed(data) if data else []
+            frames = self._decoder.feed_views(data) if data else []
         except ProtocolError:
             self.state = State.CLOSED
             raise
@@ -227,7 +228,7 @@ class Connection:
             self.state = State.CLOSED
             raise
 
-    def _receive_setup(self, frames: list[bytes], now: float) -> list[bytes]:
+    def _receive_setup(self, frames: list[Frame], now: float) -> list[bytes]:
         for index, frame in enumerate(frames):
             if self.state is State.VERSION:
                 if len(frame) != 4:
@@ -243,7 +244,7 @@ class Connection:
                 continue
             handshake = self._handshake
             assert handshake is not None
-            reply = handshake.receive(frame)
+            reply = handshake.receive(bytes(frame))  # set-up frames are small: bytes
             if reply is not None:
                 self._queue(reply)
             if handshake.done:
@@ -263,7 +264,7 @@ class Connection:
         self._next_rekey = self._rekey_after(now)
         self._deadline = _INF
 
-    def _receive_open(self, frames: list[bytes], now: float) -> list[bytes]:
+    def _receive_open(self, frames: list[Frame], now: float) -> list[bytes]:
         if not frames:
             return []
         channel = self._channel
@@ -336,9 +337,12 @@ class Connection:
         size = 0
         for message in messages:
             if type(message) is tuple:
-                payload = channel.seal_carried(*message)
-            else:
-                payload = seal(message)  # type: ignore[arg-type]
+                # Large user data carried as it came: the whole frame in one buffer.
+                frame = channel.frame_carried(*message)
+                append(frame)
+                size += len(frame)
+                continue
+            payload = seal(message)  # type: ignore[arg-type]
             append(len(payload).to_bytes(HEADER_LEN, "big"))
             append(payload)
             size += HEADER_LEN + len(payload)
@@ -362,7 +366,7 @@ class Connection:
         self._queue(frame)
         return True
 
-    def data_to_send(self) -> list[bytes]:
+    def data_to_send(self) -> list[bytes | memoryview]:
         """Take everything queued for the peer (a list of byte strings, in order)."""
         out = self._out
         if not out:
@@ -449,7 +453,7 @@ class Connection:
             "rekey_in": None if self._next_rekey == _INF else self._next_rekey - now,
             "setup_in": None if self._deadline == _INF else self._deadline - now,
             "out": b"".join(self._out),
-            "held": list(self._held),
+            "held": [bytes(frame) for frame in self._held],
         }
 
     @classmethod

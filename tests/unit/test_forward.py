@@ -15,7 +15,7 @@ from nacl.signing import SigningKey
 
 from offset_appliance.errors import ProtocolError
 from offset_appliance.wire.capnp import pack, packed_words, unpack
-from offset_appliance.wire.channel import PaddingSource
+from offset_appliance.wire.channel import PaddingSource, SecureChannel
 from offset_appliance.wire.connection import Connection
 from offset_appliance.wire.fastpath import (
     CARRY_MIN,
@@ -30,6 +30,7 @@ from offset_appliance.wire.fastpath import (
     forward_ka_message,
     padding_of,
 )
+from offset_appliance.wire.frames import frame_header
 from offset_appliance.wire.messages import (
     KEEPALIVE,
     Rekey,
@@ -203,6 +204,24 @@ def test_a_relay_hop_carrying_large_messages_delivers_them(shared_padding):
     assert relay_a.forwarded_bytes == sum(map(len, messages))
     relay_b.send_packed(forwarded, 0.0)
     assert receiver.receive_data(b"".join(relay_b.data_to_send()), 0.0) == messages
+
+
+@pytest.mark.parametrize("size", [CARRY_MIN, 5000, 65536])
+def test_a_carried_frame_is_what_sealing_the_joined_message_gives(size):
+    # frame_carried encrypts in place in one buffer: the same bytes as the frame header
+    # and seal_carried (prefix joined to the words, then encrypted), for the same state.
+    def channel():
+        state = iter(range(1 << 30))
+        return SecureChannel(
+            bytes(32), bytes(range(32)), lambda n: bytes(next(state) % 256 for _ in range(n))
+        )
+
+    words = memoryview(os.urandom(8 * ((size + 7) // 8)))
+    for _ in range(3):
+        one, other = channel(), channel()
+        frame = one.frame_carried(size, words)
+        payload = other.seal_carried(size, words)
+        assert bytes(frame) == frame_header(len(payload)) + payload
 
 
 def test_the_reference_reader_takes_a_carried_message():

@@ -5,7 +5,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from offset_appliance.errors import ProtocolError
-from offset_appliance.wire.frames import FrameDecoder, encode_frame, frame_header
+from offset_appliance.wire.frames import VIEW_MIN, FrameDecoder, encode_frame, frame_header
 
 
 @given(
@@ -69,3 +69,26 @@ def test_frames_after_the_setup_ones_get_the_full_limit_even_in_the_same_read():
         got = decoder.feed(stream[:cut]) + decoder.feed(stream[cut:])
         assert got == [*setup, big, b"y"]
         assert decoder.buffered == 0
+
+
+@given(
+    st.lists(st.binary(max_size=300) | st.binary(min_size=4090, max_size=5000), max_size=8),
+    st.lists(st.integers(min_value=1, max_value=6000), min_size=1, max_size=10),
+)
+def test_views_give_the_same_frames_and_large_ones_as_views(bodies, cuts):
+    stream = b"".join(encode_frame(b) for b in bodies)
+    decoder = FrameDecoder(10000)
+    got, pos, i = [], 0, 0
+    while pos < len(stream):
+        step = cuts[i % len(cuts)]
+        got += decoder.feed_views(stream[pos : pos + step])
+        pos += step
+        i += 1
+    assert [bytes(frame) for frame in got] == bodies
+    assert [type(frame) for frame in got] == [
+        memoryview if len(b) >= VIEW_MIN else bytes for b in bodies
+    ]
+    assert decoder.buffered == 0
+    # What is kept of a partial frame is a copy, not a view of the read.
+    decoder.feed_views(stream + frame_header(5000) + b"x" * 10)
+    assert all(type(chunk) is bytes for chunk in decoder._chunks)
