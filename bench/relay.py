@@ -75,8 +75,13 @@ def cpu_times(pid: int) -> tuple[float, float]:
 
 
 def exact_cpu(pid: int) -> float | None:
-    """Seconds the process has run on a CPU, to the nanosecond, from /proc/<pid>/schedstat."""
+    """Seconds a single-threaded process has run on a CPU, to the nanosecond, from
+    /proc/<pid>/schedstat; None for a process with more threads (the file counts its main
+    thread only: the original strelay's work is in its runtime's worker threads, which
+    /proc/<pid>/stat's ticks include)."""
     try:
+        if len(os.listdir(f"/proc/{pid}/task")) != 1:
+            return None
         return int(Path(f"/proc/{pid}/schedstat").read_text().split()[0]) / 1e9
     except (OSError, ValueError, IndexError):
         return None

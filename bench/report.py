@@ -405,7 +405,13 @@ def table_rows(results: dict) -> list[tuple[str, ...]]:
                 f" {sc['relay_cpu_share_min_bucket']:.3f})",
                 "",
                 "",
-                f"<= 0.25: {verdict[f'relay CPU share of a core, {count} idle']}",
+                f"<= 0.25: {verdict[f'relay CPU share of a core, {count} idle']}"
+                + (
+                    f" (at the original's hourly rekeys, estimated from this run:"
+                    f" {sc['relay_cpu_share_at_hourly_rekeys']:.3f})"
+                    if sc.get("relay_cpu_share_at_hourly_rekeys") is not None
+                    else ""
+                ),
             ),
             (
                 "",

@@ -660,6 +660,19 @@ def _closed_by_reason(relay: BenchRelay) -> dict[str, int]:
     return found
 
 
+def _hourly_share(
+    shares: list[float], relay_cpu: float, hold: float, rekeys: int, connections: int
+) -> float | None:
+    """The relay CPU share with the original's one rekey an hour per connection: the
+    keepalives-only share (the quietest stretch) plus ``connections`` / 3600 rekeys a
+    second at the cost the hold's rekeys showed."""
+    if not shares or not rekeys or hold <= 0:
+        return None
+    quiet = min(shares)
+    per_rekey = max(0.0, relay_cpu - quiet * hold) / rekeys
+    return round(quiet + connections / 3600 * per_rekey, 3)
+
+
 def scale_plan(connections: int, fd_limit: int) -> tuple[int, list[int]]:
     """(instances, connections per instance) for ``connections`` under a per-process
     descriptor limit: one instance when it fits, else the fewest that do."""
@@ -834,6 +847,12 @@ def scale(workdir: Path, sizes: Sizes, fd_limit: int) -> dict:
         "relay_system_seconds": round(sum(window.relay_system for window in windows), 2),
         "relay_cpu_share": round(relay_cpu / hold, 3),
         "relay_cpu_share_max_bucket": round(max(shares_of_core), 3) if shares_of_core else None,
+        # The hold's rekeys come at 3600 / rekey_interval times the original's rate. The
+        # quietest stretch is keepalives alone; what the hold used beyond it, per rekey, is
+        # an estimate of a rekey's cost; with it, the share at the original's hourly rekey.
+        "relay_cpu_share_at_hourly_rekeys": _hourly_share(
+            shares_of_core, relay_cpu, hold, sum(report["rekeys"] for report in reports), count
+        ),
         "relay_cpu_share_min_bucket": round(min(shares_of_core), 3) if shares_of_core else None,
         "bucket_seconds": round(bucket, 1),
         "client_cpu_seconds": round(sum(window.client_cpu for window in windows), 3),

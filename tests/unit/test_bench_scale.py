@@ -28,3 +28,30 @@ def test_source_addresses_are_distinct_loopback_addresses():
     assert sources[0] == "127.0.1.1" and sources[253] == "127.0.1.254"
     assert sources[254] == "127.0.2.1"
     assert all(address.startswith("127.") for address in sources)
+
+
+def test_exact_cpu_only_for_single_threaded_processes():
+    # /proc/<pid>/schedstat counts a process's main thread only: a multi-threaded relay (the
+    # original's) is read from /proc/<pid>/stat's ticks instead, which include every thread.
+    import subprocess
+    import sys
+    import time
+
+    from bench.relay import exact_cpu
+
+    code = "import threading, time\n" + (
+        "[threading.Thread(target=time.sleep, args=(30,), daemon=True).start() for _ in range(2)]\n"
+        "print('up', flush=True)\ntime.sleep(30)\n"
+    )
+    threaded = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    single = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        assert threaded.stdout is not None and threaded.stdout.readline() == "up\n"
+        assert exact_cpu(threaded.pid) is None
+        time.sleep(0.1)
+        reading = exact_cpu(single.pid)
+        assert reading is not None and reading > 0
+    finally:
+        for proc in (threaded, single):
+            proc.kill()
+            proc.wait()
