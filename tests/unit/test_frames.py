@@ -8,6 +8,17 @@ from offset_appliance.errors import ProtocolError
 from offset_appliance.wire.frames import VIEW_MIN, FrameDecoder, encode_frame, frame_header
 
 
+def _feed_in_cuts(feed, stream: bytes, cuts: list[int]) -> list:
+    """The frames ``feed`` returns for ``stream`` given in pieces of the ``cuts`` in turn."""
+    got, pos, i = [], 0, 0
+    while pos < len(stream):
+        step = cuts[i % len(cuts)]
+        got += feed(stream[pos : pos + step])
+        pos += step
+        i += 1
+    return got
+
+
 @given(
     st.lists(st.binary(max_size=300), max_size=20),
     st.lists(st.integers(min_value=1, max_value=50), min_size=1, max_size=40),
@@ -15,12 +26,7 @@ from offset_appliance.wire.frames import VIEW_MIN, FrameDecoder, encode_frame, f
 def test_any_split_of_the_stream_gives_the_same_frames(bodies, cuts):
     stream = b"".join(encode_frame(b) for b in bodies)
     decoder = FrameDecoder(1000)
-    got, pos, i = [], 0, 0
-    while pos < len(stream):
-        step = cuts[i % len(cuts)]
-        got += decoder.feed(stream[pos : pos + step])
-        pos += step
-        i += 1
+    got = _feed_in_cuts(decoder.feed, stream, cuts)
     assert got == bodies
     assert decoder.buffered == 0
 
@@ -78,12 +84,7 @@ def test_frames_after_the_setup_ones_get_the_full_limit_even_in_the_same_read():
 def test_views_give_the_same_frames_and_large_ones_as_views(bodies, cuts):
     stream = b"".join(encode_frame(b) for b in bodies)
     decoder = FrameDecoder(10000)
-    got, pos, i = [], 0, 0
-    while pos < len(stream):
-        step = cuts[i % len(cuts)]
-        got += decoder.feed_views(stream[pos : pos + step])
-        pos += step
-        i += 1
+    got = _feed_in_cuts(decoder.feed_views, stream, cuts)
     assert [bytes(frame) for frame in got] == bodies
     assert [type(frame) for frame in got] == [
         memoryview if len(b) >= VIEW_MIN else bytes for b in bodies
