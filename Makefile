@@ -55,7 +55,7 @@ lint: venv
 clean:
 	rm -rf $(VENV) build dist *.egg-info
 
-# Benchmarks against a real strelay on loopback (about 15 minutes on 2 cores, test 10 about 7): writes
+# Benchmarks against a real strelay on loopback (about 11 minutes on 2 cores, test 10 about 6): writes
 # bench/results.json and bench/RESULTS.md and prints the table. Not part of `make test`.
 .PHONY: bench
 bench: venv
