@@ -3,8 +3,12 @@ numbers."""
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
+import sys
 import urllib.request
+from pathlib import Path
 
 from nacl.signing import SigningKey
 
@@ -62,3 +66,47 @@ def stop_process(proc: subprocess.Popen, timeout: float = 10.0) -> int:
             proc.kill()
             proc.wait()
     return proc.returncode
+
+
+def run_local_play(
+    playbook_bin: Path,
+    folder: Path,
+    play: list[dict],
+    *args: str,
+    variables: dict | None = None,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """``play`` run by ``playbook_bin`` on localhost (local connection, this interpreter),
+    from ``folder``, with ``variables`` as extra variables (above the role's defaults, as an
+    inventory's would) and ``args`` before the playbook; returns the finished process."""
+    import yaml
+
+    (folder / "play.yml").write_text(yaml.safe_dump(play, sort_keys=False))
+    extra: list[str] = []
+    if variables is not None:
+        (folder / "vars.json").write_text(json.dumps(variables))
+        extra = ["-e", "@vars.json"]
+    return subprocess.run(
+        [
+            str(playbook_bin),
+            "-i",
+            "localhost,",
+            "-c",
+            "local",
+            "-e",
+            f"ansible_python_interpreter={sys.executable}",
+            *extra,
+            *args,
+            "play.yml",
+        ],
+        cwd=folder,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={
+            **os.environ,
+            "ANSIBLE_NOCOLOR": "1",
+            "ANSIBLE_LOCALHOST_WARNING": "0",
+            **(env or {}),
+        },
+    )

@@ -90,21 +90,7 @@ def test_strelay_hands_over_to_the_next_process_and_a_tunnel_carries_on(tmp_path
     connector.send(b"while no relay runs")  # waits in the kernel for the next process
     names = [name for name, _ in store.fds]
     assert sorted(set(names)) == ["conn", "listen", "state"] and names.count("conn") == 3
-    fds = [fd for _, fd in store.fds]
-    new = Strelay(
-        [
-            sys.executable,
-            "-c",
-            EXEC_WITH_FDS,
-            ",".join(map(str, fds)),
-            ":".join(names),
-            str(BIN / "strelay"),
-            "--config",
-            str(config),
-        ],
-        env,
-        pass_fds=fds,
-    )
+    new = _inheriting(store, config, env)
     try:
         new.wait_for("hand-over: 3 connections restored")
         assert acceptor.receive(10) == b"while no relay runs"

@@ -112,12 +112,17 @@ tests:
 """
 
 
-def test_reload_and_shedding_alerts_fire_as_written(tmp_path):
+def _promtool_rule_tests(tmp_path, text: str) -> None:
+    """``promtool test rules`` on ``text`` (its RULES: the shipped alert rules) passes."""
     assert shutil.which("promtool"), "promtool (Debian package prometheus) is needed"
     tests = tmp_path / "tests.yml"
-    tests.write_text(RULE_TESTS.replace("RULES", str(RULES)))
+    tests.write_text(text.replace("RULES", str(RULES)))
     result = subprocess.run(["promtool", "test", "rules", tests], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_reload_and_shedding_alerts_fire_as_written(tmp_path):
+    _promtool_rule_tests(tmp_path, RULE_TESTS)
 
 
 # No probe results at all (the timer not enabled, no ticket): the absence alert fires after
@@ -155,8 +160,4 @@ tests:
 
 
 def test_probe_absent_alert_fires_without_probe_results(tmp_path):
-    assert shutil.which("promtool"), "promtool (Debian package prometheus) is needed"
-    tests = tmp_path / "tests.yml"
-    tests.write_text(ABSENT_TESTS.replace("RULES", str(RULES)))
-    result = subprocess.run(["promtool", "test", "rules", tests], capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout + result.stderr
+    _promtool_rule_tests(tmp_path, ABSENT_TESTS)

@@ -3,7 +3,6 @@ pages, the package, the example inventory, the Makefile, the Ansible role, bash 
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
@@ -12,6 +11,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from ..helpers import run_local_play
 
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()
@@ -258,24 +259,7 @@ def test_restart_decision_of_the_role(tmp_path):
         case["vars"] = {**task["vars"], **settings}
         tasks.append(case)
     play = [{"hosts": "localhost", "gather_facts": False, "vars": base, "tasks": tasks}]
-    (tmp_path / "play.yml").write_text(yaml.safe_dump(play, sort_keys=False))
-    result = subprocess.run(
-        [
-            playbook_bin,
-            "-i",
-            "localhost,",
-            "-c",
-            "local",
-            "-e",
-            f"ansible_python_interpreter={sys.executable}",
-            "play.yml",
-        ],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "ANSIBLE_NOCOLOR": "1", "ANSIBLE_LOCALHOST_WARNING": "0"},
-    )
+    result = run_local_play(playbook_bin, tmp_path, play)
     assert result.returncode == 0, result.stdout + result.stderr
     for number, (settings, restart) in enumerate(RESTART_CASES):
         outcome = re.search(rf"TASK \[case {number}\] \**\n(\w+):", result.stdout).group(1)

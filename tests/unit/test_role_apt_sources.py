@@ -3,15 +3,14 @@ as a one-line .list beside it (apt warns of a repository "configured multiple ti
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+
+from ..helpers import run_local_play
 
 ROOT = Path(__file__).resolve().parents[2]
 ROLE = ROOT / "ansible" / "roles" / "offset_relay"
@@ -42,27 +41,7 @@ def render(tmp_path: Path, variables: dict[str, str]) -> str:
             ],
         }
     ]
-    (tmp_path / "play.yml").write_text(yaml.safe_dump(play, sort_keys=False))
-    (tmp_path / "vars.json").write_text(json.dumps(variables))
-    result = subprocess.run(
-        [
-            playbook_bin,
-            "-i",
-            "localhost,",
-            "-c",
-            "local",
-            "-e",
-            f"ansible_python_interpreter={sys.executable}",
-            "-e",
-            "@vars.json",
-            "play.yml",
-        ],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "ANSIBLE_NOCOLOR": "1", "ANSIBLE_LOCALHOST_WARNING": "0"},
-    )
+    result = run_local_play(playbook_bin, tmp_path, play, variables=variables)
     assert result.returncode == 0, result.stdout + result.stderr
     return out.read_text()
 

@@ -4,14 +4,13 @@ meta/argument_specs.yml after the error)."""
 
 from __future__ import annotations
 
-import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import yaml
+
+from ..helpers import run_local_play
 
 ROOT = Path(__file__).resolve().parents[2]
 ROLES = ROOT / "ansible" / "roles"
@@ -25,33 +24,16 @@ def run_role(tmp_path: Path, variables: dict[str, object]) -> subprocess.Complet
     if not playbook_bin.exists():
         pytest.skip("ansible-core is not installed")
     play = [{"hosts": "localhost", "gather_facts": False, "roles": ["offset_relay"]}]
-    (tmp_path / "play.yml").write_text(yaml.safe_dump(play))
-    (tmp_path / "vars.json").write_text(json.dumps(variables))
-    return subprocess.run(
-        [
-            playbook_bin,
-            "-i",
-            "localhost,",
-            "-c",
-            "local",
-            "--check",
-            "--tags",
-            "no_such_tag",
-            "-e",
-            f"ansible_python_interpreter={sys.executable}",
-            "-e",
-            "@vars.json",
-            "play.yml",
-        ],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
+    return run_local_play(
+        playbook_bin,
+        tmp_path,
+        play,
+        "--check",
+        "--tags",
+        "no_such_tag",
+        variables=variables,
         env={
-            **os.environ,
             "ANSIBLE_ROLES_PATH": str(ROLES),
-            "ANSIBLE_NOCOLOR": "1",
-            "ANSIBLE_LOCALHOST_WARNING": "0",
             "ANSIBLE_STDOUT_CALLBACK": "ansible.builtin.default",
         },
     )

@@ -19,6 +19,8 @@ import yaml
 
 from offset_appliance.config import Config, Limits, Timeouts
 
+from ..helpers import run_local_play
+
 ROOT = Path(__file__).resolve().parents[2]
 ROLE = ROOT / "ansible" / "roles" / "offset_relay"
 BIN = Path(sys.executable).parent
@@ -170,29 +172,8 @@ def _render(
             ],
         }
     ]
-    (tmp_path / "play.yml").write_text(yaml.safe_dump(play, sort_keys=False))
     # As an inventory's or a playbook's variables would: above the role's defaults.
-    (tmp_path / "controls.json").write_text(json.dumps(CONTROLS))
-    result = subprocess.run(
-        [
-            playbook_bin,
-            "-i",
-            "localhost,",
-            "-c",
-            "local",
-            "-e",
-            f"ansible_python_interpreter={sys.executable}",
-            "-e",
-            "@controls.json",
-            *extra,
-            "play.yml",
-        ],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "ANSIBLE_NOCOLOR": "1", "ANSIBLE_LOCALHOST_WARNING": "0"},
-    )
+    result = run_local_play(playbook_bin, tmp_path, play, *extra, variables=CONTROLS)
     assert result.returncode == 0, result.stdout + result.stderr
     return {name: path.read_text() for name, path in out.items()}
 
