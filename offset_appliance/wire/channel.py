@@ -20,6 +20,7 @@ from .fastpath import (
     decode_channel_message,
     decode_dh,
     decode_rand_nonce,
+    encode_channel_rekey_fast,
     encode_channel_user,
     encode_channel_user_padded,
     encode_dh,
@@ -34,7 +35,6 @@ from .messages import (
     ExchangeDh,
     ExchangeRandNonce,
     Rekey,
-    encode_channel_rekey,
 )
 
 NONCE_LEN = 12
@@ -341,7 +341,7 @@ class SecureChannel:
             return None
         private, public, salt = _new_dh(self._random)
         self._pending = (private, salt)
-        return self._seal(encode_channel_rekey(self._padding(), Rekey(public, salt)))
+        return self._seal(encode_channel_rekey_fast(self._padding(), Rekey(public, salt)))
 
     def _try_open(
         self, direction: _Direction, nonce: bytes, frame: bytes | memoryview
@@ -421,7 +421,7 @@ class SecureChannel:
             private, public, salt = _new_dh(self._random)
             send_key, recv_key = derive_keys(private, rekey.dh_public_key, salt, rekey.key_salt)
             self.outbox.append(
-                self._seal(encode_channel_rekey(self._padding(), Rekey(public, salt)))
+                self._seal(encode_channel_rekey_fast(self._padding(), Rekey(public, salt)))
             )
         else:
             # Their message answers ours (or crossed it: simultaneous rekeys are legal).

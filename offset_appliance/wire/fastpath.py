@@ -26,12 +26,14 @@ from .capnp import (
     pack_message,
     packed_words,
     skip_packed_words,
+    struct_pointer,
     unpack,
     unpack_bytearray,
 )
 from .messages import (
     CHANNEL_CONTENT,
     CHANNEL_ROOT,
+    CONTENT_REKEY,
     CONTENT_USER,
     DH_PUBLIC_KEY_LEN,
     HEADER_4,
@@ -53,6 +55,7 @@ from .messages import (
     decode_init_connection,
     decode_init_connection_general,
     decode_ka_message_general,
+    encode_channel_rekey,
     read_channel_message,
     read_ka_message,
     unpacked_words,
@@ -757,6 +760,9 @@ def decode_channel_message(data: bytes) -> bytes | Rekey:
         user = _user_from_packed(data)
         if user is not None:
             return user
+        rekey = decode_channel_rekey(data)
+        if rekey is not None:
+            return rekey
     return decode_channel_message_unpacked(data)
 
 
@@ -781,6 +787,193 @@ def decode_channel_message_unpacked(data: bytes) -> bytes | Rekey:
             if end <= len(words):
                 return bytes(words[start:end])
     return read_channel_message(words)
+
+
+# ---- Rekey ------------------------------------------------------------------------------
+#
+# A ChannelMessage carrying a Rekey, once an hour or so per connection: the header words
+# depend only on the padding length, the two BufferN values are spliced in as the handshake
+# layouts splice theirs. Two layouts are read from the packed bytes: ours (every struct, then
+# the padding body) and the original's (the padding body right after the root struct: its
+# builder writes the fields in order). Anything else goes through the general reader.
+
+# The Rekey's pointer (to the struct right after ChannelContent's) and a wrapper's pointer
+# to its Buffer256 (right after it).
+REKEY_POINTER = struct_pointer(0, 0, 2)
+BUFFER256_POINTER = struct_pointer(0, 4, 0)
+# Packed words our Rekey ChannelMessage has between the padding pointer and the key: the
+# content pointer, the union tag (rekey, zero), the Rekey pointer, the two wrapper pointers
+# and the key's Buffer256 pointer. The original's has the same from the union tag on.
+_REKEY_POINTERS = HEADER_6.pack(
+    CHANNEL_CONTENT,
+    CONTENT_REKEY,
+    REKEY_POINTER,
+    struct_pointer(1, 0, 1),
+    struct_pointer(5, 0, 1),
+    BUFFER256_POINTER,
+)
+_REKEY_MIDDLE = pack(_REKEY_POINTERS)
+_REKEY_TAIL = pack(_REKEY_POINTERS[8:])
+_BUFFER256_PACKED = pack(U64.pack(BUFFER256_POINTER))
+# Both layouts have 16 words of structs after the root pointer: the root struct's 2, then
+# 14 from ChannelContent on (after the padding body, in the original's).
+_REKEY_STRUCT_WORDS = 16
+_OURS, _ORIGINAL = 15, 1  # the padding pointer's offset in each layout
+# A padding of at most this many words leaves the whole message far inside the bounds of
+# the general reader (words and unpacking steps); a larger one goes through it.
+_REKEY_PADDING_WORDS = 256
+# The packed header words of our layout up to the key, per padding length (0..255).
+_REKEY_PREFIXES: list[bytes | None] = [None] * 256
+# Packed segment table, root and padding pointer words seen: (padding length, layout, the
+# packed words that must follow them).
+_REKEY_HEADERS: dict[bytes, tuple[int, int, bytes]] = {}
+_REKEY_HEADERS_LIMIT = 4096
+
+
+def _rekey_words(padding_length: int, layout: int) -> bytes:
+    # The segment table, the root pointer and the padding pointer of a Rekey ChannelMessage.
+    padding_words = (padding_length + 7) // 8
+    return struct.pack(
+        "<3Q",
+        (1 + _REKEY_STRUCT_WORDS + padding_words) << 32,
+        CHANNEL_ROOT,
+        data_pointer(layout, padding_length),
+    )
+
+
+def _rekey_prefix(padding_length: int) -> bytes:
+    prefix = _REKEY_PREFIXES[padding_length]
+    if prefix is None:
+        prefix = _REKEY_PREFIXES[padding_length] = (
+            pack(_rekey_words(padding_length, _OURS)) + _REKEY_MIDDLE
+        )
+    return prefix
+
+
+def _packed_buffer256(value: bytes) -> bytes:
+    # A Buffer256 between words that pack on their own: one verbatim run when it has no
+    # zero byte, else packed as the reference packer packs those four words.
+    stored = WORDS_LE[32].pack(*WORDS_BE[32].unpack(value))
+    if 0 in stored:
+        return pack(stored)
+    return b"".join((b"\xff", stored[:8], b"\x03", stored[8:]))
+
+
+def encode_channel_rekey_fast(padding: bytes, rekey: Rekey) -> bytes:
+    """``encode_channel_rekey(padding, rekey)``: the header words made once per padding
+    length (0..255), the key and salt spliced in; any other padding by the general encoder."""
+    if type(padding) is not bytes or len(padding) > 255 or type(rekey) is not Rekey:
+        return encode_channel_rekey(padding, rekey)
+    header = b"".join(
+        (
+            _rekey_prefix(len(padding)),
+            _packed_buffer256(rekey.dh_public_key),
+            _BUFFER256_PACKED,
+            _packed_buffer256(rekey.key_salt),
+        )
+    )
+    if not padding:
+        return header
+    if _one_run(padding):
+        return b"".join((header, *_run_pieces(padding)))
+    return pack_message(b"", (padding,), header)
+
+
+def _rekey_header(key: bytes) -> tuple[int, int, bytes] | None:
+    # What decode_channel_rekey needs of packed header words it has not seen before, if they
+    # are exactly those of one of the two layouts.
+    try:
+        words = unpack(key)
+    except ProtocolError:
+        return None
+    if len(words) != 24:
+        return None
+    padding_length = U64.unpack_from(words, 16)[0] >> 35
+    padding_words = (padding_length + 7) // 8
+    if padding_words > _REKEY_PADDING_WORDS:
+        return None
+    for layout in (_OURS, _ORIGINAL):
+        if pack(_rekey_words(padding_length, layout)) == key:
+            break
+    else:
+        return None
+    if layout == _OURS:
+        follows = _REKEY_MIDDLE
+    else:
+        follows = pack(U64.pack(struct_pointer(padding_words, 1, 1)))
+    if len(_REKEY_HEADERS) >= _REKEY_HEADERS_LIMIT:
+        _REKEY_HEADERS.clear()
+    found = _REKEY_HEADERS[key] = (padding_length, layout, follows)
+    return found
+
+
+def _buffer256_at(data: bytes, pos: int) -> tuple[bytes, int] | None:
+    # The Buffer256 whose packed words start at ``pos`` and where they end, when they end
+    # at a word boundary: sliced out of one verbatim run, else its words unpacked alone.
+    if data[pos : pos + 1] == b"\xff" and data[pos + 9 : pos + 10] == b"\x03":
+        end = pos + 34
+        if end > len(data):
+            return None
+        stored = data[pos + 1 : pos + 9] + data[pos + 10 : end]
+    else:
+        end, _ = skip_packed_words(data, pos, 4)
+        if end < 0:
+            return None
+        try:
+            stored = unpack(data[pos:end])
+        except ProtocolError:
+            return None
+    return WORDS_BE[32].pack(*WORDS_LE[32].unpack(stored)), end
+
+
+def decode_channel_rekey(data: bytes) -> Rekey | None:
+    """The Rekey of a packed ChannelMessage in our layout or the original's (one segment,
+    its padding at most 256 words), read from the packed bytes: the header and pointer words
+    compared with those layouts', the key and salt sliced out of their runs, the padding
+    skipped by its run structure. None when the message is anything else (the general path
+    then decides), and this accepts nothing that it would refuse."""
+    if type(data) is not bytes or len(data) <= 16:
+        return None
+    # Segment table, root pointer, padding pointer: each a word on its own.
+    at = 1 + _POP[data[0]]
+    if data[at : at + 2] != _CHANNEL_ROOT_PACKED or at + 2 >= len(data):
+        return None
+    end = at + 3 + _POP[data[at + 2]]
+    key = data[:end]
+    found = _REKEY_HEADERS.get(key)
+    if found is None:
+        found = _rekey_header(key)
+        if found is None:
+            return None
+    padding_length, layout, follows = found
+    padding_words = (padding_length + 7) // 8
+    if not data.startswith(follows, end):
+        return None
+    pos = end + len(follows)
+    if layout == _ORIGINAL:
+        # The padding, then the union tag's zero word (not run together with zero words
+        # ending the padding) and the pointers up to the key.
+        if padding_words:
+            pos, _ = skip_packed_words(data, pos, padding_words)
+            if pos < 0:
+                return None
+        if not data.startswith(_REKEY_TAIL, pos):
+            return None
+        pos += len(_REKEY_TAIL)
+    dh = _buffer256_at(data, pos)
+    if dh is None or not data.startswith(_BUFFER256_PACKED, dh[1]):
+        return None
+    salt = _buffer256_at(data, dh[1] + len(_BUFFER256_PACKED))
+    if salt is None:
+        return None
+    pos = salt[1]
+    if layout == _OURS and padding_words:
+        pos, _ = skip_packed_words(data, pos, padding_words)
+        if pos < 0:
+            return None
+    if pos != len(data):
+        return None
+    return Rekey(dh[0], salt[0])
 
 
 # ---- the pairs: each specialised codec and the general one it must agree with -------------
@@ -947,6 +1140,19 @@ EQUIVALENCES: tuple[Equivalence, ...] = (
         decode_channel_message_unpacked,
         decode_channel_message_general,
         "ChannelMessage",
+    ),
+    Equivalence(
+        "decode_channel_rekey",
+        decode_channel_rekey,
+        decode_channel_message_general,
+        "ChannelMessage",
+        declines=True,
+    ),
+    Equivalence(
+        "encode_channel_rekey_fast",
+        encode_channel_rekey_fast,
+        encode_channel_rekey,
+        "padding, Rekey",
     ),
     Equivalence(
         "forward_channel_message",

@@ -5,17 +5,20 @@ bytes and on arbitrary bytes."""
 from __future__ import annotations
 
 import os
+import struct
 from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from offset_appliance.wire.capnp import pack, unpack
+from offset_appliance.wire.capnp import data_pointer, pack, struct_pointer, unpack
 from offset_appliance.wire.fastpath import (
     CARRY_MIN,
     EQUIVALENCES,
     Equivalence,
+    decode_channel_rekey,
+    encode_channel_rekey_fast,
     encode_channel_user,
     encode_ka_message,
 )
@@ -27,6 +30,7 @@ from offset_appliance.wire.messages import (
     ExchangeRandNonce,
     Listen,
     Rekey,
+    decode_channel_message_general,
     encode_channel_rekey,
     encode_init_connection,
 )
@@ -82,12 +86,57 @@ ka_messages = st.one_of(st.just(KEEPALIVE), _payload().map(encode_ka_message))
 _PADDING_8 = os.urandom(8)
 
 
+def _buffer256(value: bytes) -> tuple[int, ...]:
+    return struct.unpack(">4Q", value)
+
+
+def original_rekey(padding: bytes, rekey: Rekey) -> bytes:
+    """A Rekey ChannelMessage as the original writes it: its builder allocates in field order,
+    so the padding body comes right after the root struct, before ChannelContent; the one
+    segment is packed whole by the reference packer."""
+    words = (len(padding) + 7) // 8
+    body = padding + bytes(8 * words - len(padding))
+    structs = struct.pack(
+        "<14Q",
+        0,  # ChannelContent: the union tag, rekey
+        struct_pointer(0, 0, 2),
+        struct_pointer(1, 0, 1),
+        struct_pointer(5, 0, 1),
+        struct_pointer(0, 4, 0),
+        *_buffer256(rekey.dh_public_key),
+        struct_pointer(0, 4, 0),
+        *_buffer256(rekey.key_salt),
+    )
+    header = struct.pack(
+        "<4Q",
+        (17 + words) << 32,
+        struct_pointer(0, 0, 2),
+        data_pointer(1, len(padding)),
+        struct_pointer(words, 1, 1),
+    )
+    return pack(header + body + structs)
+
+
+rekeys = st.builds(Rekey, _value(32), _value(32))
+rekey_paddings = st.one_of(
+    st.sampled_from([b"", _PADDING_8, bytes(8), bytes(16)]),
+    st.binary(max_size=300),
+    st.integers(0, 2100).map(os.urandom),
+)
+
+
 @st.composite
 def channel_messages(draw: st.DrawFn) -> bytes:
     padding = draw(st.sampled_from([b"", b"", _PADDING_8]) | st.binary(max_size=300))
-    kind = draw(st.sampled_from(["ka", "ka", "damaged ka", "damaged ka", "user", "rekey"]))
+    kind = draw(
+        st.sampled_from(
+            ["ka", "ka", "damaged ka", "damaged ka", "user", "rekey", "rekey", "original rekey"]
+        )
+    )
     if kind == "rekey":
-        return encode_channel_rekey(padding, Rekey(draw(_value(32)), draw(_value(32))))
+        return encode_channel_rekey(draw(rekey_paddings), draw(rekeys))
+    if kind == "original rekey":
+        return original_rekey(draw(rekey_paddings), draw(rekeys))
     user = draw(_payload()) if kind == "user" else draw(ka_messages)
     if kind == "damaged ka":
         # A valid ChannelMessage around a KaMessage that is not: more or fewer bytes, or
@@ -186,6 +235,7 @@ INPUTS: dict[str, st.SearchStrategy[tuple[Any, ...]]] = {
     **{kind: packed(kind).map(lambda data: (data,)) for kind in VALID},
     "ExchangeRandNonce value": rand_nonces.map(lambda message: (message,)),
     "ExchangeDh value": dhs.map(lambda message: (message,)),
+    "padding, Rekey": st.tuples(rekey_paddings, rekeys),
     "padding length, user data": st.tuples(
         st.integers(0, 255),
         st.one_of(st.binary(max_size=3000), st.just(b"\x00" * 8 + b"x"), _payload(), ka_messages),
@@ -227,6 +277,9 @@ def _set(data: bytes, at: int, value: int) -> bytes:
     return bytes(changed)
 
 
+_REKEY = Rekey(bytes(range(1, 33)), bytes(range(101, 133)))
+_REKEY_ZEROS = Rekey(bytes(8) + bytes(range(1, 25)), bytes(range(32)))
+
 KNOWN = [
     ("KaMessage", _set(_KA_64, 20, 6)[:-8]),  # a word short, the run's count to match
     ("KaMessage", _set(_KA_64, 20, 8) + b"\x01" * 8),  # a word more, the run's count to match
@@ -248,6 +301,19 @@ KNOWN = [
         "ChannelMessage",
         _set(encode_channel_user(b"", encode_ka_message(_zero_heavy(os.urandom(4200)))), 2059, 0),
     ),
+    # Rekeys: ours and the original's, a padding ending in zero words (the original's then
+    # runs into the union tag's zero word), padding the fast path leaves to the general one.
+    ("ChannelMessage", encode_channel_rekey(b"", _REKEY)),
+    ("ChannelMessage", encode_channel_rekey(bytes(16), _REKEY_ZEROS)),
+    ("ChannelMessage", encode_channel_rekey(b"x" * 2049, _REKEY)),
+    ("ChannelMessage", original_rekey(b"", _REKEY)),
+    ("ChannelMessage", original_rekey(b"x" * 8 + bytes(8), _REKEY)),
+    ("ChannelMessage", original_rekey(bytes(5), _REKEY_ZEROS)),
+    ("ChannelMessage", original_rekey(b"x" * 2049, _REKEY)),
+    ("ChannelMessage", encode_channel_rekey(b"x" * 9, _REKEY)[:-1]),
+    ("ChannelMessage", encode_channel_rekey(b"x" * 9, _REKEY) + b"\x00\x00"),
+    ("ChannelMessage", _set(encode_channel_rekey(b"x" * 9, _REKEY), 1, 0x13)),
+    ("ChannelMessage", _set(original_rekey(b"x" * 9, _REKEY), 1, 0x11)),
     ("InitConnection", b"\x10\x01\x50\x01\x01\x01\x01"),  # a struct pointer, its struct cut off
     ("InitConnection", b"\x00\x00"),
     ("InitConnection", b"\xff" * 30),
@@ -269,3 +335,15 @@ def test_listen_is_checked_byte_by_byte():
     for at in range(len(data)):
         for xor in (1, 0x80):
             _check(pair, (data[:at] + bytes([data[at] ^ xor]) + data[at + 1 :],))
+
+
+def test_the_rekey_layouts_are_read_from_the_packed_bytes():
+    # Ours and the original's, for every padding length the channel uses: the fast path
+    # answers (the general reader is not needed) with what the general reader reads.
+    for length in range(256):
+        padding = os.urandom(length)
+        for rekey in (_REKEY, _REKEY_ZEROS):
+            for data in (encode_channel_rekey(padding, rekey), original_rekey(padding, rekey)):
+                assert decode_channel_rekey(data) == rekey
+                assert decode_channel_message_general(data) == rekey
+            assert encode_channel_rekey_fast(padding, rekey) == encode_channel_rekey(padding, rekey)
