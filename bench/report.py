@@ -396,7 +396,12 @@ def table_rows(results: dict) -> list[tuple[str, ...]]:
                 f"{sc['lost']}; {_n(sc['rekeyed_connections'])} of {count}",
                 "",
                 "",
-                f"0 lost: {verdict[f'connections lost, {count} idle']}",
+                f"0 lost: {verdict[f'connections lost, {count} idle']}"
+                + (
+                    f"; {sc['rekeys']:,} rekeys, every one due in the hold"
+                    if sc.get("rekeys_due_in_hold")
+                    else ""
+                ),
             ),
             (
                 "",
