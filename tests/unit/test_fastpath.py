@@ -17,6 +17,7 @@ from offset_appliance.wire.fastpath import (
     CARRY_MIN,
     EQUIVALENCES,
     Equivalence,
+    decode_channel_message,
     decode_channel_rekey,
     encode_channel_rekey_fast,
     encode_channel_user,
@@ -337,13 +338,35 @@ def test_listen_is_checked_byte_by_byte():
             _check(pair, (data[:at] + bytes([data[at] ^ xor]) + data[at + 1 :],))
 
 
+def _padding_without_zero_bytes(length: int) -> bytes:
+    return bytes(byte % 255 + 1 for byte in os.urandom(length))
+
+
 def test_the_rekey_layouts_are_read_from_the_packed_bytes():
     # Ours and the original's, for every padding length the channel uses: the fast path
-    # answers (the general reader is not needed) with what the general reader reads.
+    # answers (the general reader is not needed) with what the general reader reads. The
+    # padding has no zero byte here; a last padding word of zeros is the next test's.
     for length in range(256):
-        padding = os.urandom(length)
+        padding = _padding_without_zero_bytes(length)
         for rekey in (_REKEY, _REKEY_ZEROS):
             for data in (encode_channel_rekey(padding, rekey), original_rekey(padding, rekey)):
                 assert decode_channel_rekey(data) == rekey
                 assert decode_channel_message_general(data) == rekey
             assert encode_channel_rekey_fast(padding, rekey) == encode_channel_rekey(padding, rekey)
+
+
+def test_a_rekey_whose_padding_ends_in_a_zero_word_is_read_right_or_left_to_the_general_path():
+    # A padding whose last word is all zeros (its last bytes zero, and the word's fill):
+    # in the original's layout the packer runs that word together with the zero union tag
+    # after it, which the fast path does not take apart; it must then decline, never read
+    # something else. In our layout the padding comes last and the fast path answers.
+    for length in range(1, 256):
+        tail = length % 8 or 8
+        padding = _padding_without_zero_bytes(length - tail) + bytes(tail)
+        for rekey in (_REKEY, _REKEY_ZEROS):
+            ours, theirs = encode_channel_rekey(padding, rekey), original_rekey(padding, rekey)
+            assert decode_channel_message_general(ours) == rekey
+            assert decode_channel_message_general(theirs) == rekey
+            assert decode_channel_rekey(ours) == rekey
+            assert decode_channel_rekey(theirs) is None
+            assert decode_channel_message(theirs) == rekey
