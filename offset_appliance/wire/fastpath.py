@@ -22,6 +22,7 @@ from .capnp import (
     WORD,
     data_pointer,
     default_max_words,
+    far_pointer,
     pack,
     pack_message,
     packed_words,
@@ -754,10 +755,186 @@ def channel_user_prefix_padded(padding_length: int, user_length: int) -> bytes:
     return prefix
 
 
+# The original's layout of a user ChannelMessage: its builder allocates the root struct, the
+# padding, the content struct and the user data in that order, in segments of 1,024 words
+# first: an object that does not fit goes behind a far pointer, to a landing pad at the
+# start of a new segment (or after the padding in its segment). The segments are packed
+# whole, so the padding body may come before the content struct, after the user data, or
+# between. Every word but the bodies packs as one item of its own; those words are read one
+# by one, the padding skipped by its run structure and the user body sliced out of it.
+_DATA_LOW = 1 | (2 << 32)  # a Data pointer's kind and element size, offset 0
+_LANDING_1, _LANDING_2 = far_pointer(1, 0), far_pointer(2, 0)
+_CONTENT_HERE = struct_pointer(0, 1, 1)
+_ITEM_WORDS: dict[bytes, int] = {}
+_ITEM_WORDS_LIMIT = 8192
+
+
+class _Walk:
+    """A cursor over packed bytes taking items one by one, counting its steps."""
+
+    __slots__ = ("data", "pos", "steps")
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.pos = 0
+        self.steps = 0
+
+    def word(self) -> int:
+        """The next word when it is packed as one tagged item, else -1."""
+        data = self.data
+        pos = self.pos
+        if pos >= len(data):
+            return -1
+        tag = data[pos]
+        end = pos + 1 + _POP[tag]
+        if tag == 0 or tag == 0xFF or end > len(data):
+            return -1
+        item = data[pos:end]
+        word = _ITEM_WORDS.get(item)
+        if word is None:
+            word = U64.unpack(unpack(item))[0]
+            if len(_ITEM_WORDS) >= _ITEM_WORDS_LIMIT:
+                _ITEM_WORDS.clear()
+            _ITEM_WORDS[item] = word
+        self.pos = end
+        self.steps += 1
+        return word
+
+    def skip(self, words: int) -> int:
+        """Where the packed items of the next ``words`` words start, then skips them; -1
+        when they do not end there."""
+        start = self.pos
+        if words:
+            end, taken = skip_packed_words(self.data, start, words)
+            if end < 0:
+                return -1
+            self.pos = end
+            self.steps += taken
+        return start
+
+    def body(self, length: int) -> bytes | None:
+        """The next Data body of ``length`` bytes: sliced out of one verbatim run, else its
+        items unpacked alone."""
+        data = self.data
+        start = self.pos
+        words = (length + 7) // 8
+        if not words:
+            return b""
+        if data[start : start + 1] == b"\xff" and start + 9 < len(data):
+            end = start + 10 + 8 * data[start + 9]
+            if data[start + 9] + 1 == words and end <= len(data):
+                self.pos = end
+                self.steps += 1
+                if length <= 8:
+                    return data[start + 1 : start + 1 + length]
+                return data[start + 1 : start + 9] + data[start + 10 : start + 2 + length]
+        if self.skip(words) < 0:
+            return None
+        try:
+            return unpack(data[start : self.pos])[:length]
+        except ProtocolError:
+            return None
+
+
+def _data_length(word: int) -> int:
+    # The length of the Data a pointer word at a body's start gives, else -1.
+    return word >> 35 if word & 0xFFFFFFFF_FFFFFFFF >> 29 == _DATA_LOW else -1
+
+
+def decode_channel_original(data: bytes) -> bytes | None:
+    """The user data of a packed ChannelMessage in the original's layout (one, two or
+    three segments; see above), read from the packed bytes, within the word and step
+    bounds of the general reader. None when the message is anything else (the general
+    path then decides), and this accepts nothing that it would refuse."""
+    if type(data) is not bytes or len(data) <= 16:
+        return None
+    walk = _Walk(data)
+    table = walk.word()
+    segments = (table & 0xFFFFFFFF) + 1
+    if table < 0 or segments > 3:
+        return None
+    sizes = [table >> 32]
+    if segments > 1:
+        more = walk.word()
+        if more < 0 or (segments == 2 and more >> 32):
+            return None
+        sizes += [more & 0xFFFFFFFF, more >> 32][: segments - 1]
+    if walk.word() != CHANNEL_ROOT:
+        return None
+    padding = walk.word()
+    content = walk.word()
+    layout: list[int] = []  # the words of each segment, as read
+    if padding & 0xFFFFFFFF == 5 and (padding >> 32) & 7 == 2:
+        # The padding in the first segment, the content struct after it.
+        padding_length = padding >> 35
+        padding_words = (padding_length + 7) // 8
+        if content != struct_pointer(padding_words, 1, 1) or walk.skip(padding_words) < 0:
+            return None
+        if walk.word() != 1:
+            return None
+        user = walk.word()
+        user_length = _data_length(user)
+        if user_length >= 0:
+            layout = [5 + padding_words + (user_length + 7) // 8]
+        elif user == _LANDING_1:
+            user_length = _data_length(walk.word())
+            if user_length < 0:
+                return None
+            layout = [5 + padding_words, 1 + (user_length + 7) // 8]
+        else:
+            return None
+        found = walk.body(user_length)
+    elif padding == _LANDING_1 and content == _CONTENT_HERE and walk.word() == 1:
+        # The padding at the start of the second segment.
+        user = walk.word()
+        user_length = _data_length(user)
+        found = None
+        if user_length >= 0:
+            # The user data in the first segment.
+            found = walk.body(user_length)
+            padding_length = _data_length(walk.word())
+            padding_words = (padding_length + 7) // 8
+            if found is None or padding_length < 0 or walk.skip(padding_words) < 0:
+                return None
+            layout = [5 + (user_length + 7) // 8, 1 + padding_words]
+        elif user == _LANDING_2 or user & 0xFFFFFFFF_00000007 == far_pointer(1, 0):
+            padding_length = _data_length(walk.word())
+            padding_words = (padding_length + 7) // 8
+            if padding_length < 0 or walk.skip(padding_words) < 0:
+                return None
+            user_length = _data_length(walk.word())
+            if user_length < 0:
+                return None
+            user_words = (user_length + 7) // 8
+            if user == _LANDING_2:
+                layout = [5, 1 + padding_words, 1 + user_words]
+            elif user == far_pointer(1, 1 + padding_words):
+                layout = [5, 2 + padding_words + user_words]  # after the padding
+            else:
+                return None
+            found = walk.body(user_length)
+        else:
+            return None
+    else:
+        return None
+    if (
+        found is None
+        or walk.pos != len(data)
+        or sizes != layout
+        or len(layout) + 1 + sum(layout) > default_max_words(len(data))
+        or walk.steps > MAX_STEPS + len(data) // MAX_STEP_BYTES
+    ):
+        return None
+    return found
+
+
 def decode_channel_message(data: bytes) -> bytes | Rekey:
     """The user data of a packed ChannelMessage, or its Rekey (the padding is ignored)."""
     if type(data) is bytes and len(data) > 16:
         user = _user_from_packed(data)
+        if user is not None:
+            return user
+        user = decode_channel_original(data)
         if user is not None:
             return user
         rekey = decode_channel_rekey(data)
@@ -1140,6 +1317,13 @@ EQUIVALENCES: tuple[Equivalence, ...] = (
         decode_channel_message_unpacked,
         decode_channel_message_general,
         "ChannelMessage",
+    ),
+    Equivalence(
+        "decode_channel_original",
+        decode_channel_original,
+        decode_channel_message_general,
+        "ChannelMessage",
+        declines=True,
     ),
     Equivalence(
         "decode_channel_rekey",

@@ -12,12 +12,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from offset_appliance.wire.capnp import data_pointer, pack, struct_pointer, unpack
+from offset_appliance.wire.capnp import data_pointer, far_pointer, pack, struct_pointer, unpack
 from offset_appliance.wire.fastpath import (
     CARRY_MIN,
     EQUIVALENCES,
     Equivalence,
     decode_channel_message,
+    decode_channel_original,
     decode_channel_rekey,
     encode_channel_rekey_fast,
     encode_channel_user,
@@ -118,6 +119,92 @@ def original_rekey(padding: bytes, rekey: Rekey) -> bytes:
     return pack(header + body + structs)
 
 
+class _OriginalArena:
+    """The original's message builder as far as a ChannelMessage needs it: segments of
+    1,024 words first, each new one as large as all before it (or what it must hold), an
+    object placed in its pointer's segment when it fits, else in the first segment with
+    room for it and a landing pad, else in a new one, behind a far pointer."""
+
+    def __init__(self) -> None:
+        self.sizes = [1024]
+        self.next_size = 2048
+        self.words: list[list[int]] = [[0]]  # the root pointer
+
+    def _room(self, segment: int, amount: int) -> int | None:
+        words = self.words[segment]
+        if len(words) + amount > self.sizes[segment]:
+            return None
+        at = len(words)
+        words.extend([0] * amount)
+        return at
+
+    def place(self, ref: tuple[int, int], amount: int, pointer: Any) -> tuple[int, int]:
+        """Allocate ``amount`` words for the object ``ref`` points to; ``pointer(offset)``
+        is its pointer word. Returns where the object starts."""
+        segment, at = ref
+        start = self._room(segment, amount)
+        if start is not None:
+            self.words[segment][at] = pointer(start - at - 1)
+            return segment, start
+        for other in range(len(self.words)):
+            pad = self._room(other, amount + 1)
+            if pad is not None:
+                break
+        else:
+            size = max(amount + 1, self.next_size)
+            self.next_size += size
+            self.sizes.append(size)
+            self.words.append([])
+            other, pad = len(self.words) - 1, 0
+            self._room(other, amount + 1)
+        self.words[segment][at] = far_pointer(other, pad)
+        self.words[other][pad] = pointer(0)
+        return other, pad + 1
+
+    def body(self, where: tuple[int, int], data: bytes) -> None:
+        segment, at = where
+        for index in range(0, len(data), 8):
+            word = data[index : index + 8]
+            self.words[segment][at + index // 8] = int.from_bytes(word, "little")
+
+    def packed(self) -> bytes:
+        table = [len(self.words) - 1] + [len(words) for words in self.words]
+        table += [0] * (len(table) % 2)
+        out = struct.pack(f"<{len(table)}I", *table)
+        for words in self.words:
+            out += struct.pack(f"<{len(words)}Q", *words)
+        return pack(out)
+
+
+def original_user(padding: bytes, user: bytes) -> bytes:
+    """A user ChannelMessage as the original writes it: the root struct, the padding, the
+    content struct, the user data, allocated in that order (far pointers and new segments
+    where the first 1,024 words run out), the segments packed whole by the reference packer."""
+    arena = _OriginalArena()
+    root = arena.place((0, 0), 2, lambda offset: struct_pointer(offset, 0, 2))
+    where = arena.place(root, (len(padding) + 7) // 8, lambda o: data_pointer(o, len(padding)))
+    arena.body(where, padding)
+    content = arena.place((root[0], root[1] + 1), 2, lambda offset: struct_pointer(offset, 1, 1))
+    arena.words[content[0]][content[1]] = 1  # the union tag: user
+    ref = (content[0], content[1] + 1)
+    where = arena.place(ref, (len(user) + 7) // 8, lambda offset: data_pointer(offset, len(user)))
+    arena.body(where, user)
+    return arena.packed()
+
+
+def original_ka_message(payload: bytes | None) -> bytes:
+    """A KaMessage as the original writes it (a keepalive is ours byte for byte)."""
+    if payload is None:
+        return KEEPALIVE
+    arena = _OriginalArena()
+    root = arena.place((0, 0), 2, lambda offset: struct_pointer(offset, 1, 1))
+    arena.words[0][root[1]] = 1  # the union tag: message
+    ref = (root[0], root[1] + 1)
+    where = arena.place(ref, (len(payload) + 7) // 8, lambda o: data_pointer(o, len(payload)))
+    arena.body(where, payload)
+    return arena.packed()
+
+
 rekeys = st.builds(Rekey, _value(32), _value(32))
 rekey_paddings = st.one_of(
     st.sampled_from([b"", _PADDING_8, bytes(8), bytes(16)]),
@@ -132,8 +219,20 @@ def channel_messages(draw: st.DrawFn) -> bytes:
     kind = draw(
         st.sampled_from(
             ["ka", "ka", "damaged ka", "damaged ka", "user", "rekey", "rekey", "original rekey"]
+            + ["original ka", "original ka", "original user"]
         )
     )
+    if kind.startswith("original ") and kind != "original rekey":
+        # The original's padding: any length 0..65535, those where its layout changes
+        # (segments of 1,024 words) drawn more often.
+        length = draw(
+            st.integers(0, 65535) | st.sampled_from([0, 8, 255, 8152, 8160, 8168, 8176, 16376])
+        )
+        padding = draw(st.randoms(use_true_random=False)).randbytes(length)
+        if kind == "original user":
+            return original_user(padding, draw(_payload()))
+        payload = draw(st.none() | _payload() | st.sampled_from([b"x" * 8000, b"x" * 16384]))
+        return original_user(padding, original_ka_message(payload))
     if kind == "rekey":
         return encode_channel_rekey(draw(rekey_paddings), draw(rekeys))
     if kind == "original rekey":
@@ -304,6 +403,17 @@ KNOWN = [
     ),
     # Rekeys: ours and the original's, a padding ending in zero words (the original's then
     # runs into the union tag's zero word), padding the fast path leaves to the general one.
+    # The original's user layouts: one segment, the user data or the padding in a second,
+    # both in a second, each in its own, the content struct in a second (left to the general
+    # path), and one with its segment sizes changed.
+    ("ChannelMessage", original_user(b"x" * 100, _KA_64)),
+    ("ChannelMessage", original_user(b"", original_ka_message(b"x" * 16384))),
+    ("ChannelMessage", original_user(bytes(9000), _KA_64)),
+    ("ChannelMessage", original_user(b"x" * 9000, b"y" * 5000)),
+    ("ChannelMessage", original_user(b"x" * 40000, b"y" * 20000)),
+    ("ChannelMessage", original_user(b"x" * 8168, _KA_64)),
+    ("ChannelMessage", _set(original_user(b"x" * 40000, _KA_64), 5, 0x30)),
+    ("ChannelMessage", original_user(b"x" * 40000, KEEPALIVE)[:-3]),
     ("ChannelMessage", encode_channel_rekey(b"", _REKEY)),
     ("ChannelMessage", encode_channel_rekey(bytes(16), _REKEY_ZEROS)),
     ("ChannelMessage", encode_channel_rekey(b"x" * 2049, _REKEY)),
@@ -340,6 +450,20 @@ def test_listen_is_checked_byte_by_byte():
 
 def _padding_without_zero_bytes(length: int) -> bytes:
     return bytes(byte % 255 + 1 for byte in os.urandom(length))
+
+
+def test_the_original_user_layouts_are_read_from_the_packed_bytes():
+    # The original's usual messages, sampled over all padding lengths: the fast path
+    # answers with what the general reader reads, except where the content struct itself
+    # went to a new segment (padding of 1,020 or 1,021 words).
+    for length in [*range(0, 65536, 997), 255, 8152, 8169, 65535]:
+        padding = os.urandom(length)
+        for payload in (None, b"x" * 100, os.urandom(16384)):
+            data = original_user(padding, original_ka_message(payload))
+            user = decode_channel_message_general(data)
+            assert decode_channel_original(data) == user
+            assert decode_channel_message(data) == user
+    assert decode_channel_original(original_user(bytes(8168), KEEPALIVE)) is None
 
 
 def test_the_rekey_layouts_are_read_from_the_packed_bytes():
