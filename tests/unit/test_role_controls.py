@@ -6,7 +6,6 @@ accepted by ``strelay --check-config`` as the role validates its drop-in."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 import subprocess
@@ -146,9 +145,24 @@ def _render(
 ) -> dict[str, str]:
     """The role's two settings templates, rendered by ansible-playbook with every control set
     (and ``extra`` arguments)."""
+    access = CONTROLS["offset_relay_access"]
+    return _render_accesses(tmp_path, {"all": access}, *extra, playbook_bin=playbook_bin)["all"]
+
+
+def _render_accesses(
+    tmp_path: Path,
+    accesses: dict[str, object],
+    *extra: str,
+    playbook_bin: Path = BIN / "ansible-playbook",
+) -> dict[str, dict[str, str]]:
+    """``_render`` once for each of ``accesses`` (a case's name: its ``offset_relay_access``),
+    in one ansible-playbook run: one play per case."""
     if not playbook_bin.exists():
         pytest.skip("ansible-core is not installed")
-    out = {name: tmp_path / f"{name}.toml" for name in ("50-ansible", "instance")}
+    out = {
+        case: {name: tmp_path / f"{case}-{name}.toml" for name in ("50-ansible", "instance")}
+        for case in accesses
+    }
     play = [
         {
             "hosts": "localhost",
@@ -161,21 +175,29 @@ def _render(
             },
             "tasks": [
                 {
-                    "name": f"render {name}",
+                    "name": f"render {name} ({case})",
+                    # Task variables: above the role's defaults file the play reads.
+                    "vars": {"offset_relay_access": access},
                     "ansible.builtin.template": {
                         "src": str(ROLE / "templates" / f"{name}.toml.j2"),
                         "dest": str(path),
                         "mode": "0644",
                     },
                 }
-                for name, path in out.items()
+                for name, path in out[case].items()
             ],
         }
+        for case, access in accesses.items()
     ]
-    # As an inventory's or a playbook's variables would: above the role's defaults.
-    result = run_local_play(playbook_bin, tmp_path, play, *extra, variables=CONTROLS)
+    # As an inventory's or a playbook's variables would: above the role's defaults (the
+    # access list as each task's own variable, so that the plays may differ in it).
+    variables = {key: value for key, value in CONTROLS.items() if key != "offset_relay_access"}
+    result = run_local_play(playbook_bin, tmp_path, play, *extra, variables=variables)
     assert result.returncode == 0, result.stdout + result.stderr
-    return {name: path.read_text() for name, path in out.items()}
+    return {
+        case: {name: path.read_text() for name, path in paths.items()}
+        for case, paths in out.items()
+    }
 
 
 def test_the_templates_write_each_control_as_the_type_the_relay_reads(tmp_path):
@@ -211,29 +233,31 @@ def test_the_probe_identitys_key_is_added_to_the_allow_lists_that_are_set(tmp_pa
     if not playbook_bin.exists():
         pytest.skip(f"no {playbook_bin}")
     access = CONTROLS["offset_relay_access"]
-    key = f"__offset_relay_probe_key={PROBE_KEY}"
-    for name, text in _render(tmp_path, "-e", key, playbook_bin=playbook_bin).items():
+    rendered = _render_accesses(
+        tmp_path,
+        {
+            "as set": access,
+            "both set": {**access, "connect_allow": ["/etc/offset-relay/peers.keys"]},
+            # Already listed: not twice (and the unset lists stay unset).
+            "listed": {"listen_allow": [PROBE_KEY]},
+        },
+        "-e",
+        f"__offset_relay_probe_key={PROBE_KEY}",
+        playbook_bin=playbook_bin,
+    )
+    for name, text in rendered["as set"].items():
         written = tomllib.loads(text)["access"]
         assert written["listen_allow"] == [*access["listen_allow"], PROBE_KEY], name
         assert written["connect_allow"] == [], name
         assert {k: v for k, v in written.items() if k != "listen_allow"} == {
             k: v for k, v in access.items() if k != "listen_allow"
         }, name
-    both = {**access, "connect_allow": ["/etc/offset-relay/peers.keys"]}
-    (tmp_path / "both.json").write_text(json.dumps({"offset_relay_access": both}))
-    for name, text in _render(
-        tmp_path, "-e", key, "-e", "@both.json", playbook_bin=playbook_bin
-    ).items():
+    for name, text in rendered["both set"].items():
         written = tomllib.loads(text)["access"]
         assert written["listen_allow"] == [*access["listen_allow"], PROBE_KEY], name
         assert written["connect_allow"] == ["/etc/offset-relay/peers.keys", PROBE_KEY], name
-    # Already listed: not twice.
-    listed = {"listen_allow": [PROBE_KEY]}
-    (tmp_path / "listed.json").write_text(json.dumps({"offset_relay_access": listed}))
-    for name, text in _render(
-        tmp_path, "-e", key, "-e", "@listed.json", playbook_bin=playbook_bin
-    ).items():
-        assert tomllib.loads(text)["access"] == listed, name
+    for name, text in rendered["listed"].items():
+        assert tomllib.loads(text)["access"] == {"listen_allow": [PROBE_KEY]}, name
 
 
 def test_unset_controls_write_nothing(tmp_path):
