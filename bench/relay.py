@@ -133,6 +133,13 @@ def _die_with_parent() -> None:
         pass  # not Linux: the relay is stopped by ``stop`` as usual
 
 
+def free_port() -> int:
+    """A port free on 127.0.0.1 now (for a process that must be told its port)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def raise_fd_limit(needed: int = 0) -> int:
     """Raise RLIMIT_NOFILE to the hard limit (inherited by the relay and the clients), and
     the hard limit to ``needed`` where that is higher and allowed (root may, up to
@@ -332,9 +339,7 @@ class OriginalRelay(BenchRelay):
         self.workdir = workdir
         self.identity = generate_identity(workdir / "relay.ident")
         self.public_key = bytes(self.identity.verify_key)
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = sock.getsockname()[1]
+        self.port = free_port()
         self.lines = []
         self.status = ""
         self.proc = subprocess.Popen(

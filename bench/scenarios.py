@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import socket
 import sys
 import time
 import urllib.request
@@ -26,7 +25,15 @@ from offset_appliance.probe import HEALTHY, probe
 from offset_appliance.wire.connection import TIMER_SPREAD
 
 from . import floors
-from .relay import BenchError, BenchRelay, Usage, cpu_times, machine_cpu, steal_share
+from .relay import (
+    BenchError,
+    BenchRelay,
+    Usage,
+    cpu_times,
+    free_port,
+    machine_cpu,
+    steal_share,
+)
 from .workers import (
     BYTES,
     FAILED,
@@ -642,18 +649,9 @@ SCALE_PER_WORKER = 15_000
 SCALE_SPARE_DESCRIPTORS = 1_500
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _closed_by_reason(relay: BenchRelay) -> dict[str, int]:
-    """``connections_closed_total`` of a relay's /metrics, by reason."""
-    settings = (relay.workdir / "relay.toml").read_text()
-    port = re.search(r'listen = "127\.0\.0\.1:(\d+)"', settings.split("[metrics]")[1])
-    assert port is not None
-    with urllib.request.urlopen(f"http://127.0.0.1:{port.group(1)}/metrics", timeout=30) as page:
+def _closed_by_reason(metrics_port: int) -> dict[str, int]:
+    """``connections_closed_total`` of the /metrics on 127.0.0.1:``metrics_port``, by reason."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=30) as page:
         text = page.read().decode()
     found = {}
     for line in text.splitlines():
@@ -697,14 +695,16 @@ def scale(workdir: Path, sizes: Sizes, fd_limit: int) -> dict:
     instances, shares = scale_plan(count, fd_limit)
     sources = scale_sources(sizes.scale_sources)
     relays: list[BenchRelay] = []
+    metrics_ports: list[int] = []
     groups: list[list[Worker]] = []
     try:
         for index, share in enumerate(shares):
+            metrics_ports.append(free_port())
             settings = {
                 "limits": {"max_connections": share + 1000},
                 "timeouts": {"rekey_interval": sizes.scale_rekey_interval},
                 # Its close reasons are read from /metrics at the end of the hold.
-                "metrics": {"enabled": True, "listen": f"127.0.0.1:{_free_port()}"},
+                "metrics": {"enabled": True, "listen": f"127.0.0.1:{metrics_ports[-1]}"},
             }
             relays.append(BenchRelay(workdir / f"scale-{index}", settings=settings))
         bases = [_baseline(relay) for relay in relays]
@@ -759,8 +759,8 @@ def scale(workdir: Path, sizes: Sizes, fd_limit: int) -> dict:
             for relay, share in zip(relays, shares, strict=True)
         ]
         closed: dict[str, int] = {}
-        for relay in relays:
-            for reason, value in _closed_by_reason(relay).items():
+        for port in metrics_ports:
+            for reason, value in _closed_by_reason(port).items():
                 closed[reason] = closed.get(reason, 0) + value
         # Tear down: every client closes its connections; the relays are done when their
         # descriptors are back to what they had before the load.

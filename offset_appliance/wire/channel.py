@@ -28,6 +28,7 @@ from .fastpath import (
     forward_channel_message,
     forward_ka_message,
 )
+from .frames import HEADER_LEN
 from .messages import (
     KEEPALIVE,
     RAND_NONCE_LEN,
@@ -80,7 +81,6 @@ def _encrypt(nonce: bytes, key: bytes, plaintext: bytes) -> bytes:
 
 
 _memmove = _ffi.memmove
-_FRAME_HEADER_LEN = 8  # frames.HEADER_LEN: a frame's big-endian length
 
 
 def _encrypt_frame(nonce: bytes, key: bytes, prefix: bytes, rest: bytes | memoryview) -> memoryview:
@@ -90,14 +90,14 @@ def _encrypt_frame(nonce: bytes, key: bytes, prefix: bytes, rest: bytes | memory
     it is, without the copies of a join and of ``_encrypt``'s result."""
     plain = len(prefix) + len(rest)
     payload = NONCE_LEN + plain + _ABYTES
-    out = _alloc("unsigned char[]", _FRAME_HEADER_LEN + payload)
-    out[0:_FRAME_HEADER_LEN] = payload.to_bytes(_FRAME_HEADER_LEN, "big")
-    out[_FRAME_HEADER_LEN : _FRAME_HEADER_LEN + NONCE_LEN] = nonce
-    body = out + (_FRAME_HEADER_LEN + NONCE_LEN)
+    out = _alloc("unsigned char[]", HEADER_LEN + payload)
+    out[0:HEADER_LEN] = payload.to_bytes(HEADER_LEN, "big")
+    out[HEADER_LEN : HEADER_LEN + NONCE_LEN] = nonce
+    body = out + (HEADER_LEN + NONCE_LEN)
     _memmove(body, prefix, len(prefix))
     _memmove(body + len(prefix), rest, len(rest))
     _aead_encrypt(body, _NULL, body, plain, _NULL, 0, _NULL, nonce, key)
-    return memoryview(_buffer(out, _FRAME_HEADER_LEN + payload))  # type: ignore[arg-type]
+    return memoryview(_buffer(out, HEADER_LEN + payload))  # type: ignore[arg-type]
 
 
 def _decrypt(frame: bytes | memoryview, nonce: bytes, key: bytes) -> bytes | None:
@@ -313,23 +313,19 @@ class SecureChannel:
             return self._seal(plaintext)
         return self._seal(encode_channel_user(padding(), KEEPALIVE))
 
-    def seal_carried(self, length: int, words: bytes | memoryview) -> bytes:
-        """``seal`` of user data of ``length`` bytes given as its packed words (from
-        ``open_forward``), carried into our message as they are."""
+    def carried_prefix(self, length: int) -> bytes:
+        """The packed start of our ChannelMessage (header words, a padding) carrying user
+        data of ``length`` bytes whose packed words follow it as they came."""
         padding = self._padding
         if padding is _SHARED_PADDING:
-            prefix = channel_user_prefix_padded(padding.length(), length)
-        else:
-            prefix = channel_user_prefix(padding(), length)
-        return self._seal(b"".join((prefix, words)))
+            return channel_user_prefix_padded(padding.length(), length)
+        return channel_user_prefix(padding(), length)
 
     def frame_carried(self, length: int, words: bytes | memoryview) -> memoryview:
-        """The whole frame ``seal_carried`` seals (its length prefix too), as one buffer."""
-        padding = self._padding
-        if padding is _SHARED_PADDING:
-            prefix = channel_user_prefix_padded(padding.length(), length)
-        else:
-            prefix = channel_user_prefix(padding(), length)
+        """The whole frame (its length prefix too) sealing user data of ``length`` bytes
+        given as its packed words (from ``open_forward``), carried into our message as they
+        are, in one buffer."""
+        prefix = self.carried_prefix(length)
         send = self._send
         nonce = send.counter.to_bytes(NONCE_LEN, "little")
         send.counter += 1
