@@ -99,12 +99,15 @@ class Traffic(threading.Thread):
 
 
 def silent(relay) -> tuple[RelayClient, float]:
-    """A listener that then says nothing (not even keepalives), and when it fell silent."""
+    """A listener that then says nothing (not even keepalives), and when it fell silent: the
+    moment before its last message (the listen) is sent, which the relay cannot have heard
+    earlier (taken after the send, the relay may already have read it a few ms before)."""
     client = RelayClient.open(
         relay.address, SigningKey.generate(), expected_key=relay.public_key, timeout=10
     )
+    since = time.monotonic()
     client.listen()
-    return client, time.monotonic()
+    return client, since
 
 
 def closed_after(client: RelayClient, since: float) -> float:
